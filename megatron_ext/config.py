@@ -1,0 +1,273 @@
+"""Typed recipes: YAML -> validated Recipe, with dotted command-line overrides.
+
+A recipe may name a ``base`` recipe (a path relative to itself) that it deep-merges over, so
+phase and SFT recipes only state what differs from the size recipe they start from. Every
+invalid combination is rejected here, at load time, with one message that names the fix: a bad
+layout should cost a second on a laptop, not an allocation on a cluster.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run. The message says what is wrong and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ModelConfig(_Strict):
+    """Llama-3 shapes. ``vocab_size`` is the tokenizer's; the embedding is padded to a multiple of
+    ``vocab_pad_multiple`` (fixed, so the padded size never depends on the TP degree)."""
+
+    name: str = "custom"
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: Optional[int] = None
+    ffn_hidden_size: int
+    vocab_size: int = 128256
+    vocab_pad_multiple: int = 128
+    max_position_embeddings: int = 4096
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    qk_layernorm: bool = False
+    init_std: float = 0.02
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return int(math.ceil(self.vocab_size / m) * m)
+
+    def num_params(self) -> int:
+        """Exact parameter count of the Llama block stack (unpadded vocab, untied head)."""
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
+        q, kv = self.num_attention_heads * d, self.num_kv_heads * d
+        attn = h * (q + 2 * kv) + q * h
+        mlp = 3 * h * f
+        norms = 2 * h + (2 * d if self.qk_layernorm else 0)
+        return self.num_layers * (attn + mlp + norms) + 2 * self.vocab_size * h + h
+
+
+class LayoutConfig(_Strict):
+    """How the model is split: tp x pp x dp ranks, ZeRO stage, batches, recompute."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    dp: int = 1
+    sequence_parallel: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    micro_batch: int = 1
+    global_batch: int = 1
+    recompute: Literal["none", "selective", "full"] = "none"
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp)
+
+
+class OptimizerConfig(_Strict):
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+class ScheduleConfig(_Strict):
+    """LR schedule, a pure function of the step (nothing to checkpoint).
+
+    cosine: linear warmup then cosine to min_lr at ``train.steps``.
+    wsd: linear warmup, constant, then a linear (or cosine) decay to min_lr over ``decay_steps``.
+    constant: linear warmup then constant.
+    """
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    decay_shape: Literal["linear", "cosine"] = "linear"
+
+
+class TrainConfig(_Strict):
+    steps: int = 10
+    seq_len: int = 128
+    seed: int = 1234
+    precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = "bf16-mixed"
+    attention: Literal["auto", "sdpa", "te", "unfused"] = "auto"
+    log_interval: int = 1
+    eval_interval: int = 0
+    eval_iters: int = 2
+    output_dir: str = "runs/default"
+    tensorboard: bool = True
+
+
+class DataConfig(_Strict):
+    """Where samples come from. ``synthetic`` needs nothing on disk (a learnable copy task)."""
+
+    kind: Literal["synthetic", "indexed"] = "synthetic"
+    blend: list[tuple[float, str]] = []
+    valid_blend: list[tuple[float, str]] = []
+    split: str = "98,2,0"
+    tokenizer: Optional[str] = None
+    cache_dir: Optional[str] = None
+
+
+class Recipe(_Strict):
+    model: ModelConfig
+    layout: LayoutConfig = LayoutConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        for problem in recipe_problems(self):
+            raise RecipeError(problem)
+        return self
+
+
+def recipe_problems(r: Recipe) -> list[str]:
+    """Every reason this recipe cannot run, first one first."""
+    m, lay, t = r.model, r.layout, r.train
+    out = []
+    for name in ("tp", "pp", "vpp", "dp", "micro_batch", "global_batch"):
+        if getattr(lay, name) < 1:
+            out.append(f"layout.{name}={getattr(lay, name)} must be >= 1")
+    if out:
+        return out
+    if m.num_attention_heads % lay.tp:
+        out.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+                   f"layout.tp={lay.tp}: pick a tp that divides the head count")
+    if m.num_kv_heads % lay.tp:
+        out.append(f"model.num_kv_heads={m.num_kv_heads} is not divisible by layout.tp={lay.tp}: "
+                   f"pick tp <= {m.num_kv_heads} that divides it")
+    if m.num_attention_heads % m.num_kv_heads:
+        out.append(f"model.num_attention_heads={m.num_attention_heads} is not a multiple of "
+                   f"model.num_kv_heads={m.num_kv_heads}")
+    if m.num_layers % (lay.pp * lay.vpp):
+        out.append(f"model.num_layers={m.num_layers} is not divisible by layout.pp x layout.vpp = "
+                   f"{lay.pp} x {lay.vpp}: each pipeline chunk needs the same number of layers")
+    if lay.vpp > 1 and lay.pp == 1:
+        out.append("layout.vpp > 1 needs layout.pp > 1 (virtual stages interleave a pipeline)")
+    if lay.global_batch % (lay.micro_batch * lay.dp):
+        out.append(f"layout.global_batch={lay.global_batch} is not divisible by layout.micro_batch x "
+                   f"layout.dp = {lay.micro_batch} x {lay.dp}: make it a multiple of "
+                   f"{lay.micro_batch * lay.dp}")
+    elif lay.vpp > 1 and lay.num_microbatches % lay.pp:
+        out.append(f"interleaved pipelining needs the number of microbatches "
+                   f"({lay.num_microbatches}) to be a multiple of layout.pp={lay.pp}")
+    if lay.zero_stage >= 2 and lay.pp > 1:
+        out.append(f"layout.zero_stage={lay.zero_stage} cannot be combined with layout.pp={lay.pp}: "
+                   "DeepSpeed partitions gradients during backward, which pipelining interleaves; "
+                   "use zero_stage 0 or 1 with pp > 1")
+    if lay.sequence_parallel and lay.tp == 1:
+        out.append("layout.sequence_parallel=true needs layout.tp > 1 (it splits the sequence "
+                   "across the tensor-parallel group)")
+    if lay.sequence_parallel and t.seq_len % lay.tp:
+        out.append(f"train.seq_len={t.seq_len} is not divisible by layout.tp={lay.tp}, which "
+                   "sequence parallelism needs")
+    if m.padded_vocab_size % lay.tp:
+        out.append(f"padded vocab {m.padded_vocab_size} is not divisible by layout.tp={lay.tp}")
+    if m.hidden_size % m.num_attention_heads and m.head_dim is None:
+        out.append("model.hidden_size is not divisible by model.num_attention_heads: set model.head_dim")
+    if t.seq_len > m.max_position_embeddings:
+        out.append(f"train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+                   f"{m.max_position_embeddings}")
+    if r.schedule.warmup_steps + r.schedule.decay_steps > t.steps and r.schedule.kind == "wsd":
+        out.append(f"schedule.warmup_steps + schedule.decay_steps = "
+                   f"{r.schedule.warmup_steps + r.schedule.decay_steps} exceeds train.steps={t.steps}")
+    if r.data.kind == "indexed" and not r.data.blend:
+        out.append("data.kind=indexed needs data.blend: a list of [weight, path-prefix] pairs")
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml_tree(path: str | Path) -> dict:
+    """Read a recipe file, resolving its chain of ``base:`` files."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    return _deep_merge(read_yaml_tree(path.parent / base), raw)
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides; values are parsed as YAML (3e-4, true, [1, 2])."""
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = tree
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return tree
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "recipe"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{where}': check its spelling against megatron_ext/config.py")
+        elif e["type"] == "missing":
+            lines.append(f"missing key '{where}'")
+        elif e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), RecipeError):
+            lines.append(str(e["ctx"]["error"]))
+        else:
+            lines.append(f"{where}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def recipe_from_tree(tree: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load, merge, override and validate a recipe. Raises RecipeError with one clear message."""
+    return recipe_from_tree(apply_overrides(read_yaml_tree(path), list(overrides)))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

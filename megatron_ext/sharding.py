@@ -1,0 +1,50 @@
+"""Canonical full tensors <-> tensor-parallel shards, by parameter name.
+
+"Canonical" means the tensor a TP=1 Megatron model holds, under a name whose layer index is global
+(``decoder.layers.<global>.``). Model initialisation (every rank draws the full tensor from a seed
+derived from its canonical name, then keeps its shard) and checkpoint conversion both go through
+these two functions, so a model is the same model at every layout.
+"""
+from __future__ import annotations
+
+import torch
+
+# name suffix -> dim split across TP ranks (absent: replicated on every TP rank)
+_SPLIT_DIM = {
+    "embedding.word_embeddings.weight": 0,
+    "self_attention.linear_qkv.weight": 0,
+    "self_attention.linear_proj.weight": 1,
+    "mlp.linear_fc1.weight": 0,
+    "mlp.linear_fc2.weight": 1,
+    "output_layer.weight": 0,
+}
+_GATED = "mlp.linear_fc1.weight"  # [gate; up]: each TP shard holds [gate_r; up_r]
+
+
+def split_dim(name: str) -> int | None:
+    for suffix, dim in _SPLIT_DIM.items():
+        if name.endswith(suffix):
+            return dim
+    return None
+
+
+def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The part of canonical tensor ``full`` that TP rank ``tp_rank`` holds."""
+    dim = split_dim(name)
+    if dim is None or tp_size == 1:
+        return full
+    if name.endswith(_GATED):
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
+    return full.chunk(tp_size, dim=dim)[tp_rank]
+
+
+def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """Inverse of :func:`shard`: the canonical tensor from every TP rank's shard, in rank order."""
+    dim = split_dim(name)
+    if dim is None or len(shards) == 1:
+        return shards[0]
+    if name.endswith(_GATED):
+        gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
+        return torch.cat([*gates, *ups], dim=0)
+    return torch.cat(shards, dim=dim)
