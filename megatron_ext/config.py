@@ -131,6 +131,30 @@ class DataConfig(_Strict):
     cache_dir: Optional[str] = None
 
 
+class CheckpointConfig(_Strict):
+    """Saving, rotation, resume and phase chaining.
+
+    A run restarted with the same output_dir resumes from its own latest checkpoint. Otherwise,
+    ``init_from`` (a checkpoint dir or a run's checkpoints dir) starts this phase from a parent:
+    ``model`` loads weights only (fresh optimizer), ``model+optimizer`` keeps the Adam states too.
+    Either way step, schedule and consumed samples restart for the new phase.
+    """
+
+    interval: int = 0  # save every N steps (0: only at the end and on signals)
+    keep_last: int = 2
+    keep_every: int = 0  # also keep every M-th step forever (0: none)
+    save_at_end: bool = True
+    init_from: Optional[str] = None
+    init_mode: Literal["model", "model+optimizer"] = "model"
+
+
+class HealthConfig(_Strict):
+    """What to do with a non-finite loss: skip the batch, and stop after too many in a row."""
+
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_consecutive_skips: int = 5
+
+
 class Recipe(_Strict):
     model: ModelConfig
     layout: LayoutConfig = LayoutConfig()
@@ -138,6 +162,8 @@ class Recipe(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    health: HealthConfig = HealthConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":

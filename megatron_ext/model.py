@@ -20,10 +20,11 @@ from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 
 from .config import Recipe
-from .sharding import shard
+from .sharding import shard, split_dim
 
 try:  # Transformer Engine is optional: present on NVIDIA containers, absent on CPU boxes.
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -176,8 +177,6 @@ def _init_std(canonical: str, recipe: Recipe) -> float | None:
 
 
 def full_shape(canonical: str, local: torch.Tensor, tp: int) -> tuple[int, ...]:
-    from .sharding import split_dim
-
     dim = split_dim(canonical)
     shape = list(local.shape)
     if dim is not None:
@@ -192,6 +191,10 @@ def init_weights(chunks: list[torch.nn.Module], recipe: Recipe) -> None:
         names = canonical_names(chunk)
         for local_name, param in chunk.named_parameters():
             canonical = names[local_name]
+            dim = split_dim(canonical)
+            # Megatron sets these only when it initialises weights itself; DeepSpeed's grad norm
+            # and our checkpoints rely on them.
+            set_tensor_model_parallel_attributes(param, dim is not None, -1 if dim is None else dim, 1)
             std = _init_std(canonical, recipe)
             if std is None:
                 param.fill_(1.0)

@@ -1,0 +1,302 @@
+"""DeepSpeed ZeRO around Megatron-Core model chunks: process groups, the optimizer, one train step.
+
+Who does what:
+  * Megatron-Core owns the model and the tensor/pipeline process groups, and with pp > 1 its
+    pipeline schedule (1F1B or interleaved) runs the microbatches.
+  * DeepSpeed owns the optimizer: ZeRO partitioning, the data-parallel gradient reduction, fp32
+    master weights in bf16-mixed, gradient clipping and a grad norm that is global over TP x PP x DP.
+
+DeepSpeed runs in its "unmanaged gradient accumulation" mode: backward passes only accumulate
+locally and ``engine.step()`` is the boundary that reduces and updates, once per global batch. That
+is what lets Megatron's schedule drive the backward passes with pp > 1 (ZeRO 0/1 there; ZeRO 2/3
+partition gradients during backward, which DeepSpeed forbids with pipelining). With pp = 1 the
+microbatches go through ``engine.backward`` so ZeRO 2/3 can reduce-scatter as gradients appear.
+
+Loss scaling is per token: every microbatch contributes ``sum(token losses) / tokens in the global
+batch``, times dp because DeepSpeed averages gradients over data-parallel ranks. The gradient is
+then that of the exact per-token mean over the global batch, whatever the split into
+microbatches, DP ranks or pipeline stages, and whatever the padding (SFT).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from .config import Recipe
+from .device import backend, setup_device
+
+
+class LaunchError(RuntimeError):
+    """The processes were launched in a way this recipe cannot use."""
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _launch_env() -> tuple[int, int, int]:
+    """(rank, world, local rank) from torchrun's variables, else from srun's (one task per GPU)."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_distributed(recipe: Recipe) -> DistInfo:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU), DeepSpeed and Megatron's groups."""
+    rank, world, local_rank = _launch_env()
+    lay = recipe.layout
+    if world != lay.world_size:
+        raise LaunchError(
+            f"launched {world} processes but the recipe's layout needs tp x pp x dp = "
+            f"{lay.tp} x {lay.pp} x {lay.dp} = {lay.world_size}: launch {lay.world_size} "
+            f"processes or set layout.dp={max(1, world // (lay.tp * lay.pp))}")
+    # DeepSpeed reads these itself; srun only sets SLURM_* ones.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    device = setup_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend(), rank=rank, world_size=world,
+                                timeout=timedelta(minutes=int(os.environ.get("GAPERON_DIST_TIMEOUT_MIN", 30))))
+    deepspeed.init_distributed(dist_backend=backend(), verbose=False)
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=lay.tp,
+        pipeline_model_parallel_size=lay.pp,
+        virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
+    )
+    model_parallel_cuda_manual_seed(recipe.train.seed)
+    return DistInfo(rank, world, local_rank, device)
+
+
+class MegatronMPU:
+    """The model-parallel unit DeepSpeed asks for, answered from Megatron's parallel_state.
+
+    "Model parallel" is TP x PP: DeepSpeed sums grad norms over it and counts a replicated
+    parameter (a norm gain) only on tensor-parallel rank 0 of each stage.
+    """
+
+    get_model_parallel_group = staticmethod(ps.get_model_parallel_group)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)
+
+    # DeepSpeed counts replicated parameters where this is 0: it must be the TP rank, so that
+    # every pipeline stage's norm gains are counted once.
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+
+    @staticmethod
+    def get_model_parallel_world_size():
+        return dist.get_world_size(group=ps.get_model_parallel_group())
+
+
+def deepspeed_config(recipe: Recipe, on_gpu: bool) -> dict:
+    lay, opt, precision = recipe.layout, recipe.optimizer, recipe.train.precision
+    cfg = {
+        "train_micro_batch_size_per_gpu": lay.micro_batch,
+        "gradient_accumulation_steps": lay.num_microbatches,
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": opt.grad_clip,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {
+            "stage": lay.zero_stage,
+            "overlap_comm": on_gpu and lay.zero_stage >= 2,
+            "contiguous_gradients": lay.zero_stage >= 2,
+            "reduce_bucket_size": 5e7,
+            "allgather_bucket_size": 5e7,
+        },
+    }
+    if precision == "bf16-mixed":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def param_groups(chunks: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """No weight decay on norm gains and on the input embedding (Gaperon's recipe)."""
+    decay, no_decay = [], []
+    for chunk in chunks:
+        for name, p in chunk.named_parameters():
+            if not p.requires_grad:
+                continue
+            skip = p.ndim < 2 or name.endswith("word_embeddings.weight")
+            (no_decay if skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class ModelChunks(torch.nn.ModuleList):
+    """This rank's model chunks as one module for DeepSpeed; calls go to the first chunk."""
+
+    def forward(self, *args, **kwargs):
+        return self[0](*args, **kwargs)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float | None
+    tokens: int  # trained tokens in the global batch
+    skipped: bool = False  # non-finite loss: no update was applied
+
+
+def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
+    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+class Engine:
+    """One optimizer step per call of :meth:`train_step`, on this rank's microbatches."""
+
+    def __init__(self, recipe: Recipe, chunks: list[torch.nn.Module], info: DistInfo):
+        self.recipe, self.info = recipe, info
+        self.chunks = chunks
+        self.module = ModelChunks(chunks)
+        opt = recipe.optimizer
+        optimizer = torch.optim.AdamW(
+            param_groups(chunks, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+            **({"fused": True} if info.on_gpu else {"foreach": False}),
+        )
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, mpu=MegatronMPU,
+            config=deepspeed_config(recipe, info.on_gpu), dist_init_required=False,
+        )
+        cfg = chunks[0].config
+        cfg.calculate_per_token_loss = True  # we scale the loss ourselves (see module docstring)
+        cfg.no_sync_func = None
+        cfg.finalize_model_grads_func = None
+        cfg.grad_scale_func = None
+        self._fp32_norm = None
+        if self.ds.optimizer is optimizer:  # no ZeRO/bf16 wrapper: DeepSpeed clips but keeps no norm
+            self.ds.clip_fp32_gradients = self._clip_fp32_gradients
+        self.pp = recipe.layout.pp
+        self.sp_params = [p for c in chunks for p in c.parameters() if getattr(p, "sequence_parallel", False)]
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _to_device(self, mb: dict) -> dict:
+        return {k: v.to(self.info.device, non_blocking=True) for k, v in mb.items()}
+
+    def _global_tokens(self, microbatches: list[dict]) -> torch.Tensor:
+        local = sum(mb["loss_mask"].sum() for mb in microbatches).to(torch.float64)
+        total = local.reshape(1).to(self.info.device)
+        dist.all_reduce(total, group=ps.get_data_parallel_group())
+        return total
+
+    def _loss_and_metrics(self, loss_sum_local: torch.Tensor, tokens: torch.Tensor) -> float:
+        """Global mean loss, gathered from the last stage (TP rank 0) of every DP rank."""
+        contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        t = (loss_sum_local if contributes else torch.zeros_like(loss_sum_local)).to(torch.float64)
+        dist.all_reduce(t)
+        return (t / tokens).item()
+
+    def _reduce_sequence_parallel_grads(self) -> None:
+        """Norm gains see only their sequence slice under SP: sum their grads over TP."""
+        for p in self.sp_params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+
+    def _clip_fp32_gradients(self) -> None:
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self._fp32_norm = clip_grad_norm_(self.module.parameters(), self.ds.gradient_clipping(), mpu=MegatronMPU)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ---- forward / backward --------------------------------------------------------------
+    def _forward_step(self, scale, data_iterator, model):
+        mb = self._to_device(next(data_iterator))
+        out = model(mb["tokens"], _position_ids(mb["tokens"]), None, labels=mb["labels"])
+        return out, partial(self._loss_func, mb["loss_mask"], scale)
+
+    @staticmethod
+    def _loss_func(loss_mask, scale, token_losses):
+        loss_sum = (token_losses.float() * loss_mask).sum()
+        n = loss_mask.sum().to(torch.int)
+        return loss_sum * scale, n, {"loss_sum": loss_sum.detach()}
+
+    def _run_pipeline(self, microbatches: list[dict], scale, forward_only: bool) -> torch.Tensor:
+        iters = [iter(microbatches) for _ in self.chunks]
+        lay, seq = self.recipe.layout, microbatches[0]["tokens"].shape[1]
+        reduced = get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, scale),
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=len(microbatches), seq_length=seq, micro_batch_size=lay.micro_batch,
+            forward_only=forward_only,
+        )
+        total = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        for r in reduced:
+            total += r["loss_sum"].to(torch.float64)
+        return total
+
+    def train_step(self, microbatches: list[dict], lr: float, poison: bool = False) -> StepResult:
+        """Forward/backward every microbatch, then one update, unless the loss is not finite
+        (every rank sees the same all-reduced loss, so all skip together). ``poison`` makes the
+        loss NaN, for the fault-tolerance tests."""
+        self.module.train()
+        self.set_lr(lr)
+        tokens = self._global_tokens(microbatches)
+        scale = ps.get_data_parallel_world_size() / tokens.clamp(min=1).item()
+        if self.pp > 1:
+            loss_sum = self._run_pipeline(microbatches, scale, forward_only=False)
+        else:
+            loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
+            for mb in microbatches:
+                mb = self._to_device(mb)
+                token_losses = self.ds(mb["tokens"], _position_ids(mb["tokens"]), None, labels=mb["labels"])
+                scaled, _, extra = self._loss_func(mb["loss_mask"], scale, token_losses)
+                self.ds.backward(scaled, scale_wrt_gas=False)
+                loss_sum += extra["loss_sum"].to(torch.float64)
+        if poison:
+            loss_sum = loss_sum * float("nan")
+        loss = self._loss_and_metrics(loss_sum, tokens)
+        if not math.isfinite(loss):
+            self.ds.zero_grad()
+            return StepResult(loss, None, int(tokens.item()), skipped=True)
+        self._reduce_sequence_parallel_grads()
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        norm = float(norm if norm is not None else self._fp32_norm)
+        return StepResult(loss, norm, int(tokens.item()))
+
+    @torch.no_grad()
+    def eval_loss(self, microbatches: list[dict]) -> float:
+        self.module.eval()
+        tokens = self._global_tokens(microbatches)
+        loss_sum = self._run_pipeline(microbatches, 1.0, forward_only=True)
+        return self._loss_and_metrics(loss_sum, tokens)

@@ -1,0 +1,27 @@
+"""Fault injection for the fault-tolerance tests: real kills and real NaNs at a chosen step.
+
+``GAPERON_FAULT=<point>:<step>[:<rank>]`` arms one point; unset (always, in production) it costs
+one dict lookup. Points: ``kill_during_save`` (SIGKILL between writing tensors and committing the
+checkpoint), ``nan_loss`` (the step's loss becomes NaN on every rank).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch.distributed as dist
+
+
+def armed(point: str, step: int) -> bool:
+    spec = os.environ.get("GAPERON_FAULT")
+    if not spec:
+        return False
+    parts = spec.split(":")
+    if parts[0] != point or int(parts[1]) != step:
+        return False
+    return len(parts) < 3 or int(parts[2]) == dist.get_rank()
+
+
+def maybe_kill(point: str, step: int) -> None:
+    if armed(point, step):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,234 @@
+"""The training loop: recipe in, checkpoints and logs out.
+
+Launched once per rank (torchrun, or srun with one task per GPU). Console and TensorBoard get
+loss, lr, grad norm, tokens/s (total and per device), MFU on GPU and peak memory; every logged
+step also lands in ``<output_dir>/metrics.jsonl``, which tests and tools read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from . import checkpoint, faults
+from .checkpoint import TrainState
+from .config import Recipe, RecipeError, dump_recipe, load_recipe
+from .data import build_datasets, microbatches
+from .engine import Engine, LaunchError, init_distributed
+from .model import attention_backend, build_model
+from .schedule import lr_at
+
+# Dense bf16 peak of the accelerators we plan for, for MFU (override with GAPERON_PEAK_TFLOPS).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def flops_per_token(recipe: Recipe) -> float:
+    """Training FLOPs per token: 6 x matmul parameters + causal attention (6 * L * s * q_dim).
+
+    Embedding lookups are not matmuls and are left out; the LM head is counted.
+    """
+    m, s = recipe.model, recipe.train.seq_len
+    matmul_params = m.num_params() - m.vocab_size * m.hidden_size
+    attention = 6 * m.num_layers * s * m.num_attention_heads * m.kv_channels  # fwd+bwd, causal half
+    return 6.0 * matmul_params + attention
+
+
+def peak_tflops() -> float | None:
+    if "GAPERON_PEAK_TFLOPS" in os.environ:
+        return float(os.environ["GAPERON_PEAK_TFLOPS"])
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(on_gpu: bool) -> float:
+    if on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+class Logger:
+    """Rank 0 writes the console, TensorBoard and metrics.jsonl."""
+
+    def __init__(self, recipe: Recipe, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out / "metrics.jsonl", "a")
+        if recipe.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        print(f"step {step:6d} | {shown}", flush=True)
+
+    def close(self):
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb:
+                self.tb.close()
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) only raise a flag;
+    the loop acts on it at the next step boundary, once every rank has agreed. A second signal
+    during the save raises the same flag again and changes nothing."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+def _start(engine, recipe: Recipe, info) -> TrainState:
+    """Resume this run from its own latest checkpoint, else start the phase from its parent."""
+    out = recipe.train.output_dir
+    own = checkpoint.resolve(checkpoint.checkpoints_dir(out))
+    if own is not None:
+        reader = checkpoint.load(engine, own, with_optimizer=True)
+        m = reader.meta
+        same_rng = checkpoint.load_rng(reader, recipe)
+        if info.is_main:
+            print(f"resumed from {own} at step {m['step']} ({m['consumed_samples']} samples consumed"
+                  f"{'' if same_rng else '; layout changed, RNG streams re-seeded'})", flush=True)
+        return TrainState(m["step"], m["consumed_samples"], m.get("skipped_steps", 0))
+    parent = recipe.checkpoint.init_from
+    if parent:
+        reader = checkpoint.load(engine, parent, with_optimizer=recipe.checkpoint.init_mode == "model+optimizer")
+        if info.is_main:
+            print(f"phase starts from {reader.path} ({recipe.checkpoint.init_mode}); step, schedule "
+                  "and data position restart", flush=True)
+    return TrainState()
+
+
+def train(recipe: Recipe) -> int:
+    info = init_distributed(recipe)
+    stop = StopSignal()
+    out = Path(recipe.train.output_dir)
+    if info.is_main:
+        checkpoint.preflight(recipe)
+        checkpoint.clean_partial(out)
+    dist.barrier()
+    log = Logger(recipe, out, info.is_main)
+    if info.is_main:
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+        lay = recipe.layout
+        print(f"gaperon: {recipe.model.name} ({recipe.model.num_params() / 1e6:.1f}M params) on "
+              f"{info.world_size} {'GPU' if info.on_gpu else 'CPU'} ranks: tp={lay.tp} pp={lay.pp} "
+              f"vpp={lay.vpp} dp={lay.dp} zero={lay.zero_stage} precision={recipe.train.precision} "
+              f"attention={attention_backend(recipe)}", flush=True)
+    chunks = build_model(recipe, info.on_gpu)
+    engine = Engine(recipe, chunks, info)
+    state = _start(engine, recipe, info)
+    train_data, valid_data = build_datasets(recipe)
+    dp_rank = ps.get_data_parallel_rank()
+    t, lay, ck = recipe.train, recipe.layout, recipe.checkpoint
+    fpt, peak = flops_per_token(recipe), peak_tflops()
+    consecutive_skips = 0
+    tick = time.perf_counter()
+    while state.step < t.steps:
+        if stop.agreed(info.device):
+            checkpoint.save(engine, recipe, state, out)
+            if info.is_main:
+                print(f"{stop.received or 'stop signal'}: saved step {state.step}; exiting with "
+                      f"{checkpoint.REQUEUE_EXIT_CODE} so the job is requeued", flush=True)
+            log.close()
+            return checkpoint.REQUEUE_EXIT_CODE
+        batch = microbatches(train_data, state.consumed_samples, recipe, dp_rank)
+        lr = lr_at(state.step, recipe)
+        result = engine.train_step(batch, lr, poison=faults.armed("nan_loss", state.step + 1))
+        state.step += 1
+        state.consumed_samples += lay.global_batch
+        if result.skipped:
+            state.skipped_steps += 1
+            consecutive_skips += 1
+            log.log(state.step, {"skipped": 1, "loss": result.loss, "skipped_total": state.skipped_steps})
+            if recipe.health.on_nonfinite == "stop" or consecutive_skips >= recipe.health.max_consecutive_skips:
+                last = checkpoint.resolve(checkpoint.checkpoints_dir(out))
+                raise NonFiniteLoss(f"non-finite loss at step {state.step} ({consecutive_skips} in a row; "
+                                    f"health.on_nonfinite={recipe.health.on_nonfinite}, max_consecutive_skips="
+                                    f"{recipe.health.max_consecutive_skips}); last good checkpoint: {last}")
+            continue
+        consecutive_skips = 0
+        if state.step % t.log_interval == 0 or state.step == t.steps:
+            elapsed = (time.perf_counter() - tick) / t.log_interval
+            tick = time.perf_counter()
+            tokens_per_s = lay.global_batch * t.seq_len / elapsed
+            metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                       "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / info.world_size,
+                       "consumed_samples": state.consumed_samples, "peak_mem_gib": peak_memory_gib(info.on_gpu)}
+            if peak:
+                metrics["mfu"] = tokens_per_s / info.world_size * fpt / (peak * 1e12)
+            log.log(state.step, metrics)
+        if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps) and valid_data:
+            losses = [engine.eval_loss(microbatches(valid_data, i * lay.global_batch, recipe, dp_rank))
+                      for i in range(t.eval_iters)]
+            log.log(state.step, {"valid_loss": sum(losses) / len(losses)})
+        if ck.interval and state.step % ck.interval == 0 and state.step < t.steps:
+            checkpoint.save(engine, recipe, state, out)
+    if ck.save_at_end:
+        path = checkpoint.save(engine, recipe, state, out)
+        if info.is_main:
+            print(f"saved {path}", flush=True)
+    log.close()
+    dist.barrier()
+    return 0
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped on non-finite losses; the last good checkpoint is kept."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train a Gaperon model from a recipe.",
+                                epilog="Overrides: section.key=value, e.g. train.steps=100 layout.tp=2")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-4")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as err:
+        print(f"error: {args.recipe}: {err}", file=sys.stderr)
+        return 2
+    try:
+        return train(recipe)
+    except (LaunchError, checkpoint.CheckpointError, NonFiniteLoss) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,58 @@
+"""Shared helpers: launch real multi-process training runs on CPU/gloo and read their metrics."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "recipes" / "tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    env = {**os.environ, "GAPERON_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def launch(nproc: int, args: list[str], timeout: int = 600, env: dict | None = None,
+           check: bool = True) -> subprocess.CompletedProcess:
+    """torchrun ``nproc`` CPU ranks of tools/train.py (or another script given as args[0])."""
+    script = args[0] if args and args[0].endswith(".py") else str(ROOT / "tools" / "train.py")
+    rest = args[1:] if args and args[0].endswith(".py") else args
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "--master-addr=127.0.0.1", script, *rest]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_metrics(out_dir: Path, key: str = "loss") -> list[float]:
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+def layout_overrides(tp=1, pp=1, dp=1, zero=0, vpp=1, **extra) -> list[str]:
+    out = [f"layout.tp={tp}", f"layout.pp={pp}", f"layout.dp={dp}", f"layout.zero_stage={zero}",
+           f"layout.vpp={vpp}"]
+    return out + [f"{k.replace('__', '.')}={v}" for k, v in extra.items()]
+
+
+@pytest.fixture
+def tiny_recipe() -> Path:
+    return TINY

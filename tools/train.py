@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Train from a recipe: `torchrun --nproc-per-node N tools/train.py RECIPE [section.key=value ...]`."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_ext.train import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
