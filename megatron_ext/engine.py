@@ -178,6 +178,19 @@ def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
+def attention_mask(mb: dict) -> torch.Tensor | None:
+    """Block-diagonal causal mask [b, 1, s, s] (True = masked, Megatron's convention) for packed
+    samples that carry ``segment_ids``; None (plain causal) otherwise. RoPE is relative, so a
+    document packed at offset k attends exactly as it would alone."""
+    seg = mb.get("segment_ids")
+    if seg is None:
+        return None
+    s = seg.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal
+    return ~allowed.unsqueeze(1)
+
+
 class Engine:
     """One optimizer step per call of :meth:`train_step`, on this rank's microbatches."""
 
@@ -240,7 +253,7 @@ class Engine:
     # ---- forward / backward --------------------------------------------------------------
     def _forward_step(self, scale, data_iterator, model):
         mb = self._to_device(next(data_iterator))
-        out = model(mb["tokens"], _position_ids(mb["tokens"]), None, labels=mb["labels"])
+        out = model(mb["tokens"], _position_ids(mb["tokens"]), attention_mask(mb), labels=mb["labels"])
         return out, partial(self._loss_func, mb["loss_mask"], scale)
 
     @staticmethod
@@ -278,7 +291,8 @@ class Engine:
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
             for mb in microbatches:
                 mb = self._to_device(mb)
-                token_losses = self.ds(mb["tokens"], _position_ids(mb["tokens"]), None, labels=mb["labels"])
+                token_losses = self.ds(mb["tokens"], _position_ids(mb["tokens"]), attention_mask(mb),
+                                       labels=mb["labels"])
                 scaled, _, extra = self._loss_func(mb["loss_mask"], scale, token_losses)
                 self.ds.backward(scaled, scale_wrt_gas=False)
                 loss_sum += extra["loss_sum"].to(torch.float64)

@@ -2,7 +2,8 @@
 
 ``GAPERON_FAULT=<point>:<step>[:<rank>]`` arms one point; unset (always, in production) it costs
 one dict lookup. Points: ``kill_during_save`` (SIGKILL between writing tensors and committing the
-checkpoint), ``nan_loss`` (the step's loss becomes NaN on every rank).
+checkpoint), ``nan_loss`` (the step's loss becomes NaN on every rank), ``sigterm`` and ``kill``
+(SIGTERM / SIGKILL to this process once the step has been logged).
 """
 from __future__ import annotations
 
@@ -25,3 +26,9 @@ def armed(point: str, step: int) -> bool:
 def maybe_kill(point: str, step: int) -> None:
     if armed(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def after_step(step: int) -> None:
+    if armed("sigterm", step):
+        os.kill(os.getpid(), signal.SIGTERM)
+    maybe_kill("kill", step)

@@ -196,6 +196,7 @@ def train(recipe: Recipe) -> int:
             log.log(state.step, {"valid_loss": sum(losses) / len(losses)})
         if ck.interval and state.step % ck.interval == 0 and state.step < t.steps:
             checkpoint.save(engine, recipe, state, out)
+        faults.after_step(state.step)
     if ck.save_at_end:
         path = checkpoint.save(engine, recipe, state, out)
         if info.is_main:

@@ -1,0 +1,531 @@
+"""Planner: will a recipe fit on the GPUs, and how fast will it run?
+
+Answers before any allocation is requested: parameter counts, per-GPU memory by category, FLOPs
+per token, step time and tokens/s, the pipeline bubble, and (``search``) which layouts fit and
+are fastest. Pure arithmetic over the recipe, no torch import, so ``tools/plan.py`` runs in a
+fraction of a second on a laptop.
+
+Memory model (the most loaded GPU, max over pipeline stages)
+------------------------------------------------------------
+* Model states = parameters held by this GPU x ``BYTES_PER_PARAM[precision]``, with ZeRO
+  partitioning each category over the data-parallel ranks from the stage in
+  ``ZERO_PARTITIONS_FROM``. Linear weights are split over TP; norm gains are replicated;
+  pipeline stage 0 holds the input embedding, the last stage the output layer and final norm.
+  Embedding rows are the padded vocabulary (what the built model allocates).
+* Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+  Transformer Models" (arXiv:2205.05198, sec. 4: per layer s*b*h*(34 + 5*a*s/h) bytes, /t under
+  TP + sequence parallelism, 34*s*b*h/t with selective and 2*s*b*h/t with full recompute),
+  re-derived for Megatron-Core's Llama block: no dropout masks, RMSNorm, GQA (K and V are
+  kv_heads x head_dim wide), SwiGLU, and flash/SDPA attention, which keeps Q, K, V, the output and
+  a fp32 log-sum-exp per head instead of the s^2 score matrices. Per layer and micro batch of b
+  sequences of length s, on one TP rank, in elements of e bytes (2 in bf16, 4 in fp32), with
+  T = tp under sequence parallelism else 1, a heads, g KV heads, head dim d, ffn f:
+
+      none (TE spec)  e*s*b*[4h/T + (3ad + 3gd)/t + 5f/t] + 4 bytes*s*b*a/t
+      selective       the same minus the log-sum-exp: with flash attention, recomputing core
+                      attention saves almost nothing (the paper's s^2 saving is made by the kernel)
+      full            s*b*h/T (the layer input), plus one layer's "none" set while it is recomputed
+
+  ``layer_activation_bytes`` spells out each term and the local (no-TE) spec's extra ones; the
+  CPU tests check the local formula against the tensors autograd actually saves. The last stage
+  also keeps the final norm, the output-layer input and the logits: the fp32 softmax Megatron's
+  vocab-parallel cross entropy saves (4 bytes) plus a transient e-byte copy, s*b*V/t each.
+  In-flight micro batches (Narayanan et al. 2021; Korthikanti sec. 4.2.3): under 1F1B pipeline
+  rank r holds min(pp - r, m) micro batches of its L/pp layers; interleaved (vpp > 1) it holds
+  min(2(pp - r - 1) + (vpp - 1)pp + 1, m*vpp) chunks of L/(pp*vpp) layers, i.e.
+  L*(1 + (pp-1)/(pp*vpp)) layers on stage 0.
+* ``OVERHEAD_BYTES`` covers what is not a tensor of the model: CUDA context, NCCL and cuBLAS/TE
+  workspaces, DeepSpeed communication buckets. A layout "fits" when the total is at most
+  (1 - ``HEADROOM``) of the GPU memory, the headroom being for allocator fragmentation and the
+  error of this model.
+
+Not modelled: DeepSpeed's transient fp32 copy of the gradient partition at the optimizer step
+(peak is during the backward, not at the step), and fp32 gradient accumulation (DeepSpeed's
+BF16_Optimizer at ZeRO-0, or ``data_types.grad_accum_dtype: fp32``) which makes gradients 4 bytes.
+
+Time model
+----------
+FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): ``6*N + 12*L*a*d*s`` where N counts
+the matmul weights (all linear layers and the output layer; not the input embedding or norms) and
+the attention term counts QK^T and AV over the full (unmasked) sequence, the convention published
+MFU figures use. ``--mfu`` is the efficiency of the kernels; a layout's step time is
+
+    step = (compute + tp_comm) * (1 + bubble) + dp_comm
+    compute          = tokens_per_step * flops_per_token / (gpus * peak * mfu)
+                       x recompute_factor x stage_imbalance
+    recompute_factor = 1 + extra forward FLOPs / flops_per_token  (full: a whole forward = 1/3;
+                       selective: the attention forward)
+    stage_imbalance  = FLOPs of the last pipeline stage (its layers + output layer) / average
+    bubble           = (pp - 1) / (vpp * m)            (Narayanan et al. 2021)
+    tp_comm          = m * L/pp * n * 2(t-1)/t * s*b*h*e / tp_bandwidth   (not overlapped; n = 4
+                       all-reduces per layer, or the same bytes as all-gather + reduce-scatter
+                       under sequence parallelism; 6 with full recompute)
+    dp_comm          = bytes / dp_bandwidth, not overlapped (NVLink bandwidth when the job fits
+                       in one node), with G, W the gradient and weight bytes per GPU, r=(dp-1)/dp:
+                       ZeRO-0/1 2rG once per step (DeepSpeed reduces at the accumulation
+                       boundary); ZeRO-2 m*rG (it reduce-scatters after every micro batch) + rW;
+                       ZeRO-3 m*rG + 2m*rW (weights gathered in forward and again in backward)
+Pipeline point-to-point traffic (s*b*h per micro batch per stage boundary) is ignored.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from .config import ModelConfig, Recipe, RecipeError, recipe_from_tree
+
+GiB = 1024**3
+
+# Bytes per parameter of each model-state category, before ZeRO partitioning.
+#   fp32:       fp32 weights and grads, AdamW m and v in fp32.
+#   bf16-mixed: bf16 weights and grads for forward/backward, an fp32 master copy and fp32 AdamW
+#               m and v owned by the (DeepSpeed) optimizer.
+#   bf16-pure:  Gaperon's "bf16-true": weights, grads and AdamW m, v all bf16, no master copy.
+BYTES_PER_PARAM = {
+    "fp32":       {"weights": 4, "gradients": 4, "master_weights": 0, "optimizer_states": 8},
+    "bf16-mixed": {"weights": 2, "gradients": 2, "master_weights": 4, "optimizer_states": 8},
+    "bf16-pure":  {"weights": 2, "gradients": 2, "master_weights": 0, "optimizer_states": 4},
+}
+# ZeRO stage from which a category is partitioned over the data-parallel ranks.
+ZERO_PARTITIONS_FROM = {"optimizer_states": 1, "master_weights": 1, "gradients": 2, "weights": 3}
+STATE_KEYS = tuple(BYTES_PER_PARAM["fp32"])  # the model-state categories of estimate_memory()
+ACTIVATION_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16-pure": 2}
+
+OVERHEAD_BYTES = int(2.5 * GiB)  # GiB: CUDA context ~0.6, NCCL ~0.5, cuBLAS/TE workspaces, DS buckets
+HEADROOM = 0.10                  # fraction of GPU memory kept free: fragmentation + model error
+
+
+class PlanError(RecipeError):
+    """A layout that cannot run on the stated hardware; the message says why and what to try."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpus: int
+    gpu_memory: int = 80 * GiB        # bytes
+    gpu_tflops: float = 989.0         # dense bf16 peak (H100 SXM)
+    mfu: float = 0.40                 # kernel efficiency, before bubble/communication/recompute
+    tp_bandwidth: float = 250e9       # bytes/s of NCCL bus bandwidth inside a node (NVLink)
+    dp_bandwidth: float = 40e9        # bytes/s per GPU across nodes (~400 Gb/s InfiniBand)
+    gpus_per_node: int = 8
+
+    @property
+    def data_parallel_bandwidth(self) -> float:
+        """Gradient traffic stays on NVLink when the whole job fits in one node."""
+        return self.tp_bandwidth if self.gpus <= self.gpus_per_node else self.dp_bandwidth
+
+    @property
+    def usable_memory(self) -> float:
+        return self.gpu_memory * (1 - HEADROOM)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '79.6 GiB', '81559MiB' -> bytes; a bare number means GiB."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, flags=re.I)
+    if not match:
+        raise PlanError(f"cannot read a memory size from {text!r}: write e.g. 80GiB or 80GB")
+    value, unit = float(match.group(1)), (match.group(2) or "GiB").upper()
+    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
+    base = 1024 if "I" in unit else 1000
+    return int(value * base ** powers[unit[0]])
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def layer_params(m: ModelConfig) -> tuple[int, int]:
+    """(weights split over TP, weights replicated on every TP rank) of one transformer layer."""
+    h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
+    q, kv = m.num_attention_heads * d, m.num_kv_heads * d
+    split = h * (q + 2 * kv) + q * h + 3 * h * f   # linear_qkv, linear_proj, fc1 [gate; up], fc2
+    replicated = 2 * h + (2 * d if m.qk_layernorm else 0)  # two RMSNorm gains (+ q/k norms)
+    return split, replicated
+
+
+def count_params(m: ModelConfig, padded: bool = False) -> int:
+    """Whole model; ``padded`` counts the embedding and output rows the built model allocates."""
+    vocab = m.padded_vocab_size if padded else m.vocab_size
+    split, replicated = layer_params(m)
+    return m.num_layers * (split + replicated) + 2 * vocab * m.hidden_size + m.hidden_size
+
+
+def matmul_params(m: ModelConfig) -> int:
+    """Weights that take part in matmuls (the N of 6N): layers and output layer, no embedding."""
+    return m.num_layers * layer_params(m)[0] + m.vocab_size * m.hidden_size
+
+
+def stage_params(recipe: Recipe, pp_rank: int) -> int:
+    """Parameters held by one GPU of pipeline rank ``pp_rank`` (before ZeRO-3 partitioning)."""
+    m, lay = recipe.model, recipe.layout
+    split, replicated = layer_params(m)
+    layers = m.num_layers // lay.pp
+    n = layers * (split // lay.tp + replicated)
+    if pp_rank == 0:
+        n += m.padded_vocab_size // lay.tp * m.hidden_size
+    if pp_rank == lay.pp - 1:
+        n += m.padded_vocab_size // lay.tp * m.hidden_size + m.hidden_size
+    return n
+
+
+# ----------------------------------------------------------------------------- memory
+
+def model_state_bytes(recipe: Recipe, pp_rank: int) -> dict[str, int]:
+    """Weights, gradients, master weights and optimizer states on one GPU of ``pp_rank``."""
+    n = stage_params(recipe, pp_rank)
+    lay = recipe.layout
+    out = {}
+    for key, nbytes in BYTES_PER_PARAM[recipe.train.precision].items():
+        partitioned = lay.zero_stage >= ZERO_PARTITIONS_FROM[key]
+        out[key] = n * nbytes // (lay.dp if partitioned else 1)
+    if lay.zero_stage == 3:  # two layers gathered at once (current + prefetch)
+        split, replicated = layer_params(recipe.model)
+        out["weights"] += 2 * (split // lay.tp + replicated) * BYTES_PER_PARAM[recipe.train.precision]["weights"]
+    return out
+
+
+def attention_kind(recipe: Recipe) -> str:
+    """Which saved-tensor pattern applies: "te" (Transformer Engine spec, assumed for
+    attention=auto because cluster images ship TE), "sdpa" (Megatron local spec + torch SDPA, the
+    CPU path) or "unfused" (local spec, s^2 scores kept)."""
+    return "te" if recipe.train.attention in ("auto", "te") else recipe.train.attention
+
+
+def layer_activation_bytes(recipe: Recipe, recompute: str | None = None) -> int:
+    """Bytes one transformer layer keeps for backward, per micro batch, on one TP rank.
+
+    Per token, in elements of e bytes unless stated; /T = sequence-parallel split, /t = TP split:
+      norms     te: 4h/T (each norm's input + its output, which the fused linear keeps for wgrad)
+                sdpa/unfused: 2 x (2h fp32 + h)/T (torch.rms_norm keeps an fp32 copy of its
+                input and of the normalised x; the linear keeps its own input)
+      attention (ad + 2gd)/t  fused QKV output, kept alive because V is a view of it
+                + ad/t + gd/t Q and K after rotary + ad/t attention output
+                + 4 bytes x a/t log-sum-exp (flash) | sdpa: + ad/t the [b,a,s,d] -> [s,b,a*d] copy
+                unfused: e x a*s/t softmax probabilities instead of the log-sum-exp
+      mlp       5f/t  fc1 output [gate; up] (2f), silu(gate), up + glu_linear_offset, product
+    selective drops what core attention keeps internally (the log-sum-exp, or the s^2
+    probabilities); full keeps only the layer input, h/T.
+    """
+    m, lay, t = recipe.model, recipe.layout, recipe.train
+    recompute = recompute or lay.recompute
+    kind = attention_kind(recipe)
+    tokens, e = t.seq_len * lay.micro_batch, ACTIVATION_BYTES[t.precision]
+    h, f, tp = m.hidden_size, m.ffn_hidden_size, lay.tp
+    ad, gd, a = m.num_attention_heads * m.kv_channels, m.num_kv_heads * m.kv_channels, m.num_attention_heads
+    sp = tp if lay.sequence_parallel else 1
+    if recompute == "full":
+        return e * tokens * h // sp
+    norms = 4 * h * e if kind == "te" else 2 * (2 * h * 4 + h * e)
+    attention = (ad + 2 * gd + ad + gd + ad + (ad if kind == "sdpa" else 0)) // tp
+    mlp = 5 * f // tp
+    total = tokens * (norms // sp + e * (attention + mlp))
+    if recompute != "selective":  # core attention's own saved state
+        total += tokens * a // tp * (e * t.seq_len if kind == "unfused" else 4)
+    return total
+
+
+def last_stage_bytes(recipe: Recipe, transient: bool = True) -> int:
+    """Final norm, output layer input and the logits (last pipeline stage, one micro batch).
+
+    Megatron's vocab-parallel cross entropy saves an fp32 softmax (4 bytes per logit); while it is
+    computed, and again in backward, an e-byte copy of the logits is alive too (``transient``).
+    """
+    m, lay, t = recipe.model, recipe.layout, recipe.train
+    tokens, e = t.seq_len * lay.micro_batch, ACTIVATION_BYTES[t.precision]
+    sp = lay.tp if lay.sequence_parallel else 1
+    h = m.hidden_size
+    norm = 2 * h * e if attention_kind(recipe) == "te" else 2 * h * 4 + h * e  # + output-layer input
+    logits = tokens * (m.padded_vocab_size // lay.tp) * (4 + (e if transient else 0))
+    return tokens * norm // sp + logits
+
+
+def inflight_layers(recipe: Recipe, pp_rank: int) -> int:
+    """Layer x micro-batch activation sets a pipeline rank holds at its peak (1F1B warmup + 1)."""
+    lay, L = recipe.layout, recipe.model.num_layers
+    p, v, mb = lay.pp, lay.vpp, lay.num_microbatches
+    if v == 1:
+        chunks = min(p - pp_rank, mb)
+    else:
+        chunks = min(2 * (p - pp_rank - 1) + (v - 1) * p + 1, mb * v)
+    return chunks * (L // (p * v))
+
+
+def activation_bytes(recipe: Recipe, pp_rank: int, recompute: str | None = None,
+                     transient: bool = True) -> int:
+    """Peak activation bytes on one GPU of ``pp_rank``, all in-flight micro batches.
+
+    ``transient=False`` counts only tensors saved for backward at the end of the forward (what a
+    saved-tensor hook can measure): no logits copy, no layer being recomputed.
+    """
+    recompute = recompute or recipe.layout.recompute
+    total = inflight_layers(recipe, pp_rank) * layer_activation_bytes(recipe, recompute)
+    if recompute == "full" and transient:  # the recomputed layer holds everything during its backward
+        total += layer_activation_bytes(recipe, "none")
+    if pp_rank == recipe.layout.pp - 1:
+        total += last_stage_bytes(recipe, transient)
+    return total
+
+
+def estimate_memory(recipe: Recipe, pp_rank: int | None = None,
+                    attention: str | None = None) -> dict[str, int]:
+    """Estimated bytes per GPU by category: weights, gradients, master_weights, optimizer_states,
+    activations, overhead, total.
+
+    ``pp_rank=None`` gives the most loaded pipeline rank (the one that decides whether the layout
+    fits). ``attention`` names the backend actually built ("te", "sdpa", "unfused") when it is not
+    what ``train.attention`` says (auto is planned as "te"). Compare ``total - overhead`` with
+    ``torch.cuda.max_memory_allocated()``: the overhead (CUDA context, NCCL) is outside PyTorch's
+    allocator.
+    """
+    if attention is not None:
+        recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"attention": attention})})
+    if pp_rank is None:
+        pp_rank = peak_pp_rank(recipe)
+    out = model_state_bytes(recipe, pp_rank)
+    out["activations"] = activation_bytes(recipe, pp_rank)
+    out["overhead"] = OVERHEAD_BYTES
+    out["total"] = sum(out.values())
+    return out
+
+
+def peak_pp_rank(recipe: Recipe) -> int:
+    """The pipeline rank with the most memory (stage 0 holds the most activations, the last one
+    the logits)."""
+    return max(range(recipe.layout.pp), key=lambda r: estimate_memory(recipe, r)["total"])
+
+
+# ----------------------------------------------------------------------------- time
+
+def flops_per_token(recipe: Recipe) -> float:
+    """Training FLOPs per token: 6*N_matmul + 12*L*a*d*s (forward + backward)."""
+    m = recipe.model
+    attention = 12 * m.num_layers * m.num_attention_heads * m.kv_channels * recipe.train.seq_len
+    return 6 * matmul_params(m) + attention
+
+
+def stage_imbalance(recipe: Recipe) -> float:
+    """Slowest pipeline stage / average stage, in FLOPs: the last stage also runs the output
+    layer (V x h, as big as several layers), and the pipeline moves at its pace."""
+    m, lay = recipe.model, recipe.layout
+    per_layer = 6 * layer_params(m)[0] + 12 * m.num_attention_heads * m.kv_channels * recipe.train.seq_len
+    layers = m.num_layers // lay.pp
+    last = layers * per_layer + 6 * m.vocab_size * m.hidden_size
+    return last / (flops_per_token(recipe) / lay.pp)
+
+
+def bubble_fraction(recipe: Recipe) -> float:
+    """Pipeline bubble time relative to ideal compute, (pp-1)/(vpp*m)."""
+    lay = recipe.layout
+    return (lay.pp - 1) / (lay.vpp * lay.num_microbatches)
+
+
+def recompute_factor(recipe: Recipe) -> float:
+    """Executed FLOPs / model FLOPs: recompute re-runs (part of) the forward."""
+    m, F = recipe.model, flops_per_token(recipe)
+    if recipe.layout.recompute == "full":  # forward is 2N of the 6N: one more forward = +1/3
+        return 4 / 3
+    if recipe.layout.recompute == "selective":
+        attention_fwd = 4 * m.num_layers * m.num_attention_heads * m.kv_channels * recipe.train.seq_len
+        return 1 + attention_fwd / F
+    return 1.0
+
+
+@dataclass
+class StepTime:
+    ideal: float       # seconds per step at the stated MFU, no bubble/communication/recompute
+    compute: float     # ideal x recompute factor x stage imbalance
+    tp_comm: float
+    dp_comm: float
+    bubble: float
+    step: float        # the layout's estimate
+    tokens_per_s: float
+    mfu: float         # model FLOPs / (gpus * peak * step)
+
+
+def step_time(recipe: Recipe, hw: Hardware) -> StepTime:
+    """The simple time model of the module docstring."""
+    m, lay, t = recipe.model, recipe.layout, recipe.train
+    tokens = lay.global_batch * t.seq_len
+    peak = hw.gpu_tflops * 1e12
+    ideal = tokens * flops_per_token(recipe) / (hw.gpus * peak * hw.mfu)
+    compute = ideal * recompute_factor(recipe) * stage_imbalance(recipe)
+    e = ACTIVATION_BYTES[t.precision]
+    n_collectives = 6 if lay.recompute == "full" else 4
+    per_layer = n_collectives * 2 * (lay.tp - 1) / lay.tp * t.seq_len * lay.micro_batch * m.hidden_size * e
+    tp_comm = lay.num_microbatches * (m.num_layers // lay.pp) * per_layer / hw.tp_bandwidth
+    n, ring, mb = stage_params(recipe, 0), (lay.dp - 1) / lay.dp, lay.num_microbatches
+    grads, weights = (n * BYTES_PER_PARAM[t.precision][k] for k in ("gradients", "weights"))
+    if lay.zero_stage <= 1:    # one all-reduce (or reduce-scatter + all-gather) per step
+        dp_bytes = 2 * ring * grads
+    elif lay.zero_stage == 2:  # reduce-scatter after every micro batch, all-gather after the step
+        dp_bytes = mb * ring * grads + ring * weights
+    else:                      # ZeRO-3 also gathers weights in forward and backward
+        dp_bytes = mb * ring * grads + 2 * mb * ring * weights
+    dp_comm = dp_bytes / hw.data_parallel_bandwidth
+    bubble = bubble_fraction(recipe)
+    step = (compute + tp_comm) * (1 + bubble) + dp_comm
+    return StepTime(ideal, compute, tp_comm, dp_comm, bubble, step, tokens / step,
+                    tokens * flops_per_token(recipe) / (hw.gpus * peak * step))
+
+
+# ----------------------------------------------------------------------------- plan
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    hardware: Hardware
+    memory: dict[str, int]   # estimate_memory() of the most loaded pipeline rank
+    pp_rank: int
+    time: StepTime
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["total"] <= self.hardware.usable_memory
+
+
+def make_plan(recipe: Recipe, hw: Hardware) -> Plan:
+    """Memory and time of ``recipe`` on ``hw``; refuses a layout that does not use ``hw.gpus``."""
+    lay = recipe.layout
+    if lay.world_size != hw.gpus:
+        hint = (f"layout.dp={hw.gpus // (lay.tp * lay.pp)}" if hw.gpus % (lay.tp * lay.pp) == 0
+                else f"a tp x pp that divides {hw.gpus}")
+        raise PlanError(f"layout tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} = {lay.world_size} "
+                        f"GPUs, but --gpus {hw.gpus}: set {hint} (or run with --search)")
+    rank = peak_pp_rank(recipe)
+    return Plan(recipe, hw, estimate_memory(recipe, rank), rank, step_time(recipe, hw))
+
+
+def check_fits(plan: Plan) -> None:
+    """Raise PlanError naming the biggest memory items when the layout does not fit."""
+    if plan.fits:
+        return
+    mem, hw = plan.memory, plan.hardware
+    parts = sorted(((v, k) for k, v in mem.items() if k != "total"), reverse=True)
+    biggest = ", ".join(f"{k} {v / GiB:.1f}" for v, k in parts[:3])
+    raise PlanError(
+        f"layout does not fit: {mem['total'] / GiB:.1f} GiB per GPU (pipeline stage "
+        f"{plan.pp_rank}) > {hw.usable_memory / GiB:.1f} GiB usable of {hw.gpu_memory / GiB:.1f} GiB "
+        f"(largest: {biggest} GiB). Try layout.recompute=full, a higher layout.zero_stage, more "
+        f"tp/pp, a smaller micro_batch, or tools/plan.py --search")
+
+
+def with_layout(recipe: Recipe, **layout) -> Recipe:
+    """The recipe with layout fields replaced, validated (raises RecipeError when invalid)."""
+    tree = recipe.model_dump(mode="json")
+    tree["layout"].update(layout)
+    return recipe_from_tree(tree)
+
+
+def search(recipe: Recipe, hw: Hardware, top: int = 10) -> list[Plan]:
+    """Valid layouts for ``hw.gpus`` that fit, fastest first (ties: less memory).
+
+    Enumerates tp in 1,2,4,8 (sequence parallel whenever tp > 1: same communication, less
+    memory), pp dividing the layers, vpp, ZeRO 0-3, micro batch 1/2/4 and the recompute modes;
+    the recipe's own rules (config.recipe_problems) reject impossible combinations.
+    """
+    L = recipe.model.num_layers
+    found = []
+    for tp, pp, vpp, zero, mb, rc in itertools.product(
+            (1, 2, 4, 8), range(1, L + 1), (1, 2, 4), (0, 1, 2, 3), (1, 2, 4),
+            ("none", "selective", "full")):
+        if hw.gpus % (tp * pp) or L % pp:
+            continue
+        try:
+            cand = with_layout(recipe, tp=tp, pp=pp, vpp=vpp, dp=hw.gpus // (tp * pp),
+                               zero_stage=zero, micro_batch=mb, recompute=rc,
+                               sequence_parallel=tp > 1)
+        except RecipeError:
+            continue
+        plan = make_plan(cand, hw)
+        if plan.fits:
+            found.append(plan)
+    found.sort(key=lambda p: (-p.time.tokens_per_s, p.memory["total"]))
+    return found[:top]
+
+
+# ----------------------------------------------------------------------------- report
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:8.2f}"
+
+
+def _b(n: float) -> str:
+    """A parameter count in B or M."""
+    return f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.3f}M"
+
+
+def _layout_line(lay) -> str:
+    return (f"tp={lay.tp} pp={lay.pp} vpp={lay.vpp} dp={lay.dp} "
+            f"sp={'on' if lay.sequence_parallel else 'off'} zero={lay.zero_stage} "
+            f"micro_batch={lay.micro_batch} global_batch={lay.global_batch} "
+            f"({lay.num_microbatches} microbatches/step) recompute={lay.recompute}")
+
+
+def format_plan(plan: Plan, title: str = "") -> str:
+    """A readable report of one plan."""
+    r, hw, mem, tm = plan.recipe, plan.hardware, plan.memory, plan.time
+    m, lay, prec = r.model, r.layout, r.train.precision
+    table = BYTES_PER_PARAM[prec]
+    rank = plan.pp_rank
+    per_gpu = stage_params(r, rank)
+
+    def state_line(key: str, label: str) -> str:
+        if table[key] == 0:
+            return f"  {label:<18} {'none':<34} {_gib(0)}"
+        split = f" / dp {lay.dp} (ZeRO-{lay.zero_stage})" if lay.zero_stage >= ZERO_PARTITIONS_FROM[key] else ""
+        return f"  {label:<18} {f'{table[key]} B/param{split}':<34} {_gib(mem[key])}"
+
+    acts = {rc: activation_bytes(r, rank, rc) for rc in ("none", "selective", "full")}
+    per_mb = {rc: layer_activation_bytes(r, rc) * (m.num_layers // lay.pp) for rc in acts}
+    steps_days = r.train.steps * tm.step / 86400
+    lines = [
+        f"plan {title} ({m.name}, {prec}, seq {r.train.seq_len}) on {hw.gpus} GPUs x "
+        f"{hw.gpu_memory / GiB:.1f} GiB, {hw.gpu_tflops:g} TFLOP/s peak, MFU {hw.mfu:.0%}",
+        f"layout      {_layout_line(lay)}",
+        f"parameters  {_b(count_params(m))} total ({_b(count_params(m, padded=True))} with vocab "
+        f"padded to {m.padded_vocab_size}); per GPU {_b(per_gpu)} on pipeline stage {rank}"
+        + (f", {_b(per_gpu / lay.dp)} after ZeRO-3" if lay.zero_stage == 3 else ""),
+        f"memory per GPU (most loaded: pipeline stage {rank})            GiB",
+        state_line("weights", "weights"),
+        state_line("gradients", "gradients"),
+        state_line("master_weights", "master weights"),
+        state_line("optimizer_states", "optimizer states"),
+        f"  {'activations':<18} {f'{inflight_layers(r, rank)} layer x microbatch in flight':<34} "
+        f"{_gib(mem['activations'])}",
+        f"  {'overhead':<18} {'CUDA context, NCCL, workspaces':<34} {_gib(mem['overhead'])}",
+        f"  {'total':<18} {f'usable {hw.usable_memory / GiB:.1f} ({HEADROOM:.0%} headroom)':<34} "
+        f"{_gib(mem['total'])}  {'FITS' if plan.fits else 'DOES NOT FIT'}",
+        f"activations per micro batch ({lay.micro_batch} x {r.train.seq_len} tokens, "
+        f"{m.num_layers // lay.pp} layers) GiB: none {per_mb['none'] / GiB:.2f}, selective "
+        f"{per_mb['selective'] / GiB:.2f}, full {per_mb['full'] / GiB:.2f}; stage {rank} total "
+        f"with recompute none/selective/full: {acts['none'] / GiB:.1f} / "
+        f"{acts['selective'] / GiB:.1f} / {acts['full'] / GiB:.1f}",
+        f"compute     FLOPs/token = 6N + 12*L*a*d*s = {flops_per_token(r) / 1e9:.2f} GFLOP "
+        f"(N = {_b(matmul_params(m))} matmul weights)",
+        f"  at MFU {hw.mfu:.0%}: step {tm.ideal:.2f} s, "
+        f"{lay.global_batch * r.train.seq_len / tm.ideal:,.0f} tokens/s",
+        f"  layout model: bubble {tm.bubble:.1%} (pp-1)/(vpp*m), recompute x{recompute_factor(r):.2f}, "
+        f"stage imbalance x{stage_imbalance(r):.2f}, "
+        f"TP comm {tm.tp_comm:.2f} s, DP comm {tm.dp_comm:.2f} s -> step {tm.step:.2f} s, "
+        f"{tm.tokens_per_s:,.0f} tokens/s ({tm.tokens_per_s / hw.gpus:,.0f}/GPU), MFU {tm.mfu:.1%}",
+        f"  train.steps={r.train.steps} ({r.train.steps * lay.global_batch * r.train.seq_len / 1e12:.2f}T "
+        f"tokens): {steps_days:.1f} days",
+    ]
+    return "\n".join(lines)
+
+
+def format_search(plans: list[Plan]) -> str:
+    """Top layouts as a table."""
+    head = (f"{'#':>2} {'tp':>2} {'pp':>2} {'vpp':>3} {'dp':>4} {'zero':>4} {'mb':>2} {'recompute':<9} "
+            f"{'GiB/GPU':>7} {'bubble':>6} {'step s':>6} {'tokens/s':>10} {'MFU':>5}")
+    rows = [head]
+    for i, p in enumerate(plans, 1):
+        lay, tm = p.recipe.layout, p.time
+        rows.append(f"{i:>2} {lay.tp:>2} {lay.pp:>2} {lay.vpp:>3} {lay.dp:>4} {lay.zero_stage:>4} "
+                    f"{lay.micro_batch:>2} {lay.recompute:<9} {p.memory['total'] / GiB:>7.1f} "
+                    f"{tm.bubble:>6.1%} {tm.step:>6.2f} {tm.tokens_per_s:>10,.0f} {tm.mfu:>5.1%}")
+    return "\n".join(rows)
+
+
+__all__ = ["BYTES_PER_PARAM", "STATE_KEYS", "ZERO_PARTITIONS_FROM", "Hardware", "Plan", "PlanError", "check_fits",
+           "count_params", "estimate_memory", "flops_per_token", "format_plan", "format_search",
+           "make_plan", "parse_bytes", "search", "stage_params", "step_time", "with_layout"]

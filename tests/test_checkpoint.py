@@ -1,0 +1,110 @@
+"""Checkpoints: exact resume after SIGTERM and kill -9, a rank killed mid-save, resume at another
+layout, rotation, loss health, unwritable output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, cpu_env, launch, layout_overrides, read_metrics
+
+STEPS = 20
+COMMON = [f"train.steps={STEPS}", "train.precision=fp32", "train.tensorboard=false", "checkpoint.interval=5"]
+
+
+def per_step(out: Path, key: str = "loss") -> dict[int, float]:
+    """The last value logged for each step (a resumed run logs re-done steps again)."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def run(nproc, out, layout, *extra, fault=None, check=True):
+    env = cpu_env(**({"GAPERON_FAULT": fault} if fault else {}))
+    return launch(nproc, [str(TINY), *COMMON, *layout_overrides(**layout), f"train.output_dir={out}", *extra],
+                  env=env, check=check)
+
+
+LAYOUTS = {"single": dict(), "tp2-dp2-zero1": dict(tp=2, dp=2, zero=1)}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_sigterm_and_kill9_resume_exactly(tmp_path, name):
+    layout = LAYOUTS[name]
+    nproc = layout.get("tp", 1) * layout.get("dp", 1)
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run(nproc, ref, layout)
+
+    term = run(nproc, out, layout, fault="sigterm:7", check=False)
+    assert "SIGTERM: saved step 7" in term.stdout, term.stdout[-2000:] + term.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000007"
+
+    killed = run(nproc, out, layout, fault="kill:13", check=False)
+    assert killed.returncode != 0
+    assert "resumed from" in killed.stdout and "at step 7" in killed.stdout
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000010"
+
+    final = run(nproc, out, layout)
+    assert "at step 10" in final.stdout
+    expected, got = per_step(ref), per_step(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in expected:  # fp32 on CPU: bitwise identical
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+
+
+def test_rank_killed_during_save_resumes_from_previous(tmp_path):
+    layout = dict(dp=2, zero=1)
+    out = tmp_path / "run"
+    crashed = run(2, out, layout, fault="kill_during_save:10:1", check=False)
+    assert crashed.returncode != 0
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000005"
+    assert not (ckpts / "step_00000010").exists()
+    resumed = run(2, out, layout)
+    assert "at step 5" in resumed.stdout
+    assert not list(ckpts.glob(".tmp-*"))
+    ref = tmp_path / "ref"
+    run(2, ref, layout)
+    assert per_step(out) == per_step(ref)
+
+
+def test_resume_at_another_dp_size_and_zero_stage(tmp_path):
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    run(1, ref, {})
+    run(2, out, dict(dp=2, zero=1), "checkpoint.interval=0", fault="sigterm:10", check=False)
+    resumed = run(2, out, dict(tp=2, zero=0))  # dp 2 / ZeRO-1 -> tp 2 / no ZeRO
+    assert "layout changed" in resumed.stdout
+    expected, got = per_step(ref), per_step(out)
+    for step in range(11, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-4 * abs(expected[step]), step
+
+
+def test_rotation_keeps_last_k_and_every_mth(tmp_path):
+    out = tmp_path / "run"
+    run(1, out, {}, "train.steps=12", "checkpoint.interval=2", "checkpoint.keep_last=2", "checkpoint.keep_every=4")
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000004", "step_00000008", "step_00000010", "step_00000012"]
+
+
+def test_nonfinite_loss_skip_then_stop(tmp_path):
+    out = tmp_path / "skip"
+    run(1, out, {}, "train.steps=6", "checkpoint.interval=0", fault="nan_loss:3")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("skipped")] == [3]
+    assert all(r["loss"] == r["loss"] for r in rows if not r.get("skipped"))  # finite afterwards
+
+    out = tmp_path / "stop"
+    proc = run(1, out, {}, "train.steps=6", "checkpoint.interval=2", "health.on_nonfinite=stop",
+               fault="nan_loss:3", check=False)
+    assert proc.returncode != 0  # torchrun reports any worker failure as 1
+    assert "non-finite loss at step 3" in proc.stderr and "step_00000002" in proc.stderr
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_unwritable_output_dir_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run(1, blocker / "run", {}, check=False)
+    assert proc.returncode != 0
+    assert "not writable" in proc.stderr and "train.output_dir" in proc.stderr
+    assert "step " not in proc.stdout
