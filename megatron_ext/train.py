@@ -25,21 +25,11 @@ from .config import Recipe, RecipeError, dump_recipe, load_recipe
 from .data import build_datasets, microbatches
 from .engine import Engine, LaunchError, init_distributed
 from .model import attention_backend, build_model
+from .plan import estimate_memory, flops_per_token
 from .schedule import lr_at
 
 # Dense bf16 peak of the accelerators we plan for, for MFU (override with GAPERON_PEAK_TFLOPS).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
-
-
-def flops_per_token(recipe: Recipe) -> float:
-    """Training FLOPs per token: 6 x matmul parameters + causal attention (6 * L * s * q_dim).
-
-    Embedding lookups are not matmuls and are left out; the LM head is counted.
-    """
-    m, s = recipe.model, recipe.train.seq_len
-    matmul_params = m.num_params() - m.vocab_size * m.hidden_size
-    attention = 6 * m.num_layers * s * m.num_attention_heads * m.kv_channels  # fwd+bwd, causal half
-    return 6.0 * matmul_params + attention
 
 
 def peak_tflops() -> float | None:
@@ -147,6 +137,10 @@ def train(recipe: Recipe) -> int:
               f"{info.world_size} {'GPU' if info.on_gpu else 'CPU'} ranks: tp={lay.tp} pp={lay.pp} "
               f"vpp={lay.vpp} dp={lay.dp} zero={lay.zero_stage} precision={recipe.train.precision} "
               f"attention={attention_backend(recipe)}", flush=True)
+    estimate = estimate_memory(recipe, attention=attention_backend(recipe))
+    if info.is_main:
+        print(f"planner estimate per GPU: {(estimate['total'] - estimate['overhead']) / 2**30:.2f} GiB "
+              "(allocator view; compare with peak_mem_gib below)", flush=True)
     chunks = build_model(recipe, info.on_gpu)
     engine = Engine(recipe, chunks, info)
     state = _start(engine, recipe, info)
@@ -186,7 +180,8 @@ def train(recipe: Recipe) -> int:
             tokens_per_s = lay.global_batch * t.seq_len / elapsed
             metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                        "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / info.world_size,
-                       "consumed_samples": state.consumed_samples, "peak_mem_gib": peak_memory_gib(info.on_gpu)}
+                       "consumed_samples": state.consumed_samples, "peak_mem_gib": peak_memory_gib(info.on_gpu),
+                       "planned_mem_gib": (estimate["total"] - estimate["overhead"]) / 2**30}
             if peak:
                 metrics["mfu"] = tokens_per_s / info.world_size * fpt / (peak * 1e12)
             log.log(state.step, metrics)
