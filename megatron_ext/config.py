@@ -121,14 +121,33 @@ class TrainConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    """Where samples come from. ``synthetic`` needs nothing on disk (a learnable copy task)."""
+    """Where samples come from. ``synthetic`` needs nothing on disk (a learnable copy task).
 
-    kind: Literal["synthetic", "indexed"] = "synthetic"
+    ``sft``: conversations prepared by tools/prepare_sft.py in ``sft_path`` (see megatron_ext/sft.py).
+    ``packing`` puts several conversations in one sequence (block-diagonal attention); ``epochs``
+    replaces a step count: train.steps is then derived from the data (sft.steps_for_epochs).
+    """
+
+    kind: Literal["synthetic", "indexed", "sft"] = "synthetic"
     blend: list[tuple[float, str]] = []
     valid_blend: list[tuple[float, str]] = []
     split: str = "98,2,0"
     tokenizer: Optional[str] = None
     cache_dir: Optional[str] = None
+    sft_path: Optional[str] = None
+    sft_valid_path: Optional[str] = None
+    packing: bool = True
+    epochs: Optional[int] = None
+
+    @model_validator(mode="after")
+    def _check_sft(self) -> "DataConfig":
+        if self.kind == "sft" and not self.sft_path:
+            raise RecipeError("data.kind=sft needs data.sft_path: a directory written by tools/prepare_sft.py")
+        if self.epochs is not None and self.epochs < 1:
+            raise RecipeError(f"data.epochs={self.epochs} must be >= 1 (or null to train for train.steps)")
+        if self.epochs is not None and self.kind != "sft":
+            raise RecipeError("data.epochs is only used with data.kind=sft; set train.steps instead")
+        return self
 
 
 class CheckpointConfig(_Strict):
@@ -292,7 +311,28 @@ def recipe_from_tree(tree: dict) -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Load, merge, override and validate a recipe. Raises RecipeError with one clear message."""
-    return recipe_from_tree(apply_overrides(read_yaml_tree(path), list(overrides)))
+    tree = apply_overrides(read_yaml_tree(path), list(overrides))
+    return derive_sft_steps(recipe_from_tree(tree), tree)
+
+
+def derive_sft_steps(recipe: Recipe, tree: dict) -> Recipe:
+    """SFT recipes count epochs, not steps: with data.kind=sft and data.epochs set, train.steps
+    becomes ceil(epochs x sequences per epoch / layout.global_batch), computed from the prepared
+    data (megatron_ext/sft.py). Left as written when that data is not on this machine yet (the
+    training run then stops at the data with a message saying how to prepare it)."""
+    d = recipe.data
+    if d.kind != "sft" or d.epochs is None or not (Path(d.sft_path) / "meta.json").is_file():
+        return recipe
+    from .sft import SFTDataError, steps_for_epochs
+
+    try:
+        steps = steps_for_epochs(d.sft_path, recipe.train.seq_len, recipe.train.seed, d.packing, d.epochs,
+                                 recipe.layout.global_batch)
+    except SFTDataError as err:
+        raise RecipeError(str(err)) from None
+    tree = copy.deepcopy(tree)
+    tree.setdefault("train", {})["steps"] = steps
+    return recipe_from_tree(tree)
 
 
 def dump_recipe(recipe: Recipe) -> str:

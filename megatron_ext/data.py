@@ -115,6 +115,10 @@ def build_datasets(recipe: Recipe) -> tuple[SampleDataset, SampleDataset | None]
     if recipe.data.kind == "synthetic":
         vocab = recipe.model.vocab_size
         return SyntheticCopyTask(vocab, t.seq_len, t.seed), SyntheticCopyTask(vocab, t.seq_len, t.seed + 1)
+    if recipe.data.kind == "sft":
+        from .sft import build_sft_datasets
+
+        return build_sft_datasets(recipe)
     valid_samples = (t.steps // max(t.eval_interval, 1) + 1) * t.eval_iters * lay.global_batch
     return build_indexed(recipe, t.steps * lay.global_batch, valid_samples if t.eval_interval else 0)
 

@@ -1,0 +1,1208 @@
+"""Our layout-free checkpoints <-> Hugging Face Llama directories, streamed, and checked.
+
+Three jobs, one CLI each (``tools/convert_checkpoint.py``):
+
+* :func:`to_hf` — a training checkpoint written at any TP/PP/DP/ZeRO layout (checkpoint.py's
+  format) -> an HF ``LlamaForCausalLM`` directory: safetensors shards + ``model.safetensors.index.json``,
+  ``config.json``, ``generation_config.json`` and the tokenizer files. Ends with :func:`verify` on a
+  slice of the model unless told not to.
+* :func:`from_hf` — the reverse: an HF Llama directory -> a checkpoint directory in our format
+  (step 0, weights only) that ``checkpoint.init_from=<dir>`` starts a phase from.
+* :func:`verify` — build the Megatron model (tp=pp=dp=1, fp32, CPU) from a checkpoint and the HF
+  model from a directory, run both on fixed random sequences and compare logits.
+
+Mapping (canonical Megatron name, see sharding.py -> HF name)::
+
+    embedding.word_embeddings.weight [Vp, h]     -> model.embed_tokens.weight [V, h] (padding rows cut)
+    decoder.layers.i.input_layernorm.weight      -> model.layers.i.input_layernorm.weight
+      (TE spec: ...self_attention.linear_qkv.layer_norm_weight)
+    decoder.layers.i.self_attention.linear_qkv.weight
+        rows grouped per KV group g: [q heads of g, k_g, v_g] -> q_proj / k_proj / v_proj
+    decoder.layers.i.self_attention.linear_proj.weight -> self_attn.o_proj.weight
+    decoder.layers.i.pre_mlp_layernorm.weight    -> post_attention_layernorm.weight
+      (TE spec: ...mlp.linear_fc1.layer_norm_weight)
+    decoder.layers.i.mlp.linear_fc1.weight = [gate; up] -> mlp.gate_proj / mlp.up_proj
+    decoder.layers.i.mlp.linear_fc2.weight       -> mlp.down_proj.weight
+    decoder.final_layernorm.weight               -> model.norm.weight
+    output_layer.weight [Vp, h]                  -> lm_head.weight [V, h] (padding rows cut)
+
+Megatron's rotary embedding (non-interleaved) is HF's ``rotate_half`` convention, so q/k rows need
+no permutation; :func:`verify` checks that on every export. Megatron's ``qk_layernorm`` has no
+LlamaConfig equivalent and is refused.
+
+Streaming: both directions plan every output file (names, dtypes, shapes) from the recipe before
+reading a byte, then read one layer at a time and append each tensor to its file as it is made
+(:class:`StreamingSafetensorsWriter` writes the header first, then the data in order). The
+vocabulary matrices, the largest tensors, are moved in blocks of rows straight from each TP shard
+file. Peak memory is about one layer, whatever ``--shard-size`` is; nothing holds a whole shard.
+
+Output directories are written through a staging directory inside them and moved into place at
+the end, so a failed conversion leaves nothing half-written, and only the files we write are ever
+replaced (with ``overwrite``); nothing else in the directory is touched.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import struct
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from .config import ModelConfig, Recipe, RecipeError, dump_recipe, recipe_from_tree
+from .sharding import shard, split_dim
+
+# --------------------------------------------------------------------------------------------
+# errors, sizes, dtypes
+
+
+class ConvertError(ValueError):
+    """Input that cannot be converted. The message says what is wrong and what to do."""
+
+
+class VerifyError(RuntimeError):
+    """The converted model does not compute what the checkpoint computes."""
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_ST_CODE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+_ST_DTYPE = {v: k for k, v in _ST_CODE.items()}
+_HF_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+ROW_BLOCK_BYTES = 64 * 2**20  # vocab matrices are moved in blocks of about this many bytes
+VERIFY_VOCAB_ROWS = 4096  # logits compared on this many vocab rows by the post-export check
+NORM_GAIN_META_KEY = "norm_gain_scale"  # meta.json: stored norm gains x this = the true gains
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5_000_000_000 (HF's convention: GB = 10^9); '500MiB', '1e9' and ints work too."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ConvertError(f"bad size {text!r}: write e.g. 5GB, 500MB or 2GiB")
+    try:
+        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    except ValueError:
+        raise ConvertError(f"bad size {text!r}: write e.g. 5GB, 500MB or 2GiB") from None
+    if n <= 0:
+        raise ConvertError(f"size {text!r} must be positive")
+    return n
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# names and shapes
+
+EMBED, FINAL_NORM, OUTPUT = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"
+VOCAB_TENSORS = (EMBED, OUTPUT)
+# TE-spec (fused) name -> local-spec name, per layer
+_TE_TO_LOCAL = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+_LOCAL_TO_TE = {v: k for k, v in _TE_TO_LOCAL.items()}
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+def _layer(i: int, suffix: str) -> str:
+    return f"decoder.layers.{i}.{suffix}"
+
+
+def layer_suffixes(m: ModelConfig) -> list[str]:
+    """Local-spec parameter names of one layer, in conversion order."""
+    out = ["input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight"]
+    if m.qk_layernorm:
+        out += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
+    return out + ["pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+
+
+def canonical_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every canonical (local-spec) tensor a model of this shape has, in conversion order."""
+    h, d, f, vp = m.hidden_size, m.kv_channels, m.ffn_hidden_size, m.padded_vocab_size
+    nq, ng = m.num_attention_heads, m.num_kv_heads
+    per_layer = {"input_layernorm.weight": (h,), "self_attention.linear_qkv.weight": ((nq + 2 * ng) * d, h),
+                 "self_attention.linear_proj.weight": (h, nq * d), "self_attention.q_layernorm.weight": (d,),
+                 "self_attention.k_layernorm.weight": (d,), "pre_mlp_layernorm.weight": (h,),
+                 "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f)}
+    out = {EMBED: (vp, h)}
+    for i in range(m.num_layers):
+        for s in layer_suffixes(m):
+            out[_layer(i, s)] = per_layer[s]
+    out[FINAL_NORM] = (h,)
+    out[OUTPUT] = (vp, h)
+    return out
+
+
+def groups(m: ModelConfig) -> list[tuple[str, list[str]]]:
+    """Canonical names in units of work: the embedding, each layer, then the final norm + head."""
+    out = [("embedding", [EMBED])]
+    out += [(f"layer {i}", [_layer(i, s) for s in layer_suffixes(m)]) for i in range(m.num_layers)]
+    return out + [("head", [FINAL_NORM, OUTPUT])]
+
+
+def local_name(name: str) -> str:
+    """A TE-spec canonical name in local-spec terms (local names pass through)."""
+    mt = _LAYER_RE.match(name)
+    if mt and mt.group(2) in _TE_TO_LOCAL:
+        return _layer(int(mt.group(1)), _TE_TO_LOCAL[mt.group(2)])
+    return name
+
+
+def te_name(name: str) -> str:
+    mt = _LAYER_RE.match(name)
+    if mt and mt.group(2) in _LOCAL_TO_TE:
+        return _layer(int(mt.group(1)), _LOCAL_TO_TE[mt.group(2)])
+    return name
+
+
+def is_norm_gain(name: str) -> bool:
+    return "layernorm" in name or name.endswith("layer_norm_weight")
+
+
+def shard_shape(name: str, full: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    dim = split_dim(name)
+    if dim is None or tp == 1:
+        return tuple(full)
+    out = list(full)
+    out[dim] //= tp
+    return tuple(out)
+
+
+def _hf_layer(i: int, suffix: str) -> str:
+    return f"model.layers.{i}.{suffix}"
+
+
+def hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF Llama tensor, in the order the export writes them."""
+    h, d, f, v = m.hidden_size, m.kv_channels, m.ffn_hidden_size, m.vocab_size
+    nq, ng = m.num_attention_heads, m.num_kv_heads
+    out = {"model.embed_tokens.weight": (v, h)}
+    for i in range(m.num_layers):
+        out.update({_hf_layer(i, "input_layernorm.weight"): (h,),
+                    _hf_layer(i, "self_attn.q_proj.weight"): (nq * d, h),
+                    _hf_layer(i, "self_attn.k_proj.weight"): (ng * d, h),
+                    _hf_layer(i, "self_attn.v_proj.weight"): (ng * d, h),
+                    _hf_layer(i, "self_attn.o_proj.weight"): (h, nq * d),
+                    _hf_layer(i, "post_attention_layernorm.weight"): (h,),
+                    _hf_layer(i, "mlp.gate_proj.weight"): (f, h),
+                    _hf_layer(i, "mlp.up_proj.weight"): (f, h),
+                    _hf_layer(i, "mlp.down_proj.weight"): (h, f)})
+    out["model.norm.weight"] = (h,)
+    out["lm_head.weight"] = (v, h)
+    return out
+
+
+_SIMPLE_TO_HF = {"input_layernorm.weight": "input_layernorm.weight",
+                 "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+                 "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+                 "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
+_GLOBAL_TO_HF = {EMBED: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight", OUTPUT: "lm_head.weight"}
+
+
+def hf_names(name: str) -> list[str]:
+    """The HF tensor(s) one canonical (local or TE-spec) tensor becomes."""
+    name = local_name(name)
+    if name in _GLOBAL_TO_HF:
+        return [_GLOBAL_TO_HF[name]]
+    mt = _LAYER_RE.match(name)
+    if not mt:
+        raise ConvertError(f"no Hugging Face Llama equivalent for {name}")
+    i, suffix = int(mt.group(1)), mt.group(2)
+    if suffix in _SIMPLE_TO_HF:
+        return [_hf_layer(i, _SIMPLE_TO_HF[suffix])]
+    if suffix == "self_attention.linear_qkv.weight":
+        return [_hf_layer(i, f"self_attn.{p}_proj.weight") for p in "qkv"]
+    if suffix == "mlp.linear_fc1.weight":
+        return [_hf_layer(i, "mlp.gate_proj.weight"), _hf_layer(i, "mlp.up_proj.weight")]
+    raise ConvertError(f"no Hugging Face Llama equivalent for {name}")
+
+
+def _qkv_view(qkv: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    """[(nq + 2 ng) d, h] -> [ng, nq/ng + 2, d, h]: Megatron groups rows per KV group."""
+    ng, d = m.num_kv_heads, m.kv_channels
+    return qkv.view(ng, m.num_attention_heads // ng + 2, d, qkv.shape[-1])
+
+
+def canonical_to_hf(name: str, tensor: torch.Tensor, m: ModelConfig,
+                    norm_gain_multiplier: float = 1.0) -> list[tuple[str, torch.Tensor]]:
+    """One canonical tensor -> [(HF name, HF tensor)], in the checkpoint's dtype.
+
+    ``norm_gain_multiplier`` multiplies RMSNorm gains on the way out: pure-bf16 training stores the
+    gains divided by a scale factor (see :func:`norm_gain_multiplier`); 1.0 leaves them as stored.
+    """
+    name = local_name(name)
+    out_names = hf_names(name)
+    if name in VOCAB_TENSORS:
+        return [(out_names[0], tensor[: m.vocab_size])]
+    if is_norm_gain(name):
+        if name.endswith(("q_layernorm.weight", "k_layernorm.weight")):
+            raise ConvertError(f"{name}: QK-norm has no Llama equivalent")
+        return [(out_names[0], tensor * norm_gain_multiplier if norm_gain_multiplier != 1.0 else tensor)]
+    if name.endswith("linear_qkv.weight"):
+        g = _qkv_view(tensor, m)
+        per = m.num_attention_heads // m.num_kv_heads
+        h = tensor.shape[-1]
+        q = g[:, :per].reshape(-1, h)
+        k = g[:, per].reshape(-1, h)
+        v = g[:, per + 1].reshape(-1, h)
+        return list(zip(out_names, (q, k, v)))
+    if name.endswith("linear_fc1.weight"):
+        gate, up = tensor.chunk(2, dim=0)
+        return list(zip(out_names, (gate, up)))
+    return [(out_names[0], tensor)]
+
+
+def hf_to_canonical(name: str, get: Callable[[str], torch.Tensor], m: ModelConfig) -> torch.Tensor:
+    """The canonical tensor ``name`` from the HF tensors ``get(hf_name)`` returns (padding rows of
+    the vocab matrices are zeros)."""
+    name = local_name(name)
+    srcs = [get(n) for n in hf_names(name)]
+    if name in VOCAB_TENSORS:
+        t = srcs[0]
+        pad = m.padded_vocab_size - t.shape[0]
+        return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
+    if name.endswith("linear_qkv.weight"):
+        q, k, v = srcs
+        ng, d, h = m.num_kv_heads, m.kv_channels, q.shape[-1]
+        per = m.num_attention_heads // ng
+        return torch.cat([q.view(ng, per, d, h), k.view(ng, 1, d, h), v.view(ng, 1, d, h)], dim=1).reshape(-1, h)
+    if name.endswith("linear_fc1.weight"):
+        return torch.cat(srcs, dim=0)
+    return srcs[0]
+
+
+def norm_gain_multiplier(meta: dict, recipe: Recipe | None = None) -> float:
+    """What the stored norm gains must be multiplied by to get the model's true gains.
+
+    Pure-bf16 training keeps the gains divided by a factor (Gaperon used 20) so that small Adam
+    updates survive bf16 rounding near 1.0. The checkpoint says so in ``meta.json`` under
+    ``norm_gain_scale`` (or the recipe's ``train.norm_gain_scale``); absent, the gains are plain."""
+    value = meta.get(NORM_GAIN_META_KEY)
+    if value is None and recipe is not None:
+        value = getattr(recipe.train, "norm_gain_scale", None)
+    return float(value) if value is not None else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# HF config <-> recipe
+
+
+def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id: int | None = None,
+              eos_token_id: int | None = None) -> dict:
+    """config.json of the HF Llama equivalent of ``recipe.model``.
+
+    Written with both the transformers 5 keys (``rope_parameters``, ``dtype``) and the 4.x ones
+    (``rope_theta``, ``rope_scaling``, ``torch_dtype``): each version reads its own and accepts the
+    other's, so vLLM and older stacks load the export too."""
+    m = recipe.model
+    if m.qk_layernorm:
+        raise ConvertError(
+            "this checkpoint's model uses QK-norm (model.qk_layernorm=true, Megatron's per-head RMSNorm "
+            "on queries and keys), which a Hugging Face LlamaConfig cannot express: a Llama export would "
+            "silently drop those weights and compute a different function. Export is refused; keep the "
+            "checkpoint in our format (or train with model.qk_layernorm=false for a Llama release).")
+    try:  # the version without importing transformers (seconds)
+        from importlib.metadata import version as _version
+        version = _version("transformers")
+    except Exception:  # pragma: no cover - transformers is a requirement
+        version = None
+    theta = float(m.rope_theta)
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_kv_heads,
+        "head_dim": m.kv_channels,
+        "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.max_position_embeddings,
+        "rms_norm_eps": m.norm_eps,
+        "hidden_act": "silu",
+        "initializer_range": m.init_std,
+        "rope_theta": theta,
+        "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": None,
+        "torch_dtype": _HF_DTYPE_NAME[dtype],
+        "dtype": _HF_DTYPE_NAME[dtype],
+    }
+    if version:
+        cfg["transformers_version"] = version
+    return cfg
+
+
+def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: int = 1) -> Recipe:
+    """A recipe whose model section is the HF Llama config ``cfg`` (config.json's dict); layout
+    tp x pp, everything else default. Refuses configs our Llama blocks cannot represent."""
+    problems = []
+    mtype = cfg.get("model_type")
+    if mtype != "llama":
+        problems.append(f"model_type is {mtype!r}; only 'llama' (LlamaForCausalLM) converts")
+    if cfg.get("tie_word_embeddings", False):
+        problems.append("tie_word_embeddings is true; our models keep separate input embedding and "
+                        "output head (untie them first: save lm_head as a copy of embed_tokens and set "
+                        "tie_word_embeddings false)")
+    if cfg.get("attention_bias", False):
+        problems.append("attention_bias is true; our attention has no biases")
+    if cfg.get("mlp_bias", False):
+        problems.append("mlp_bias is true; our MLP has no biases")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        problems.append(f"hidden_act is {act!r}; our MLP is SwiGLU (silu)")
+    if cfg.get("rope_scaling"):
+        problems.append(f"rope_scaling is {cfg['rope_scaling']!r}; our rotary embedding has no scaling "
+                        "(only rope_scaling null converts)")
+    rp = cfg.get("rope_parameters") or {}
+    if isinstance(rp, dict) and rp.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
+        problems.append(f"rope_parameters has rope_type {rp.get('rope_type')!r}; only 'default' (no "
+                        "scaling) converts")
+    theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0)) if isinstance(rp, dict) else cfg.get("rope_theta", 10000.0)
+    if float(theta) != int(float(theta)):
+        problems.append(f"rope_theta {theta} is not an integer; Megatron's rotary base is an integer")
+    if problems:
+        raise ConvertError("cannot represent this Hugging Face model: " + "; ".join(problems))
+    heads = cfg["num_attention_heads"]
+    hidden = cfg["hidden_size"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    maxpos = cfg.get("max_position_embeddings", 4096)
+    tree = {
+        "model": {"name": name, "hidden_size": hidden, "num_layers": cfg["num_hidden_layers"],
+                  "num_attention_heads": heads, "num_kv_heads": cfg.get("num_key_value_heads") or heads,
+                  "head_dim": head_dim, "ffn_hidden_size": cfg["intermediate_size"],
+                  "vocab_size": cfg["vocab_size"], "max_position_embeddings": maxpos,
+                  "rope_theta": float(theta), "norm_eps": cfg.get("rms_norm_eps", 1e-6),
+                  "qk_layernorm": False, "init_std": cfg.get("initializer_range", 0.02)},
+        "layout": {"tp": tp, "pp": pp, "vpp": 1, "dp": 1, "zero_stage": 0},
+        "train": {"seq_len": min(maxpos, 4096)},
+    }
+    try:
+        return recipe_from_tree(tree)
+    except RecipeError as err:
+        raise ConvertError(f"the Hugging Face config gives an invalid recipe at tp={tp}, pp={pp}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# streaming safetensors
+
+
+class StreamingSafetensorsWriter:
+    """A safetensors file whose tensors (names, dtypes, shapes) are known before their data.
+
+    The header is written first; :meth:`append` then adds each tensor's data in the planned order,
+    whole or in blocks of leading rows, so no more than the block being appended is ever in memory.
+    The result is an ordinary safetensors file (8-byte header length, JSON header padded to 8
+    bytes, little-endian data with contiguous offsets)."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        if sys.byteorder != "little":  # pragma: no cover - every supported machine is little-endian
+            raise ConvertError("safetensors is little-endian; this machine is not")
+        self.path = Path(path)
+        self.entries = [(n, dt, tuple(int(x) for x in s)) for n, dt, s in entries]
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for n, dt, s in self.entries:
+            size = _nbytes(dt, s)
+            header[n] = {"dtype": _ST_CODE[dt], "shape": list(s), "data_offsets": [offset, offset + size]}
+            offset += size
+        self.total_bytes = offset
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._i, self._rows_done = 0, 0
+
+    def append(self, name: str, block: torch.Tensor) -> None:
+        if self._i >= len(self.entries):
+            raise ConvertError(f"{self.path.name}: unexpected extra tensor {name}")
+        want, dt, shape = self.entries[self._i]
+        if name != want:
+            raise ConvertError(f"{self.path.name}: got {name} where {want} was planned")
+        if block.dtype != dt:
+            block = block.to(dt)
+        rows = block.shape[0] if block.dim() else 1
+        if tuple(block.shape[1:]) != shape[1:] or self._rows_done + rows > (shape[0] if shape else 1):
+            raise ConvertError(f"{name}: got a tensor of shape {tuple(block.shape)} (after "
+                               f"{self._rows_done} rows) for a planned shape {shape}")
+        data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(data))
+        self._rows_done += rows
+        if self._rows_done == (shape[0] if shape else 1):
+            self._i, self._rows_done = self._i + 1, 0
+
+    def close(self) -> None:
+        if self._i != len(self.entries):
+            missing = self.entries[self._i][0]
+            self._f.close()
+            raise ConvertError(f"{self.path.name}: incomplete, {missing} was never written")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+
+def plan_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_bytes: int) -> list[list]:
+    """Greedy, in order: a new shard starts when the next tensor would overflow the current one
+    (a tensor bigger than ``max_bytes`` gets a shard of its own)."""
+    shards, cur, size = [], [], 0
+    for e in entries:
+        n = _nbytes(e[1], e[2])
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(e)
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+@contextmanager
+def _open_st(path: Path):
+    """A safetensors handle closed (and its memory map dropped) on exit: mapped pages count as
+    resident memory for as long as the handle lives."""
+    from safetensors import safe_open
+
+    h = safe_open(str(path), framework="pt")
+    try:
+        yield h
+    finally:
+        del h
+
+
+def _st_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    with _open_st(path) as h:
+        return {k: (tuple(h.get_slice(k).get_shape()), h.get_slice(k).get_dtype()) for k in h.keys()}
+
+
+# --------------------------------------------------------------------------------------------
+# output directories
+
+
+class _Staging:
+    """Write into ``out/.convert-tmp-<pid>`` and move the files into ``out`` only at the end.
+
+    ``out`` may not exist, may be empty, or (with ``overwrite``) may hold anything: only the files
+    this conversion writes are replaced; nothing else of the user's is ever removed."""
+
+    def __init__(self, out: str | Path, overwrite: bool, conflicts: tuple[str, ...] = ()):
+        self.out = Path(out)
+        self.overwrite, self.conflicts = overwrite, conflicts
+        self.created = False
+
+    def __enter__(self) -> "_Staging":
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ConvertError(f"output {out} exists and is not a directory")
+        if out.is_dir():
+            existing = [p.name for p in out.iterdir() if not p.name.startswith(".convert-tmp-")]
+            if existing and not self.overwrite:
+                shown = ", ".join(sorted(existing)[:5]) + (", ..." if len(existing) > 5 else "")
+                raise ConvertError(f"output directory {out} is not empty ({shown}): choose a new "
+                                   "directory, or pass --overwrite to replace the files this conversion "
+                                   "writes (nothing else there is touched)")
+            clash = [c for c in self.conflicts if (out / c).exists()]
+            if clash:
+                raise ConvertError(f"output directory {out} holds {', '.join(clash)}, which loaders would "
+                                   "read instead of (or mix with) the new files; remove it yourself or "
+                                   "choose another directory")
+        else:
+            out.mkdir(parents=True)
+            self.created = True
+        self.tmp = out / f".convert-tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self
+
+    def commit(self, names: list[str]) -> None:
+        """Move staged files into place, in this order (the completeness marker last)."""
+        for n in names:
+            os.replace(self.tmp / n, self.out / n)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.created and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
+# --------------------------------------------------------------------------------------------
+# reading our checkpoints
+
+
+def _reader(path):
+    from .checkpoint import CheckpointReader
+
+    return CheckpointReader(path)
+
+
+def _check_files(reader) -> None:
+    from .checkpoint import CheckpointError
+
+    files = sorted({f for fs in reader.meta["index"].values() for f in fs})
+    for f in files:
+        if not (reader.path / f).is_file():
+            mt = re.match(r"tp(\d+)_pp(\d+)_w(\d+)", f)
+            who = f" (tensor-parallel rank {int(mt.group(1))}, pipeline stage {int(mt.group(2))})" if mt else ""
+            raise CheckpointError(f"checkpoint {reader.path} is missing {f}{who}, a shard file its "
+                                  "meta.json lists: the save did not finish or the file was lost; use "
+                                  "an earlier checkpoint")
+
+
+def check_checkpoint(reader, m: ModelConfig) -> dict[str, str]:
+    """Every tensor the recipe's model needs is in the checkpoint with the right shape, and nothing
+    else is. Returns canonical local-spec name -> the name stored (local or TE spec)."""
+    _check_files(reader)
+    stored = set(reader.names("model"))
+    want = canonical_shapes(m)
+    where: dict[str, str] = {}
+    for n in want:
+        alias = te_name(n)
+        if n in stored:
+            where[n] = n
+        elif alias in stored:
+            where[n] = alias
+        else:
+            raise ConvertError(f"checkpoint {reader.path} has no tensor model/{n}, which its recipe's model "
+                               f"({_describe(m)}) needs: the checkpoint and its recipe disagree")
+    extra = sorted(stored - set(where.values()))
+    if extra:
+        raise ConvertError(f"checkpoint {reader.path} has tensors its recipe's model ({_describe(m)}) does "
+                           f"not: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}; the recipe in "
+                           "meta.json does not describe these weights")
+    shapes: dict[str, dict] = {}
+    for n, src in where.items():
+        files = reader.meta["index"][f"model/{src}"]
+        tp = len(files)
+        expect = shard_shape(n, want[n], tp)
+        for r, f in enumerate(files):
+            if f not in shapes:
+                shapes[f] = _st_shapes(reader.path / f)
+            got = shapes[f].get(f"model/{src}")
+            if got is None:
+                from .checkpoint import CheckpointError
+                raise CheckpointError(f"checkpoint {reader.path}: {f} does not hold model/{src} although "
+                                      "meta.json says it does; the checkpoint is damaged")
+            if got[0] != expect:
+                raise ConvertError(
+                    f"model/{src}: tensor-parallel shard {r} of {tp} in {f} has shape {got[0]}, but the "
+                    f"recipe's model ({_describe(m)}) needs {expect} (full {want[n]}): the checkpoint "
+                    "was not written by this recipe's model")
+            if got[1] not in _ST_DTYPE:
+                raise ConvertError(f"model/{src} in {f} has dtype {got[1]}; expected a float type")
+    return where
+
+
+def _describe(m: ModelConfig) -> str:
+    return (f"hidden {m.hidden_size}, {m.num_layers} layers, {m.num_attention_heads} heads, "
+            f"{m.num_kv_heads} kv heads, head dim {m.kv_channels}, ffn {m.ffn_hidden_size}, "
+            f"vocab {m.vocab_size} padded to {m.padded_vocab_size}")
+
+
+def _rows_block(h: int, itemsize: int = 4) -> int:
+    return max(1, ROW_BLOCK_BYTES // (h * itemsize))
+
+
+def iter_ckpt_rows(reader, src: str, stop: int, kind: str = "model") -> Iterator[torch.Tensor]:
+    """Rows [0, stop) of a row-split canonical tensor (the vocab matrices), in blocks, read from
+    each TP shard file in turn. Reopens the file per block so only that block stays mapped."""
+    files = reader.meta["index"][f"{kind}/{src}"]
+    key, row = f"{kind}/{src}", 0
+    for f in files:
+        with _open_st(reader.path / f) as h:
+            n, width = h.get_slice(key).get_shape()[:2]
+        block = _rows_block(width)
+        for a in range(0, n, block):
+            b = min(a + block, n, a + stop - row)
+            if b <= a:
+                break
+            with _open_st(reader.path / f) as h:
+                yield h.get_slice(key)[a:b]
+            row += b - a
+        if row >= stop:
+            return
+
+
+def read_ckpt_rows(reader, src: str, stop: int) -> torch.Tensor:
+    return torch.cat(list(iter_ckpt_rows(reader, src, stop)))
+
+
+# --------------------------------------------------------------------------------------------
+# tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+@dataclass
+class TokenizerInfo:
+    files: list[Path]
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int | None
+
+
+def inspect_tokenizer(path: str | Path, model_vocab: int) -> TokenizerInfo:
+    from .tokenizer import load_tokenizer
+
+    p = Path(path)
+    try:
+        tok = load_tokenizer(p)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConvertError(f"tokenizer {p}: {err}") from None
+    if tok.vocab_size > model_vocab:
+        raise ConvertError(f"tokenizer {p} has {tok.vocab_size:,} tokens but the model's vocab is "
+                           f"{model_vocab:,}: ids >= {model_vocab:,} have no embedding row. Use the "
+                           "tokenizer the model was trained with")
+    if p.is_file():
+        files = [p]
+    else:
+        files = [p / n for n in TOKENIZER_FILES if (p / n).is_file()]
+    return TokenizerInfo(files, tok.vocab_size, tok.bos_id, tok.eos_id)
+
+
+# --------------------------------------------------------------------------------------------
+# to-hf
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    max_abs_logit: float
+    vocab_tensor_diff: float
+    layers: int
+    num_layers: int
+    vocab_rows: int
+    vocab_size: int
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.vocab_tensor_diff == 0.0 and self.max_abs_diff <= self.tol * max(1.0, self.max_abs_logit)
+
+    def __str__(self) -> str:
+        scope = ("the whole model" if self.layers == self.num_layers and self.vocab_rows == self.vocab_size
+                 else f"first {self.layers} of {self.num_layers} layers, logits on vocab rows "
+                      f"[0, {self.vocab_rows}) of {self.vocab_size}")
+        return (f"verify: max abs logit diff {self.max_abs_diff:.3e} (max |logit| {self.max_abs_logit:.3g}; "
+                f"{scope}); embedding/lm_head tensors max abs diff {self.vocab_tensor_diff:.3e}; "
+                f"tolerance {self.tol:g} x max(1, max |logit|): {'OK' if self.ok else 'FAILED'}")
+
+
+def _progress(it, desc: str, enabled: bool, total: int | None = None):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, desc=desc, unit="layer", total=total, file=sys.stderr, dynamic_ncols=True)
+
+
+def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: str | int = "5GB",
+          tokenizer: str | Path | None = None, overwrite: bool = False, verify_layers: int | None = 2,
+          norm_gain_multiplier_: float | None = None, progress: bool = True,
+          log: Callable[[str], None] = print) -> Path:
+    """Export a checkpoint (any layout) to an HF Llama directory. ``verify_layers=None`` skips
+    the final check; otherwise the first ``verify_layers`` layers are compared (see :func:`verify`).
+    ``norm_gain_multiplier_`` overrides the factor read from the checkpoint's meta.json."""
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    tdtype, max_bytes = DTYPES[dtype], parse_size(shard_size)
+    t0 = time.perf_counter()
+    reader = _reader(ckpt)
+    recipe = reader.recipe
+    m = recipe.model
+    gain = norm_gain_multiplier(reader.meta, recipe) if norm_gain_multiplier_ is None else norm_gain_multiplier_
+    if m.qk_layernorm:
+        hf_config(recipe)  # raises the QK-norm refusal before any file is read
+    where = check_checkpoint(reader, m)
+    tok_path = tokenizer if tokenizer is not None else recipe.data.tokenizer
+    tok = None
+    if tok_path is not None:
+        if tokenizer is None and not Path(tok_path).exists():
+            log(f"warning: the recipe's tokenizer {tok_path} is not here; exporting without tokenizer files "
+                "(pass --tokenizer DIR)")
+        else:
+            tok = inspect_tokenizer(tok_path, m.vocab_size)
+    config = hf_config(recipe, tdtype, tok.bos_id if tok else None, tok.eos_id if tok else None)
+
+    entries = [(n, tdtype, s) for n, s in hf_shapes(m).items()]
+    shards = plan_shards(entries, max_bytes)
+    nshards = len(shards)
+    shard_names = [f"model-{i + 1:05d}-of-{nshards:05d}.safetensors" for i in range(nshards)]
+    weight_map = {e[0]: shard_names[i] for i, sh in enumerate(shards) for e in sh}
+    conflicts = ("model.safetensors", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    with _Staging(out, overwrite, conflicts) as staging:
+        tmp = staging.tmp
+        writers: dict[int, StreamingSafetensorsWriter] = {}
+        shard_of = {e[0]: i for i, sh in enumerate(shards) for e in sh}
+
+        def writer(hf: str) -> StreamingSafetensorsWriter:
+            i = shard_of[hf]
+            if i not in writers:
+                for j in [j for j in writers if j < i]:  # shards fill in order: earlier ones are done
+                    writers.pop(j).close()
+                writers[i] = StreamingSafetensorsWriter(tmp / shard_names[i], shards[i], {"format": "pt"})
+            return writers[i]
+
+        try:
+            for label, names in _progress(groups(m), "to-hf", progress):
+                layer_reader = None  # one reader per layer: its memory maps go with it
+                for n in names:
+                    if n in VOCAB_TENSORS:
+                        hf = hf_names(n)[0]
+                        for block in iter_ckpt_rows(reader, where[n], m.vocab_size):
+                            writer(hf).append(hf, block)
+                        continue
+                    layer_reader = layer_reader or _reader(reader.path)
+                    for hn, t in canonical_to_hf(n, layer_reader.get(where[n]), m, gain):
+                        writer(hn).append(hn, t)
+                del layer_reader
+            for w in writers.values():
+                w.close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        total = sum(_nbytes(e[1], e[2]) for e in entries)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total, "total_parameters": sum(math.prod(e[2]) for e in entries)},
+             "weight_map": weight_map}, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        if "transformers_version" in config:
+            gen["transformers_version"] = config["transformers_version"]
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        tok_names = []
+        for f in tok.files if tok else []:
+            name = "tokenizer.model" if f.suffix == ".model" else f.name
+            shutil.copyfile(f, tmp / name)
+            tok_names.append(name)
+        stale = sorted(p.name for p in Path(out).glob("model-*-of-*.safetensors") if p.name not in shard_names)
+        staging.commit(shard_names + tok_names + ["config.json", "generation_config.json",
+                                                  "model.safetensors.index.json"])
+    if stale:
+        log(f"note: {out} still holds {', '.join(stale)} from an earlier export; the new index does not "
+            "use them (delete them to save space)")
+    log(f"wrote {out}: {nshards} shard(s), {total / 1e9:.2f} GB {dtype}, vocab {m.vocab_size} "
+        f"(padded {m.padded_vocab_size} in the checkpoint){', tokenizer ' + str(tok_path) if tok else ''}"
+        f"{f', norm gains x {gain:g}' if gain != 1.0 else ''} in {time.perf_counter() - t0:.1f} s")
+    if verify_layers is not None:
+        result = verify(reader.path, out, layers=verify_layers, vocab_rows=VERIFY_VOCAB_ROWS,
+                        norm_gain_multiplier_=gain)
+        log(str(result))
+        if not result.ok:
+            raise VerifyError(f"the export in {out} does not compute what {reader.path} computes ({result}); "
+                              "it is left in place for inspection")
+    return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# verify
+
+
+class _HFFiles:
+    """Tensors of an HF directory (sharded with an index, or one model.safetensors), opened per read."""
+
+    def __init__(self, hf_dir: str | Path):
+        d = Path(hf_dir)
+        self.dir = d
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            self.where = json.loads(index.read_text())["weight_map"]
+        elif (d / "model.safetensors").is_file():
+            self.where = {k: "model.safetensors" for k in _st_shapes(d / "model.safetensors")}
+        elif any(d.glob("pytorch_model*.bin")):
+            raise ConvertError(f"{d} holds PyTorch .bin weights; only safetensors convert. Re-save it with "
+                               "save_pretrained(..., safe_serialization=True) first")
+        else:
+            raise ConvertError(f"{d} has no model.safetensors or model.safetensors.index.json: not a "
+                               "Hugging Face model directory")
+        for f in sorted(set(self.where.values())):
+            if not (d / f).is_file():
+                raise ConvertError(f"{d} is missing {f}, a shard its model.safetensors.index.json lists")
+        self._shapes: dict[str, tuple] | None = None
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        if self._shapes is None:
+            self._shapes = {}
+            for f in sorted(set(self.where.values())):
+                self._shapes.update(_st_shapes(self.dir / f))
+        return self._shapes
+
+    def get(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        if name not in self.where:
+            raise ConvertError(f"{self.dir} has no tensor {name}")
+        with _open_st(self.dir / self.where[name]) as h:
+            return h.get_tensor(name) if rows is None else h.get_slice(name)[rows[0]:rows[1]]
+
+    def iter_rows(self, name: str, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
+        width = self.shapes()[name][0][1]
+        block = _rows_block(width)
+        for a in range(0, stop, block):
+            yield a, self.get(name, (a, min(a + block, stop)))
+
+    def dtype(self) -> torch.dtype:
+        codes = {v[1] for v in self.shapes().values()}
+        if len(codes) != 1 or next(iter(codes)) not in _ST_DTYPE:
+            raise ConvertError(f"{self.dir}: mixed or unsupported tensor dtypes {sorted(codes)}")
+        return _ST_DTYPE[codes.pop()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hf_model(hf_dir: Path, files: _HFFiles, layers: int, vocab_rows: int, full: bool):
+    """The HF Llama in fp32: from_pretrained when whole (this also checks transformers' loader),
+    else built on the meta device from the first ``layers`` layers and ``vocab_rows`` vocab rows."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if full:
+        return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
+    cfg = AutoConfig.from_pretrained(str(hf_dir), local_files_only=True)
+    cfg.num_hidden_layers, cfg.vocab_size = layers, vocab_rows
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:layers]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    sd = {}
+    for name in model.state_dict():
+        rows = (0, vocab_rows) if name in ("model.embed_tokens.weight", "lm_head.weight") else None
+        sd[name] = files.get(name, rows).float()
+    model.load_state_dict(sd, strict=True, assign=True)
+    for mod_name, mod in list(model.named_modules()):  # non-persistent buffers (rotary inv_freq)
+        if any(b.is_meta for b in mod.buffers(recurse=False)):
+            parent = model.get_submodule(mod_name.rsplit(".", 1)[0]) if "." in mod_name else model
+            setattr(parent, mod_name.rsplit(".", 1)[-1], type(mod)(config=cfg))
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise ConvertError(f"could not materialise {leftover[:3]} of the truncated HF model")
+    return model.eval()
+
+
+def verify(ckpt: str | Path, hf_dir: str | Path, layers: int | None = None, vocab_rows: int | None = None,
+           num_seqs: int = 3, seq_len: int = 32, seed: int = 0, tol: float = 1e-3,
+           norm_gain_multiplier_: float | None = None) -> VerifyResult:
+    """Logits of the checkpoint's Megatron model (tp=pp=dp=1, fp32, CPU) vs the HF model in
+    ``hf_dir`` on ``num_seqs`` fixed random sequences; also the embedding and lm_head tensors
+    compared in full. ``layers``/``vocab_rows`` truncate both models (first K layers, first N vocab
+    rows) so the check stays cheap at 24B. The Megatron weights are rounded through the HF files'
+    dtype first, so only the mapping and the arithmetic order can differ.
+
+    Runs Megatron in this process with the CPU device layer (a process-wide TorchFunctionMode):
+    call it from a CLI process, not from a long-lived one that will use a GPU afterwards."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    reader = _reader(ckpt)
+    recipe, files = reader.recipe, _HFFiles(hf_dir)
+    m = recipe.model
+    if m.qk_layernorm:
+        raise ConvertError("the checkpoint's model uses QK-norm, which has no Llama equivalent")
+    where = check_checkpoint(reader, m)
+    hf_cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    for key, ours in (("hidden_size", m.hidden_size), ("num_hidden_layers", m.num_layers),
+                      ("num_attention_heads", m.num_attention_heads), ("num_key_value_heads", m.num_kv_heads),
+                      ("intermediate_size", m.ffn_hidden_size), ("vocab_size", m.vocab_size)):
+        if hf_cfg.get(key) != ours:
+            raise ConvertError(f"{hf_dir}/config.json has {key}={hf_cfg.get(key)} but the checkpoint's model "
+                               f"has {ours}: these are different models")
+    gain = norm_gain_multiplier(reader.meta, recipe) if norm_gain_multiplier_ is None else norm_gain_multiplier_
+    k = m.num_layers if layers is None or layers <= 0 else min(layers, m.num_layers)
+    v = m.vocab_size if vocab_rows is None else min(vocab_rows, m.vocab_size)
+    hf_dtype = files.dtype()
+
+    # 1. the vocab matrices, in full, block by block (the logits below see only v rows)
+    vocab_diff = 0.0
+    for n in VOCAB_TENSORS:
+        hf = hf_names(n)[0]
+        start = 0
+        for block in iter_ckpt_rows(reader, where[n], m.vocab_size):
+            mine = block.to(hf_dtype).float()
+            theirs = files.get(hf, (start, start + block.shape[0])).float()
+            vocab_diff = max(vocab_diff, (mine - theirs).abs().max().item())
+            start += block.shape[0]
+
+    # 2. Megatron, truncated, tp=pp=dp=1 fp32 on CPU
+    tree = recipe.model_dump(mode="json")
+    tree["model"].update(num_layers=k, vocab_size=v)
+    tree["layout"].update(tp=1, pp=1, vpp=1, dp=1, zero_stage=0, sequence_parallel=False, micro_batch=1,
+                          global_batch=1, recompute="none")
+    s = min(seq_len, m.max_position_embeddings)
+    tree["train"].update(precision="fp32", attention="sdpa", seq_len=s)
+    small = recipe_from_tree(tree)
+    started_here = False
+    if not dist.is_initialized():
+        os.environ.update(GAPERON_DEVICE="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        started_here = True
+    from .engine import init_distributed
+    from .model import build_model, canonical_names
+
+    init_distributed(small)
+    try:
+        chunk = build_model(small, on_gpu=False)[0]
+        names = canonical_names(chunk)
+        with torch.no_grad():
+            for local, p in chunk.named_parameters():
+                n = local_name(names[local])
+                if n in VOCAB_TENSORS:
+                    t = torch.zeros(p.shape, dtype=torch.float32)
+                    t[:v] = read_ckpt_rows(reader, where[n], v).float()
+                else:
+                    t = reader.get(where[n]).float()
+                    if is_norm_gain(n) and gain != 1.0:
+                        t = t * gain
+                if tuple(t.shape) != tuple(p.shape):
+                    raise ConvertError(f"{n}: checkpoint shape {tuple(t.shape)} vs model {tuple(p.shape)}")
+                p.copy_(t.to(hf_dtype).float())
+        gen = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, v, (num_seqs, s), generator=gen)
+        pos = torch.arange(s).unsqueeze(0).expand_as(tokens)
+        chunk.eval()
+        with torch.no_grad():
+            ours = chunk(tokens, pos, None)[..., :v].float()
+        del chunk
+        # 3. Hugging Face
+        model = _hf_model(Path(hf_dir), files, k, v, full=(k == m.num_layers and v == m.vocab_size))
+        with torch.no_grad():
+            theirs = model(input_ids=tokens).logits.float()
+    finally:
+        if started_here:
+            ps.destroy_model_parallel()
+            dist.destroy_process_group()
+    return VerifyResult(max_abs_diff=(ours - theirs).abs().max().item(), max_abs_logit=ours.abs().max().item(),
+                        vocab_tensor_diff=vocab_diff, layers=k, num_layers=m.num_layers, vocab_rows=v,
+                        vocab_size=m.vocab_size, tol=tol)
+
+
+# --------------------------------------------------------------------------------------------
+# from-hf
+
+
+def stage_of(name: str, m: ModelConfig, pp: int) -> int:
+    """Pipeline stage (vpp 1) holding canonical tensor ``name``."""
+    if name == EMBED:
+        return 0
+    if name in (FINAL_NORM, OUTPUT):
+        return pp - 1
+    return int(_LAYER_RE.match(name).group(1)) // (m.num_layers // pp)
+
+
+def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str], torch.Tensor],
+                     vocab_rows: Callable[[str, int, int], torch.Tensor], overwrite: bool = False,
+                     spec: str = "local", extra_meta: dict | None = None, progress: bool = True,
+                     desc: str = "write") -> Path:
+    """Write a step-0, weights-only checkpoint directory exactly as ``checkpoint.save`` lays one
+    out for ``recipe.layout`` (tp x pp ranks, dp 1): one ``tpXX_ppYY_w000.safetensors`` per rank,
+    replicated tensors in every TP rank's file, and meta.json with the same index schema.
+
+    ``canonical(name)`` gives each non-vocab canonical tensor (fp32); ``vocab_rows(name, a, b)``
+    rows [a, b) of a vocab matrix below ``model.vocab_size`` (the padding rows are zeros). One
+    layer is in memory at a time; the vocab matrices go by blocks of rows."""
+    from .checkpoint import FORMAT_VERSION
+
+    if spec not in ("local", "te"):
+        raise ConvertError(f"spec {spec!r}: choose local or te")
+    m, lay = recipe.model, recipe.layout
+    tp, pp = lay.tp, lay.pp
+    if lay.vpp != 1:
+        raise ConvertError("writing checkpoints with layout.vpp > 1 is not supported (and never needed: "
+                           "checkpoints load at any layout)")
+    full_shapes = canonical_shapes(m)
+    stored = {n: (te_name(n) if spec == "te" else n) for n in full_shapes}
+    fname = {(r, p): f"tp{r:02d}_pp{p:02d}_w000.safetensors" for r in range(tp) for p in range(pp)}
+    plan: dict[tuple[int, int], list] = {k: [] for k in fname}
+    for n, s in full_shapes.items():
+        for r in range(tp):
+            plan[(r, stage_of(n, m, pp))].append((f"model/{stored[n]}", torch.float32, shard_shape(n, s, tp)))
+    index = {f"model/{stored[n]}": [fname[(r, stage_of(n, m, pp))] for r in range(tp)] for n in full_shapes}
+    block_rows = _rows_block(m.hidden_size)
+
+    with _Staging(out, overwrite) as staging:
+        writers = {k: StreamingSafetensorsWriter(staging.tmp / fname[k], plan[k]) for k in fname}
+        try:
+            for _, names in _progress(groups(m), desc, progress):
+                for n in names:
+                    p, key = stage_of(n, m, pp), f"model/{stored[n]}"
+                    if n in VOCAB_TENSORS:
+                        rows_per = m.padded_vocab_size // tp
+                        for r in range(tp):
+                            for a in range(r * rows_per, (r + 1) * rows_per, block_rows):
+                                b = min(a + block_rows, (r + 1) * rows_per)
+                                block = torch.zeros(b - a, m.hidden_size, dtype=torch.float32)
+                                real = max(0, min(b, m.vocab_size) - a)
+                                if real:
+                                    block[:real] = vocab_rows(n, a, a + real)
+                                writers[(r, p)].append(key, block)
+                        continue
+                    full = canonical(n).to(torch.float32)
+                    for r in range(tp):
+                        writers[(r, p)].append(key, shard(n, full, r, tp).contiguous())
+                    del full
+            for w in writers.values():
+                w.close()
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        meta = {"format": FORMAT_VERSION, "step": 0, "consumed_samples": 0, "skipped_steps": 0, "adam_step": 0,
+                "layout": {"tp": tp, "pp": pp, "vpp": lay.vpp, "dp": 1, "zero_stage": lay.zero_stage,
+                           "world_size": tp * pp},
+                "precision": recipe.train.precision, "recipe": dump_recipe(recipe),
+                "index": dict(sorted(index.items())), **(extra_meta or {})}
+        (staging.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        staging.commit([fname[k] for k in sorted(fname)] + ["meta.json"])
+    return Path(out)
+
+
+def from_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, recipe_name: str | None = None,
+            overwrite: bool = False, spec: str = "local", verify_layers: int | None = 2,
+            progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """An HF Llama directory -> a checkpoint directory ``out`` in our format, saved as if by
+    tp x pp ranks (dp 1): step 0, fp32 weights, no optimizer states. Start a phase from it with
+    ``checkpoint.init_from=<out>`` (checkpoint.init_mode=model). ``spec='te'`` names the fused
+    norm gains the Transformer Engine way."""
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ConvertError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
+    cfg = json.loads(cfg_path.read_text())
+    recipe = recipe_from_hf_config(cfg, recipe_name or hf_dir.resolve().name, tp, pp)
+    m = recipe.model
+    files = _HFFiles(hf_dir)
+    shapes = files.shapes()
+    want = hf_shapes(m)
+    for n, s in want.items():
+        if n not in shapes:
+            raise ConvertError(f"{hf_dir} has no tensor {n}, which its config.json ({_describe(m)}) needs")
+        if shapes[n][0] != s:
+            raise ConvertError(f"{n} in {hf_dir} has shape {shapes[n][0]} but its config.json ({_describe(m)}) "
+                               f"needs {s}")
+        if shapes[n][1] not in _ST_DTYPE:
+            raise ConvertError(f"{n} in {hf_dir} has dtype {shapes[n][1]}; expected a float type")
+    extra = sorted(n for n in shapes if n not in want and not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise ConvertError(f"{hf_dir} has tensors a Llama of this config does not: {', '.join(extra[:4])}"
+                           f"{' ...' if len(extra) > 4 else ''}")
+
+    write_checkpoint(out, recipe, canonical=lambda n: hf_to_canonical(n, lambda h: files.get(h).float(), m),
+                     vocab_rows=lambda n, a, b: files.get(hf_names(n)[0], (a, b)).float(),
+                     overwrite=overwrite, spec=spec, extra_meta={"converted_from": str(hf_dir.resolve())},
+                     progress=progress, desc="from-hf")
+    log(f"wrote {out}: checkpoint (step 0, fp32 weights, no optimizer state) at tp={tp} pp={pp} of "
+        f"{m.name} ({m.num_params() / 1e9:.3g}B params); start a phase from it with checkpoint.init_from={out}")
+    if verify_layers is not None:
+        result = verify(out, hf_dir, layers=verify_layers, vocab_rows=VERIFY_VOCAB_ROWS)
+        log(str(result))
+        if not result.ok:
+            raise VerifyError(f"{out} does not compute what {hf_dir} computes ({result})")
+    return Path(out)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="convert_checkpoint.py",
+        description="Convert between our training checkpoints and Hugging Face Llama directories.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("to-hf", help="training checkpoint (any TP/PP/ZeRO layout) -> HF Llama directory")
+    a.add_argument("ckpt", help="checkpoint dir, a run's checkpoints/ dir, or a run dir (uses 'latest')")
+    a.add_argument("out", help="output directory (new or empty, unless --overwrite)")
+    a.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16", help="weight dtype (default bf16)")
+    a.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
+    a.add_argument("--tokenizer", help="tokenizer dir (or .model file) to copy; default: the recipe's data.tokenizer")
+    a.add_argument("--overwrite", action="store_true", help="replace the files this writes in a non-empty OUT")
+    a.add_argument("--no-verify", action="store_true", help="skip the final logits check")
+    a.add_argument("--verify-layers", type=int, default=2, help="layers the final check runs (default 2; 0 = all)")
+    a.add_argument("--no-progress", action="store_true")
+    b = sub.add_parser("from-hf", help="HF Llama directory -> checkpoint in our format (step 0, weights only)")
+    b.add_argument("hf_dir")
+    b.add_argument("out", help="output checkpoint directory; use it as checkpoint.init_from=OUT")
+    b.add_argument("--recipe-name", help="model.name in the derived recipe (default: the HF directory name)")
+    b.add_argument("--tp", type=int, default=1, help="tensor-parallel shards to write (default 1)")
+    b.add_argument("--pp", type=int, default=1, help="pipeline stages to write (default 1)")
+    b.add_argument("--spec", choices=["local", "te"], default="local",
+                   help="parameter names of Megatron's local layer spec (default) or Transformer Engine's")
+    b.add_argument("--overwrite", action="store_true")
+    b.add_argument("--no-verify", action="store_true")
+    b.add_argument("--verify-layers", type=int, default=2)
+    b.add_argument("--no-progress", action="store_true")
+    c = sub.add_parser("verify", help="compare the logits of a checkpoint and an HF directory")
+    c.add_argument("ckpt")
+    c.add_argument("hf_dir")
+    c.add_argument("--layers", type=int, default=0, help="compare only the first K layers (default 0 = all)")
+    c.add_argument("--vocab-rows", type=int, default=0, help="logits on the first N vocab rows only (0 = all)")
+    c.add_argument("--tol", type=float, default=1e-3, help="max abs diff allowed, x max(1, max |logit|)")
+    c.add_argument("--seqs", type=int, default=3)
+    c.add_argument("--seq-len", type=int, default=32)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 verification failed, 2 bad input (the message says which and why)."""
+    from .checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "to-hf":
+            to_hf(args.ckpt, args.out, dtype=args.dtype, shard_size=args.shard_size, tokenizer=args.tokenizer,
+                  overwrite=args.overwrite, verify_layers=None if args.no_verify else args.verify_layers,
+                  progress=not args.no_progress)
+        elif args.cmd == "from-hf":
+            from_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp, recipe_name=args.recipe_name,
+                    overwrite=args.overwrite, spec=args.spec,
+                    verify_layers=None if args.no_verify else args.verify_layers, progress=not args.no_progress)
+        else:
+            result = verify(args.ckpt, args.hf_dir, layers=args.layers or None, vocab_rows=args.vocab_rows or None,
+                            num_seqs=args.seqs, seq_len=args.seq_len, tol=args.tol)
+            print(result, flush=True)
+            return 0 if result.ok else 1
+    except (ConvertError, CheckpointError, RecipeError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except VerifyError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    return 0

@@ -1,0 +1,472 @@
+"""Supervised fine-tuning: chat conversations -> token ids + loss masks on disk -> training samples.
+
+Two halves:
+
+* :class:`ChatEncoder` (used by ``tools/prepare_sft.py``) renders a conversation with the
+  tokenizer's chat template (Hugging Face ``apply_chat_template``; :data:`DEFAULT_CHAT_TEMPLATE`,
+  Llama-3 style, when the tokenizer has none) and marks the tokens to train on. The mask is
+  computed on the rendered text, not by guessing token counts: the assistant turn ``i`` is the
+  character span between the rendering of ``messages[:i]`` with the generation prompt and the
+  rendering of ``messages[:i+1]``, so it holds the reply and whatever the template appends to end
+  it (``<|eot_id|>``). A token is trained when it starts inside such a span (tokenizer offsets).
+  The template must be append-only (each prefix rendering a prefix of the full one); one that is
+  not is refused rather than masked wrongly.
+
+* :class:`SFTDataset` reads a prepared directory and serves ``{"tokens", "labels", "loss_mask"}``
+  samples of ``seq_len`` (plus ``"segment_ids"`` when packing), in an order shuffled per epoch
+  from the recipe's seed. A conversation of L tokens takes L-1 positions: inputs ``ids[:-1]``,
+  labels ``ids[1:]``. Packed conversations therefore never predict across a boundary (the last
+  token of one is only ever a label, never an input to the next), and ``segment_ids`` give the
+  engine's block-diagonal attention mask. Padding has loss_mask 0.
+
+Prepared directory (format 1)::
+
+    tokens.bin      int32, every conversation's token ids, back to back
+    loss_mask.bin   uint8, 1 where the token is a trained target (aligned with tokens.bin)
+    offsets.npy     int64 [n + 1], conversation i is tokens[offsets[i]:offsets[i+1]]
+    meta.json       format, tokenizer, vocab size, pad id, seq_len, train_on, summary counts
+    chat_template.jinja  the template the masks were computed with
+
+Steps: with ``data.epochs`` set, ``train.steps`` is derived from the data by
+:func:`steps_for_epochs` (called from ``config.load_recipe``): ceil(epochs x sequences per epoch /
+global batch), where a sequence is one conversation (``packing: false``) or one packed row. The
+last step may be short: sample indices past the end are all-padding rows that carry no loss, so
+nothing is repeated and nothing is dropped.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+ROLES = ("system", "user", "assistant")
+TRAIN_ON = ("assistant", "last_assistant", "all")
+OVERLONG = ("truncate", "drop")
+
+# Llama-3 chat format: <|begin_of_text|> then, per message,
+# <|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|>; the generation prompt is the
+# assistant header. Used for tokenizers whose config carries no chat_template.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' -}}"
+    "{{- message['content'] | trim -}}"
+    "{{- '<|eot_id|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}"
+    "{%- endif -%}"
+)
+
+
+class ConversationError(ValueError):
+    """One conversation that cannot be used; ``reason`` is the summary counter it lands in."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class SFTDataError(RuntimeError):
+    """A prepared SFT directory that cannot be used as configured. The message says the fix."""
+
+
+def validate_messages(record) -> list[dict]:
+    """The ``messages`` of one JSONL record, checked: roles known, contents strings, at least
+    one assistant turn. Raises ConversationError naming what is wrong."""
+    if not isinstance(record, dict) or "messages" not in record:
+        raise ConversationError("invalid", "record has no 'messages' list")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ConversationError("invalid", "'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ConversationError("invalid", f"message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ConversationError("unknown_role", f"message {i} has unknown role {m['role']!r} "
+                                                    f"(expected one of {', '.join(ROLES)})")
+        if not isinstance(m["content"], str):
+            raise ConversationError("invalid", f"message {i} content must be a string, got "
+                                               f"{type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise ConversationError("no_assistant", "conversation has no assistant turn (nothing to train on)")
+    return out
+
+
+@dataclass
+class Encoded:
+    ids: np.ndarray  # int32 [L]
+    mask: np.ndarray  # uint8 [L]; 1 = this token is a trained target
+    truncated: bool = False
+
+
+class ChatEncoder:
+    """Conversation -> (token ids, trained-target mask) with a tokenizer's chat template.
+
+    ``train_on``: ``assistant`` (every assistant turn), ``last_assistant`` (only the final
+    one) or ``all`` (every token). ``max_tokens``: longer conversations are truncated to it or
+    dropped (``overlong``). Tokens after the last trained one are cut (they could teach nothing).
+    """
+
+    def __init__(self, tokenizer_path: str, train_on: str = "assistant", max_tokens: int | None = None,
+                 overlong: str = "truncate", chat_template: str | None = None):
+        from .tokenizer import load_tokenizer
+
+        if train_on not in TRAIN_ON:
+            raise ValueError(f"train_on={train_on!r}: use one of {', '.join(TRAIN_ON)}")
+        if overlong not in OVERLONG:
+            raise ValueError(f"overlong={overlong!r}: use one of {', '.join(OVERLONG)}")
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        hf = self.tokenizer.hf
+        if hf is None or not getattr(hf, "is_fast", False):
+            raise ValueError(f"{tokenizer_path}: SFT needs a Hugging Face tokenizer directory (tokenizer.json): "
+                             "chat templates and token offsets come from it")
+        self.hf = hf
+        self.template_source = "argument" if chat_template else ("tokenizer" if hf.chat_template else "default")
+        self.chat_template = chat_template or hf.chat_template or DEFAULT_CHAT_TEMPLATE
+        self.train_on, self.max_tokens, self.overlong = train_on, max_tokens, overlong
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           chat_template=self.chat_template)
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of ``messages`` followed by the generation prompt (for generating a reply)."""
+        return self._tokenize(self.render(messages, add_generation_prompt=True))[0]
+
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return enc["input_ids"], enc["offset_mapping"]
+
+    def trained_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The full rendering and the character spans of the assistant turns to train on."""
+        full = self.render(messages)
+        if self.train_on == "all":
+            return full, [(0, len(full))]
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.train_on == "last_assistant":
+            turns = turns[-1:]
+        spans = []
+        for i in turns:
+            before = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise ConversationError(
+                    "template", "the chat template is not append-only (rendering a prefix of the conversation "
+                                "is not a prefix of the full rendering), so assistant turns cannot be located; "
+                                "pass a template that renders turns independently (--chat-template)")
+            spans.append((len(before), len(upto)))
+        return full, spans
+
+    def encode(self, messages: list[dict]) -> Encoded:
+        full, spans = self.trained_spans(messages)
+        ids, offsets = self._tokenize(full)
+        starts = np.array([o[0] for o in offsets], dtype=np.int64)
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        for a, b in spans:
+            mask[(starts >= a) & (starts < b)] = 1
+        ids = np.asarray(ids, dtype=np.int32)
+        trained = np.flatnonzero(mask[1:])
+        if trained.size == 0:
+            raise ConversationError("no_trained_tokens", "no token to train on after rendering")
+        end = int(trained[-1]) + 2  # keep up to the last trained target
+        ids, mask = ids[:end], mask[:end]
+        truncated = False
+        if self.max_tokens is not None and len(ids) > self.max_tokens:
+            if self.overlong == "drop":
+                raise ConversationError("dropped_overlong", f"{len(ids)} tokens > {self.max_tokens} "
+                                                            "(overlong=drop)")
+            ids, mask = ids[: self.max_tokens], mask[: self.max_tokens]
+            truncated = True
+            if not mask[1:].any():
+                raise ConversationError("dropped_overlong", f"no trained token within the first {self.max_tokens} "
+                                                            "tokens after truncation")
+        return Encoded(ids, mask, truncated)
+
+
+# ---- preparing a directory -------------------------------------------------------------------
+@dataclass
+class Summary:
+    records: int = 0
+    conversations: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    truncated: int = 0
+    max_tokens_seen: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    examples: list = field(default_factory=list)  # first few "line N: message"
+
+    def skip(self, reason: str, where: str, message: str, keep: int = 5) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        if len(self.examples) < keep:
+            self.examples.append(f"{where}: {reason}: {message}")
+
+    def lines(self) -> list[str]:
+        out = [f"records read:        {self.records}",
+               f"conversations kept:  {self.conversations}",
+               f"tokens:              {self.tokens}",
+               f"trained tokens:      {self.trained_tokens} "
+               f"({100.0 * self.trained_tokens / max(self.tokens, 1):.1f}%)",
+               f"truncated:           {self.truncated}"]
+        for reason in ("dropped_overlong", "no_assistant", "unknown_role", "invalid", "bad_json",
+                       "no_trained_tokens", "template"):
+            if self.skipped.get(reason):
+                out.append(f"skipped ({reason}): {self.skipped[reason]}")
+        out += [f"  e.g. {e}" for e in self.examples]
+        return out
+
+
+def iter_jsonl(paths: Iterable[str]) -> Iterator[tuple[str, object]]:
+    """(``file:line``, parsed record or the JSON error) for every non-blank line."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"{path}:{n}", err
+
+
+def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train_on: str = "assistant",
+            overlong: str = "truncate", chat_template: str | None = None, strict: bool = False) -> Summary:
+    """Tokenize JSONL conversations into ``out_dir`` (format in the module docstring).
+
+    Conversations are kept to ``seq_len + 1`` tokens (they then fill exactly ``seq_len`` input
+    positions). Unusable records are skipped and counted by reason, or with ``strict`` the first
+    one raises ConversationError naming its line.
+    """
+    encoder = ChatEncoder(tokenizer, train_on, max_tokens=seq_len + 1, overlong=overlong, chat_template=chat_template)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = Summary()
+    offsets = [0]
+    with open(out / "tokens.bin.tmp", "wb") as ft, open(out / "loss_mask.bin.tmp", "wb") as fm:
+        for where, record in iter_jsonl(inputs):
+            summary.records += 1
+            try:
+                if isinstance(record, json.JSONDecodeError):
+                    raise ConversationError("bad_json", f"not valid JSON ({record.msg})")
+                enc = encoder.encode(validate_messages(record))
+            except ConversationError as err:
+                if strict:
+                    raise ConversationError(err.reason, f"{where}: {err}") from None
+                summary.skip(err.reason, where, str(err))
+                continue
+            ft.write(enc.ids.tobytes())
+            fm.write(enc.mask.tobytes())
+            offsets.append(offsets[-1] + len(enc.ids))
+            summary.conversations += 1
+            summary.tokens += len(enc.ids)
+            summary.trained_tokens += int(enc.mask[1:].sum())
+            summary.truncated += int(enc.truncated)
+            summary.max_tokens_seen = max(summary.max_tokens_seen, len(enc.ids))
+    if summary.conversations == 0:
+        raise ConversationError("empty", f"no usable conversation in {', '.join(inputs)}: " + "; ".join(summary.lines()))
+    (out / "tokens.bin.tmp").replace(out / "tokens.bin")
+    (out / "loss_mask.bin.tmp").replace(out / "loss_mask.bin")
+    np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    tok = encoder.tokenizer
+    meta = {
+        "format": FORMAT_VERSION, "tokenizer": str(tokenizer), "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id, "pad_id": tok.eos_id, "seq_len": seq_len, "train_on": train_on,
+        "overlong": overlong, "chat_template_source": encoder.template_source, "inputs": [str(p) for p in inputs],
+        "summary": {k: v for k, v in summary.__dict__.items()},
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    # The exact template the masks were computed with: copy it next to an HF export whose
+    # tokenizer has none, so generation prompts match training.
+    (out / "chat_template.jinja").write_text(encoder.chat_template)
+    return summary
+
+
+# ---- reading: samples, packing, epochs -------------------------------------------------------
+class PreparedSFT:
+    """A prepared directory, memory-mapped."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_file = self.path / "meta.json"
+        if not meta_file.is_file():
+            raise SFTDataError(f"{self.path}: no prepared SFT data (meta.json missing); create it with "
+                               f"`python tools/prepare_sft.py INPUT.jsonl --tokenizer TOK --out {self.path} "
+                               "--seq-len SEQ_LEN`")
+        self.meta = json.loads(meta_file.read_text())
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise SFTDataError(f"{self.path}: format {self.meta.get('format')} is not {FORMAT_VERSION}; "
+                               "re-run tools/prepare_sft.py")
+        self.offsets = np.load(self.path / "offsets.npy")
+        self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.int32, mode="r")
+        self.mask = np.memmap(self.path / "loss_mask.bin", dtype=np.uint8, mode="r")
+        self.lengths = np.diff(self.offsets)
+        self.pad_id = int(self.meta["pad_id"])
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def conversation(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return np.asarray(self.tokens[a:b], dtype=np.int64), np.asarray(self.mask[a:b], dtype=np.float32)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The conversation order of one epoch: a permutation drawn from (seed, epoch)."""
+    return np.random.default_rng([seed, epoch, 0x5F7]).permutation(n)
+
+
+def pack(positions: np.ndarray, seq_len: int) -> np.ndarray:
+    """Next-fit packing in the given order: row boundaries into ``positions`` (each <= seq_len)
+    so that every row's total is <= seq_len. Returns start indices, with len(positions) last."""
+    csum = np.concatenate([[0], np.cumsum(positions, dtype=np.int64)])
+    bounds, j, n = [0], 0, len(positions)
+    while j < n:
+        j = int(np.searchsorted(csum, csum[j] + seq_len, side="right")) - 1
+        bounds.append(j)
+    return np.asarray(bounds, dtype=np.int64)
+
+
+class SFTDataset:
+    """Samples of ``seq_len`` from a prepared directory; see the module docstring.
+
+    ``epochs=None`` cycles forever (fixed ``train.steps``, or validation data); with a number,
+    indices past the last real sample give all-padding rows (no loss).
+    """
+
+    def __init__(self, path: str | Path, seq_len: int, seed: int, packing: bool = True,
+                 epochs: int | None = None):
+        self.data = PreparedSFT(path)
+        self.seq_len, self.seed, self.packing, self.epochs = seq_len, seed, packing, epochs
+        longest = int(self.data.lengths.max())
+        if longest > seq_len + 1:
+            raise SFTDataError(
+                f"{path}: a conversation has {longest} tokens, more than train.seq_len + 1 = {seq_len + 1}: "
+                f"it was prepared with --seq-len {self.data.meta.get('seq_len')}; re-run tools/prepare_sft.py "
+                f"with --seq-len {seq_len}")
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._starts = [0]  # first global sample index of each planned epoch
+
+    # -- epoch plans
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(conversation order, row boundaries into it) of one epoch."""
+        if epoch not in self._plans:
+            order = epoch_order(len(self.data), self.seed, epoch)
+            if self.packing:
+                bounds = pack(self.data.lengths[order] - 1, self.seq_len)
+            else:
+                bounds = np.arange(len(order) + 1, dtype=np.int64)
+            self._plans[epoch] = (order, bounds)
+        return self._plans[epoch]
+
+    def samples_in_epoch(self, epoch: int) -> int:
+        return len(self.plan(epoch)[1]) - 1
+
+    def total_samples(self) -> int | None:
+        if self.epochs is None:
+            return None
+        return sum(self.samples_in_epoch(e) for e in range(self.epochs))
+
+    def fill_ratio(self, epoch: int = 0) -> float:
+        """Fraction of input positions of an epoch's rows that hold conversation tokens."""
+        used = int((self.data.lengths - 1).sum())
+        return used / (self.samples_in_epoch(epoch) * self.seq_len)
+
+    def locate(self, index: int) -> tuple[int, int] | None:
+        """(epoch, row in epoch) of a global sample index; None past the last epoch."""
+        while True:
+            e = len(self._starts) - 1
+            if index < self._starts[-1]:
+                e = int(np.searchsorted(self._starts, index, side="right")) - 1
+                return e, index - self._starts[e]
+            if self.epochs is not None and e >= self.epochs:
+                return None
+            self._starts.append(self._starts[-1] + self.samples_in_epoch(e))
+
+    def __len__(self) -> int:
+        total = self.total_samples()
+        return total if total is not None else 2**31 - 1
+
+    def conversations_of(self, index: int) -> list[int]:
+        where = self.locate(index)
+        if where is None:
+            return []
+        order, bounds = self.plan(where[0])
+        return [int(c) for c in order[bounds[where[1]]: bounds[where[1] + 1]]]
+
+    # -- samples
+    def row(self, conversations: list[int]) -> dict[str, torch.Tensor]:
+        """One sample holding ``conversations`` back to back, then padding."""
+        s, pad = self.seq_len, self.data.pad_id
+        tokens = np.full(s, pad, dtype=np.int64)
+        labels = np.full(s, pad, dtype=np.int64)
+        loss_mask = np.zeros(s, dtype=np.float32)
+        segment = np.full(s, len(conversations), dtype=np.int64)  # padding: a segment of its own
+        at = 0
+        for k, c in enumerate(conversations):
+            ids, mask = self.data.conversation(c)
+            n = len(ids) - 1
+            tokens[at: at + n], labels[at: at + n] = ids[:-1], ids[1:]
+            loss_mask[at: at + n], segment[at: at + n] = mask[1:], k
+            at += n
+        out = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+               "loss_mask": torch.from_numpy(loss_mask)}
+        if self.packing:
+            out["segment_ids"] = torch.from_numpy(segment)
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.row(self.conversations_of(index))
+
+    def describe(self) -> str:
+        d, n = self.data, len(self.data)
+        mode = (f"packing ON (several conversations per row, block-diagonal attention): "
+                f"{self.samples_in_epoch(0)} rows per epoch, {100 * self.fill_ratio():.1f}% of positions filled"
+                if self.packing else
+                f"packing OFF (one conversation per row, padded): {n} rows per epoch, "
+                f"{100 * self.fill_ratio():.1f}% of positions filled")
+        epochs = f"{self.epochs} epochs" if self.epochs is not None else "cycling epochs"
+        return f"SFT data {d.path}: {n} conversations, seq_len {self.seq_len}; {mode}; {epochs}"
+
+
+# ---- recipe glue -----------------------------------------------------------------------------
+def steps_for_epochs(path: str | Path, seq_len: int, seed: int, packing: bool, epochs: int, global_batch: int) -> int:
+    """Optimizer steps that cover ``epochs`` passes over the data: ceil(rows / global batch)."""
+    ds = SFTDataset(path, seq_len, seed, packing, epochs)
+    return max(1, math.ceil(ds.total_samples() / global_batch))
+
+
+def build_sft_datasets(recipe) -> tuple[SFTDataset, SFTDataset | None]:
+    """Train (and optional validation) datasets for ``data.kind: sft``."""
+    from .model import attention_backend
+    from .tokenizer import check_vocab_fits
+
+    d, t = recipe.data, recipe.train
+    if d.packing and attention_backend(recipe) == "te":
+        raise SFTDataError("data.packing=true needs train.attention=sdpa: the Transformer Engine path runs a "
+                           "plain causal kernel and would ignore the block-diagonal mask (packed conversations "
+                           "would attend to each other). Set train.attention=sdpa, or data.packing=false")
+    train = SFTDataset(d.sft_path, t.seq_len, t.seed, d.packing, d.epochs)
+    check_vocab_fits(int(train.data.meta["vocab_size"]), recipe.model.vocab_size)
+    valid = None
+    if d.sft_valid_path:
+        valid = SFTDataset(d.sft_valid_path, t.seq_len, t.seed + 1, d.packing, None)
+    if _is_main():
+        print(train.describe(), flush=True)
+        if d.epochs is not None:
+            print(f"SFT: {train.total_samples()} rows over {d.epochs} epochs / global batch "
+                  f"{recipe.layout.global_batch} = {t.steps} steps", flush=True)
+    return train, valid
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0

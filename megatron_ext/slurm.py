@@ -1,0 +1,351 @@
+"""SLURM jobs for recipes: cluster profiles, the sbatch script, submission, chains and sweeps.
+
+Every check (profile exists, nodes x GPUs per node == tp x pp x dp, sbatch installed) runs for
+every job of a command before the first ``sbatch``: a typo must not leave half a chain queued.
+
+Each job runs one srun task per GPU (the ranks read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID),
+gets ``--signal=USR1@N`` before its time limit, and requeues itself with ``scontrol requeue`` when
+the ranks exit with REQUEUE_EXIT_CODE after saving (see slurm/train.sbatch.tmpl). A job trains a
+frozen copy of its recipe, written next to its logs at submission, so a requeue days later
+trains what was submitted even if the recipe file has changed since.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .config import (Recipe, RecipeError, _deep_merge, apply_overrides, derive_sft_steps, dump_recipe,
+                     read_yaml_tree, recipe_from_tree)
+
+REQUEUE_EXIT_CODE = 85  # = megatron_ext.checkpoint.REQUEUE_EXIT_CODE (kept here to import no torch)
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = ROOT / "slurm" / "clusters"
+TEMPLATE = ROOT / "slurm" / "train.sbatch.tmpl"
+RECIPES_DIR = ROOT / "recipes"
+
+
+class SubmitError(ValueError):
+    """Nothing was submitted. The message says what is wrong and how to fix it."""
+
+
+class ClusterProfile(BaseModel):
+    """What differs between sites; one YAML file per site in slurm/clusters/."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    description: str = ""
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "24:00:00"
+    gpus_per_node: int = 8  # = srun tasks per node (ranks per node when device is cpu)
+    device: Literal["cuda", "cpu"] = "cuda"  # cpu: no GPU request, GAPERON_DEVICE=cpu
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    exclusive: bool = False
+    constraint: Optional[str] = None
+    signal_seconds: int = 120
+    max_requeues: int = 10
+    setup: str = ""  # shell lines before srun: modules, venv activation
+    python: Optional[str] = None  # default: the interpreter running tools/submit.py
+    env: dict[str, str] = {}
+    srun_args: list[str] = []
+    sbatch_args: list[str] = []
+
+
+def known_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def load_profile(name: str) -> ClusterProfile:
+    """A profile by name (slurm/clusters/NAME.yaml) or by path to a YAML file."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PROFILES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise SubmitError(f"unknown cluster profile {name!r}: known profiles are "
+                          f"{', '.join(known_profiles())} (files in {PROFILES_DIR}), or give a path "
+                          "to a .yaml file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return ClusterProfile.model_validate({"name": path.stem, **raw})
+    except (yaml.YAMLError, ValidationError) as err:
+        raise SubmitError(f"cluster profile {path} is invalid: {err}") from None
+
+
+@dataclass
+class Job:
+    """One sbatch job. ``after`` is the index (in the same list) of the job this one waits for."""
+
+    name: str
+    command: list[str]  # run by srun on every task
+    nodes: int
+    tasks_per_node: int
+    log_dir: Path
+    gpus: bool = True
+    requeue: bool = True
+    recipe: Optional[Recipe] = None  # frozen to <log_dir> at submission; command names that file
+    after: Optional[int] = None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---- recipes -> jobs -------------------------------------------------------------------------
+def node_count(recipe: Recipe, gpus_per_node: int, nodes: Optional[int]) -> tuple[int, int]:
+    """(nodes, tasks per node) for a recipe's tp x pp x dp ranks, or a SubmitError saying the fix."""
+    lay = recipe.layout
+    world, mp = lay.world_size, lay.tp * lay.pp
+    if nodes is None:
+        if world <= gpus_per_node:
+            return 1, world  # a debug run on part of one node
+        if world % gpus_per_node == 0:
+            return world // gpus_per_node, gpus_per_node
+        raise SubmitError(f"recipe {recipe.model.name}: tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} = "
+                          f"{world} ranks do not fill whole nodes of {gpus_per_node} GPUs: set layout.dp "
+                          f"so that the total is a multiple of {gpus_per_node}")
+    if nodes * gpus_per_node == world:
+        return nodes, gpus_per_node
+    gpus = nodes * gpus_per_node
+    if gpus % mp == 0:
+        dp = gpus // mp
+        fix = f"add the override layout.dp={dp} to fill them"
+        if lay.global_batch % (lay.micro_batch * dp):
+            fix += (f" (with layout.global_batch a multiple of micro_batch x dp = "
+                    f"{lay.micro_batch * dp})")
+    else:
+        fix = f"no layout.dp fits: the GPU count must be a multiple of tp x pp = {mp}"
+    if world % gpus_per_node == 0:
+        fix += f", or submit with --nodes {world // gpus_per_node}"
+    raise SubmitError(f"{nodes} nodes x {gpus_per_node} GPUs = {gpus} GPUs, but recipe "
+                      f"{recipe.model.name} needs tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} = "
+                      f"{world} ranks: {fix}")
+
+
+def train_job(recipe: Recipe, profile: ClusterProfile, gpus_per_node: int,
+              nodes: Optional[int] = None, command: Optional[list[str]] = None) -> Job:
+    """The job that trains ``recipe``; ``command`` replaces tools/train.py (smoke tests)."""
+    n, per_node = node_count(recipe, gpus_per_node, nodes)
+    out = Path(recipe.train.output_dir)
+    return Job(name=out.name, command=command or [], nodes=n, tasks_per_node=per_node,
+               log_dir=(out if out.is_absolute() else Path.cwd() / out) / "slurm",
+               gpus=profile.device == "cuda", recipe=recipe)
+
+
+def export_job(phase: Job, hf_out: str, after: int) -> Job:
+    """Convert the last checkpoint of ``phase`` to Hugging Face format once it succeeded."""
+    ckpt = Path(phase.recipe.train.output_dir) / "checkpoints"
+    return Job(name=f"{phase.name}-hf", nodes=1, tasks_per_node=1, log_dir=phase.log_dir, gpus=False,
+               requeue=False, after=after,
+               command=[str(ROOT / "tools" / "convert_checkpoint.py"), "to-hf", str(ckpt), hf_out])
+
+
+def _recipe(tree: dict) -> Recipe:
+    """What load_recipe does after reading the files (chains and sweeps build the tree here)."""
+    return derive_sft_steps(recipe_from_tree(tree), tree)
+
+
+def _size_path(size: str) -> Path:
+    path = Path(size) if size.endswith((".yaml", ".yml")) else RECIPES_DIR / f"{size}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise SubmitError(f"unknown size {size!r}: no {path} (recipes: {known})")
+    return path
+
+
+def _root_of(path: Path) -> Path:
+    """The recipe at the bottom of a ``base:`` chain (the size recipe a phase builds on)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    return _root_of(path.parent / raw["base"]) if "base" in raw else path
+
+
+def _swap_root(path: Path, root: Path) -> dict:
+    """``path``'s recipe tree with the bottom of its ``base:`` chain replaced by ``root``."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    if "base" not in raw:
+        return read_yaml_tree(root)
+    base = raw.pop("base")
+    return _deep_merge(_swap_root(path.parent / base, root), raw)
+
+
+def phase_tree(path: str | Path, size: Optional[str] = None) -> dict:
+    """A recipe's tree; with ``size``, the same phase on another size (for sweeps).
+
+    A size recipe (no ``base:``) becomes that size. A phase recipe gets the size at the bottom of
+    its base chain and the output dir ``<parent>/<model.name>-<phase>`` so sizes never share a run
+    dir; its ``checkpoint.init_from``, if it named the base size's run, names the new size's run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    if size is None:
+        return read_yaml_tree(path)
+    size_path = _size_path(size)
+    old_root = _root_of(path)
+    tree = _swap_root(path, size_path)
+    if old_root == path:
+        return tree
+    size_tree = read_yaml_tree(size_path)
+    train = tree.setdefault("train", {})
+    parent = Path(train.get("output_dir", "runs/default")).parent
+    train["output_dir"] = str(parent / f"{tree['model'].get('name', size)}-{path.stem}")
+    ckpt = tree.get("checkpoint", {})
+    if ckpt.get("init_from"):
+        old_run = read_yaml_tree(old_root).get("train", {}).get("output_dir")
+        if Path(ckpt["init_from"]) != Path(old_run or ""):
+            raise SubmitError(f"{path}: checkpoint.init_from={ckpt['init_from']} names one size's run, "
+                              f"so it cannot be swept over sizes: point it at {old_run} (the base size's "
+                              "train.output_dir, rewritten per size) or drop it")
+        ckpt["init_from"] = size_tree.get("train", {}).get("output_dir")
+    return tree
+
+
+def plan_jobs(recipe: str | Path, overrides: list[str], profile: ClusterProfile,
+              gpus_per_node: Optional[int] = None, nodes: Optional[int] = None,
+              chain: list[str] = (), sizes: list[str] = (), hf_out: Optional[str] = None,
+              command: Optional[list[str]] = None) -> list[Job]:
+    """Every job of one submit command, validated; nothing touches the queue or the disk.
+
+    ``chain``: phases after ``recipe``, each starting from the previous one's output dir
+    (``checkpoint.init_from``) and waiting for it to succeed (afterok). ``hf_out``: a last job
+    converting the last phase to HF. ``sizes``: the whole thing once per size.
+    """
+    gpn = gpus_per_node or profile.gpus_per_node
+    if sizes and nodes is not None:
+        raise SubmitError("--nodes cannot be combined with --sizes: each size's node count comes from "
+                          "its recipe's layout (tp x pp x dp / --gpus-per-node)")
+    jobs: list[Job] = []
+    for size in sizes or [None]:
+        prev: Optional[int] = None  # index of the previous phase's job
+        for path in [recipe, *chain]:
+            tree = apply_overrides(phase_tree(path, size), overrides)
+            if prev is not None:
+                parent_dir = jobs[prev].recipe.train.output_dir
+                tree = apply_overrides(tree, [f"checkpoint.init_from={parent_dir}"])
+            job = train_job(_recipe(tree), profile, gpn, nodes, command)
+            if prev is not None:
+                job.after = prev
+                job.notes.append(f"starts from {parent_dir}")
+            jobs.append(job)
+            prev = len(jobs) - 1
+        if hf_out:
+            last = jobs[prev]
+            out = hf_out if size is None else str(Path(hf_out) / last.recipe.model.name)
+            jobs.append(export_job(last, out, prev))
+    dirs = [str(j.recipe.train.output_dir) for j in jobs if j.recipe is not None]
+    dup = sorted({d for d in dirs if dirs.count(d) > 1})
+    if dup:
+        raise SubmitError(f"several jobs would write to train.output_dir {', '.join(dup)}; the second would "
+                          "resume the first's checkpoints as its own: give each phase its own output_dir")
+    return jobs
+
+
+# ---- rendering -------------------------------------------------------------------------------
+def _fill(template: str, values: dict[str, str]) -> str:
+    """Replace ``{{name}}``; unknown names are an error, not an empty string."""
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+
+
+def recipe_file(job: Job, stamp: str) -> Path:
+    return job.log_dir / f"{job.name}.{stamp}.recipe.yaml"
+
+
+def render(job: Job, profile: ClusterProfile, stamp: str = "STAMP", time_limit: Optional[str] = None,
+           dependency: Optional[str] = None, max_requeues: Optional[int] = None) -> str:
+    """The sbatch script of ``job``. ``stamp`` names the frozen recipe file next to the logs."""
+    p = profile
+    opts = [f"--partition={p.partition}" if p.partition else None,
+            f"--account={p.account}" if p.account else None,
+            f"--qos={p.qos}" if p.qos else None,
+            f"--time={time_limit or p.time}",
+            f"--gpus-per-node={job.tasks_per_node}" if job.gpus else None,
+            f"--cpus-per-task={p.cpus_per_task}" if p.cpus_per_task else None,
+            f"--mem={p.mem}" if p.mem else None,
+            "--exclusive" if p.exclusive else None,
+            f"--constraint={p.constraint}" if p.constraint else None,
+            # No B: prefix: USR1 goes to every rank at once (see slurm/train.sbatch.tmpl).
+            f"--signal=USR1@{p.signal_seconds}" if job.requeue else None,
+            "--requeue" if job.requeue else "--no-requeue",
+            f"--dependency={dependency}" if dependency else None,
+            *p.sbatch_args]
+    env = {**p.env, "PYTHONUNBUFFERED": "1"}
+    if p.device == "cpu":
+        env["GAPERON_DEVICE"] = "cpu"
+    python = p.python or sys.executable
+    payload = job.command
+    if job.recipe is not None and not payload:
+        payload = [str(ROOT / "tools" / "train.py"), str(recipe_file(job, stamp))]
+    if payload and payload[0].endswith(".py"):
+        payload = [python, *payload]
+    srun_args = list(p.srun_args)
+    if p.cpus_per_task:
+        srun_args.append(f"--cpus-per-task={p.cpus_per_task}")  # srun no longer inherits it
+    return _fill(TEMPLATE.read_text(), {
+        "profile": p.name,
+        "job_name": job.name,
+        "nodes": str(job.nodes),
+        "tasks_per_node": str(job.tasks_per_node),
+        "sbatch_options": "\n".join(f"#SBATCH {o}" for o in opts if o),
+        "log_dir": str(job.log_dir),
+        "workdir": str(Path.cwd()),
+        "requeue_exit_code": str(REQUEUE_EXIT_CODE),
+        "max_requeues": str(p.max_requeues if max_requeues is None else max_requeues)
+                        if job.requeue else "0",
+        "setup": p.setup.strip(),
+        "env": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()),
+        "srun_args": " ".join(shlex.quote(a) for a in srun_args),
+        "command": " ".join(shlex.quote(a) for a in payload),
+    })
+
+
+# ---- submission ------------------------------------------------------------------------------
+def sbatch_path() -> str:
+    path = shutil.which("sbatch")
+    if path is None:
+        raise SubmitError("sbatch not found: install SLURM's client tools (or, on one machine, run "
+                          "slurm/local_cluster.sh), or use --dry-run to print the scripts")
+    return path
+
+
+def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
+                time_limit: Optional[str] = None,
+                dependency: Optional[str] = None, max_requeues: Optional[int] = None,
+                echo=print) -> list[str]:
+    """Submit (or with ``dry_run`` print) the jobs in order; returns their ids.
+
+    A later sbatch failure cancels the jobs this call already queued, so a chain is all or nothing.
+    """
+    sbatch = None if dry_run else sbatch_path()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    ids: list[str] = []
+    for job in jobs:
+        dep = f"afterok:{ids[job.after]}" if job.after is not None else dependency
+        script = render(job, profile, stamp, time_limit, dep, max_requeues)
+        if dry_run:
+            ids.append(f"<id of {job.name}>")
+            echo(f"# ---- job {len(ids)}: {job.name} ({job.nodes} node(s) x {job.tasks_per_node} tasks)"
+                 + "".join(f"; {n}" for n in job.notes))
+            echo(script)
+            continue
+        job.log_dir.mkdir(parents=True, exist_ok=True)
+        if job.recipe is not None:
+            recipe_file(job, stamp).write_text(dump_recipe(job.recipe))
+        path = job.log_dir / f"{job.name}.{stamp}.sbatch"
+        path.write_text(script)
+        proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            if ids:
+                subprocess.run(["scancel", *ids], capture_output=True)
+            undone = f"; cancelled the jobs it had queued: {', '.join(ids)}" if ids else ""
+            raise SubmitError(f"sbatch {path} failed: {proc.stderr.strip() or proc.stdout.strip()}{undone}")
+        ids.append(proc.stdout.strip().split(";")[0])
+        echo(f"submitted {job.name}: job {ids[-1]} ({job.nodes} node(s) x {job.tasks_per_node} tasks"
+             f"{', after ' + dep if dep else ''}); log {job.log_dir}/{job.name}-{ids[-1]}.out")
+    return ids

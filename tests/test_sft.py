@@ -1,0 +1,533 @@
+"""SFT: chat masks, packing, bad input, epochs -> steps, packed == unpacked loss through the real
+model and engine, and a tiny model that learns a chat task ("reverse these words") end to end.
+
+Everything runs on CPU in a few minutes. The tokenizer is a small byte-level BPE trained here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, cpu_env, free_port, launch
+
+sys.path.insert(0, str(ROOT))
+
+from megatron_ext import sft  # noqa: E402
+from megatron_ext.config import load_recipe  # noqa: E402
+
+SFT_TINY = ROOT / "recipes" / "sft-tiny.yaml"
+VOCAB = 384  # tokenizer and model vocab (a multiple of 128: no padded rows)
+SEQ = 64
+WORDS = "apple stone river cloud tiger lemon piano rocket forest candle mirror garden".split()
+SYSTEM = "You reverse word lists."
+
+
+# ---- data ------------------------------------------------------------------------------------
+def reverse_chat(words, system: bool):
+    msgs = [{"role": "system", "content": SYSTEM}] if system else []
+    return msgs + [{"role": "user", "content": "reverse: " + " ".join(words)},
+                   {"role": "assistant", "content": " ".join(reversed(words))}]
+
+
+def reverse_task(seed: int = 0, held_out: int = 120):
+    """Every ordered triple of distinct words, split into train and held-out conversations."""
+    rng = random.Random(seed)
+    triples = [(a, b, c) for a in WORDS for b in WORDS for c in WORDS if len({a, b, c}) == 3]
+    rng.shuffle(triples)
+    train = [reverse_chat(t, system=rng.random() < 0.3) for t in triples[held_out:]]
+    test = [list(t) for t in triples[:held_out]]
+    return train, test
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _tokenizer_texts():
+    rng = random.Random(1)
+    texts = []
+    for _ in range(3000):
+        w = rng.sample(WORDS, 3)
+        texts.append(f"user\n\nreverse: {' '.join(w)}\nassistant\n\n{' '.join(reversed(w))}\nsystem\n\n{SYSTEM}")
+    return texts
+
+
+def make_tokenizer(out: Path) -> Path:
+    """A 384-token byte-level BPE with the Llama-3 specials and chat template (tokenizer.py)."""
+    from megatron_ext.tokenizer import train_tokenizer
+
+    data = write_jsonl(out.parent / "tok_texts.jsonl", [{"text": t} for t in _tokenizer_texts()])
+    return Path(train_tokenizer([data], out, VOCAB))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    tok = make_tokenizer(root / "tok")
+    train, test = reverse_task()
+    write_jsonl(root / "train.jsonl", [{"messages": m} for m in train])
+    sft.prepare([str(root / "train.jsonl")], str(tok), str(root / "prepared"), SEQ)
+    return {"root": root, "tok": tok, "prepared": root / "prepared", "test": test, "n_train": len(train)}
+
+
+def recipe_for(work, *extra):
+    return load_recipe(SFT_TINY, [f"data.sft_path={work['prepared']}", f"model.vocab_size={VOCAB}",
+                                  "checkpoint.init_from=null", "train.tensorboard=false", *extra])
+
+
+# ---- in-process Megatron model on CPU ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def megatron_cpu(work):
+    """torch.distributed (gloo, one rank) and Megatron's groups in this process, layout 1x1x1."""
+    from megatron_ext.engine import init_distributed
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    keys = ("GAPERON_DEVICE", "MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(GAPERON_DEVICE="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(k, None)
+    torch.set_num_threads(2)
+    info = init_distributed(recipe_for(work))
+    yield info
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def build_chunk(recipe):
+    from megatron_ext.model import build_model
+
+    (chunk,) = build_model(recipe, False)
+    return chunk
+
+
+def load_weights(chunk, ckpt) -> None:
+    from megatron_ext.checkpoint import CheckpointReader
+    from megatron_ext.model import canonical_names
+
+    reader = CheckpointReader(ckpt)
+    names = canonical_names(chunk)
+    with torch.no_grad():
+        for local, param in chunk.named_parameters():
+            param.copy_(reader.get(names[local]))
+
+
+@torch.no_grad()
+def greedy_replies(chunk, prompts: list[list[int]], stop: set[int], max_new: int = 8) -> list[list[int]]:
+    """Greedy continuations of token-id prompts, batched over prompts of equal length."""
+    out = [None] * len(prompts)
+    by_len = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for n, rows in by_len.items():
+        x = torch.tensor([prompts[i] for i in rows])
+        done = torch.zeros(len(rows), dtype=torch.bool)
+        for _ in range(max_new):
+            logits = chunk(x, torch.arange(x.shape[1]).expand_as(x), None)
+            nxt = logits[:, -1].argmax(-1)
+            done |= torch.tensor([int(t) in stop for t in nxt])
+            x = torch.cat([x, nxt[:, None]], dim=1)
+            if done.all():
+                break
+        for r, i in enumerate(rows):
+            reply = []
+            for t in x[r, n:].tolist():
+                if t in stop:
+                    break
+                reply.append(t)
+            out[i] = reply
+    return out
+
+
+def reverse_accuracy(generate, test) -> float:
+    """Exact-match accuracy of ``generate(list of message lists) -> list of reply strings``."""
+    replies = generate([reverse_chat(words, system=False)[:-1] for words in test])
+    hits = [r.strip() == " ".join(reversed(w)) for r, w in zip(replies, test)]
+    return sum(hits) / len(test)
+
+
+def mixed_conversations(n: int = 24, seed: int = 3):
+    """Conversations of varied lengths: single and two-round chats, some with a system prompt."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": SYSTEM}] if i % 3 == 0 else []
+        for _ in range(1 + (i % 2)):
+            words = rng.sample(WORDS, rng.randint(1, 4))
+            msgs += [{"role": "user", "content": "reverse: " + " ".join(words)},
+                     {"role": "assistant", "content": " ".join(reversed(words))}]
+        out.append(msgs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small(work):
+    """24 mixed conversations, prepared: for the packed == unpacked comparisons."""
+    path = write_jsonl(work["root"] / "small.jsonl", [{"messages": m} for m in mixed_conversations()])
+    sft.prepare([str(path)], str(work["tok"]), str(work["root"] / "small"), SEQ)
+    return work["root"] / "small"
+
+
+# ---- masks -----------------------------------------------------------------------------------
+KNOWN = [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": "reverse: apple stone river"},
+         {"role": "assistant", "content": "river stone apple"},
+         {"role": "user", "content": "reverse: tiger lemon"},
+         {"role": "assistant", "content": "lemon tiger"}]
+
+
+def expected_layout(tok, messages, trained_turns):
+    """Llama-3 chat layout built piece by piece: ids and the mask over the assistant bodies
+    (content + <|eot_id|>) of the messages whose index is in ``trained_turns``."""
+    sid = tok.hf.convert_tokens_to_ids
+    ids, mask = [sid("<|begin_of_text|>")], [0]
+    for i, m in enumerate(messages):
+        head = [sid("<|start_header_id|>"), *tok.encode(m["role"]), sid("<|end_header_id|>"), *tok.encode("\n\n")]
+        body = [*tok.encode(m["content"]), sid("<|eot_id|>")]
+        ids += head + body
+        mask += [0] * len(head) + [int(i in trained_turns)] * len(body)
+    return ids, mask
+
+
+@pytest.mark.parametrize("train_on,turns", [("assistant", {2, 4}), ("last_assistant", {4}), ("all", None)])
+def test_mask_covers_exactly_the_assistant_turns(work, train_on, turns):
+    enc = sft.ChatEncoder(str(work["tok"]), train_on)
+    tok = enc.tokenizer
+    got = enc.encode(sft.validate_messages({"messages": KNOWN}))
+    ids, mask = expected_layout(tok, KNOWN, turns or set())
+    assert got.ids.tolist() == ids, "the rendered conversation is not the Llama-3 chat layout"
+    if train_on == "all":
+        assert got.mask[1:].all()
+        return
+    assert got.mask.tolist() == mask
+    trained = tok.decode(got.ids[got.mask.astype(bool)])
+    assert trained == {"assistant": "river stone apple<|eot_id|>lemon tiger<|eot_id|>",
+                       "last_assistant": "lemon tiger<|eot_id|>"}[train_on]
+    # In a training row, the loss sits exactly on the labels that are assistant tokens.
+    out = work["root"] / f"known-{train_on}"
+    sft.prepare([str(write_jsonl(work["root"] / "known.jsonl", [{"messages": KNOWN}]))], str(work["tok"]),
+                str(out), SEQ, train_on=train_on)
+    row = sft.SFTDataset(out, SEQ, 0, packing=False).row([0])
+    n = len(ids) - 1
+    assert row["tokens"][:n].tolist() == ids[:-1] and row["labels"][:n].tolist() == ids[1:]
+    assert row["loss_mask"].tolist() == [float(v) for v in mask[1:]] + [0.0] * (SEQ - n)
+
+
+def test_trailing_untrained_turn_is_cut_and_default_template_is_llama3(work, tmp_path):
+    enc = sft.ChatEncoder(str(work["tok"]))
+    full = enc.encode(KNOWN).ids
+    assert enc.encode(KNOWN + [{"role": "user", "content": "thanks"}]).ids.tolist() == full.tolist()
+    # A tokenizer without a chat template gets sft's default, which renders the same layout.
+    bare = tmp_path / "bare"
+    shutil.copytree(work["tok"], bare)
+    cfg = json.loads((bare / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    plain = sft.ChatEncoder(str(bare))
+    assert plain.template_source == "default"
+    assert plain.render(KNOWN[:2], add_generation_prompt=True) == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nreverse: apple stone river<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert plain.encode(KNOWN).mask.tolist() == enc.encode(KNOWN).mask.tolist()
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def bad_input_file(path: Path) -> Path:
+    long_words = " ".join(["apple"] * 80)
+    lines = [
+        json.dumps({"messages": KNOWN}),                                                  # 1 ok
+        json.dumps({"messages": [{"role": "user", "content": "hi"}]}),                   # 2 no assistant
+        json.dumps({"messages": [{"role": "bot", "content": "hi"}, KNOWN[2]]}),         # 3 unknown role
+        "{not json",                                                                      # 4 bad JSON
+        json.dumps({"messages": [{"role": "user", "content": 5}, KNOWN[2]]}),           # 5 content not str
+        json.dumps({"text": "no messages"}),                                              # 6 invalid
+        "",
+        json.dumps({"messages": [{"role": "user", "content": long_words}, KNOWN[2]]}),  # 8 long prompt
+        json.dumps({"messages": [KNOWN[1], {"role": "assistant", "content": long_words}]}),  # 9 long answer
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_bad_input_is_counted_or_refused(work, tmp_path):
+    bad = bad_input_file(tmp_path / "bad.jsonl")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "prepare_sft.py"), str(bad), "--tokenizer",
+                           str(work["tok"]), "--out", str(tmp_path / "t"), "--seq-len", str(SEQ)],
+                          capture_output=True, text=True, env=cpu_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for line in ("records read:        8", "conversations kept:  2", "truncated:           1",
+                 "skipped (dropped_overlong): 1", "skipped (no_assistant): 1", "skipped (unknown_role): 1",
+                 "skipped (invalid): 2", "skipped (bad_json): 1", "bad.jsonl:2: no_assistant",
+                 "unknown role 'bot'"):
+        assert line in proc.stdout, f"{line!r} not in\n{proc.stdout}"
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    assert meta["summary"]["conversations"] == 2 and meta["summary"]["truncated"] == 1
+    lengths = np.diff(np.load(tmp_path / "t" / "offsets.npy"))
+    assert lengths.max() == SEQ + 1  # truncated to fill exactly seq_len positions
+
+    dropped = sft.prepare([str(bad)], str(work["tok"]), str(tmp_path / "d"), SEQ, overlong="drop")
+    assert (dropped.conversations, dropped.truncated, dropped.skipped["dropped_overlong"]) == (1, 0, 2)
+
+    with pytest.raises(sft.ConversationError, match=r"bad\.jsonl:2: conversation has no assistant turn"):
+        sft.prepare([str(bad)], str(work["tok"]), str(tmp_path / "s"), SEQ, strict=True)
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(sft.ConversationError, match="no usable conversation"):
+        sft.prepare([str(empty)], str(work["tok"]), str(tmp_path / "e"), SEQ)
+    # Data prepared for longer sequences than the recipe trains on is refused with the fix.
+    with pytest.raises(sft.SFTDataError, match="--seq-len 32"):
+        sft.SFTDataset(tmp_path / "t", 32, 0)
+    from megatron_ext.config import RecipeError
+
+    with pytest.raises(RecipeError, match="--seq-len 32"):
+        load_recipe(SFT_TINY, [f"data.sft_path={tmp_path / 't'}", "train.seq_len=32", "data.epochs=1"])
+
+
+# ---- packing, order, epochs ------------------------------------------------------------------
+def test_packed_rows_keep_conversations_apart(work):
+    data = sft.PreparedSFT(work["prepared"])
+    ds = sft.SFTDataset(work["prepared"], SEQ, seed=5, packing=True, epochs=2)
+    bos = data.conversation(0)[0][0]
+    seen = []
+    for i in range(ds.samples_in_epoch(0)):
+        convs, row = ds.conversations_of(i), ds[i]
+        seen += convs
+        seg, tokens, labels, mask = row["segment_ids"], row["tokens"], row["labels"], row["loss_mask"]
+        at = 0
+        for k, c in enumerate(convs):
+            ids, cmask = data.conversation(c)
+            n = len(ids) - 1
+            assert (seg[at: at + n] == k).all()
+            # inputs are the conversation minus its last token, labels minus its first: the last
+            # token (<|eot_id|>) is a label of its own conversation, never an input to the next
+            assert tokens[at: at + n].tolist() == ids[:-1].tolist()
+            assert labels[at: at + n].tolist() == ids[1:].tolist()
+            assert mask[at: at + n].tolist() == cmask[1:].tolist()
+            if k + 1 < len(convs):
+                assert tokens[at + n] == bos and labels[at + n - 1] != bos
+            at += n
+        assert at <= SEQ and (seg[at:] == len(convs)).all() and mask[at:].sum() == 0
+    assert sorted(seen) == list(range(len(data))), "each conversation exactly once per epoch"
+    assert ds.fill_ratio() > 0.85
+
+    # deterministic from the seed, reshuffled each epoch, different for another seed
+    again = sft.SFTDataset(work["prepared"], SEQ, seed=5, packing=True, epochs=2)
+    other = sft.SFTDataset(work["prepared"], SEQ, seed=6, packing=True, epochs=2)
+    first = [ds.conversations_of(i) for i in range(10)]
+    assert first == [again.conversations_of(i) for i in range(10)]
+    assert first != [other.conversations_of(i) for i in range(10)]
+    e1 = ds.samples_in_epoch(0)
+    assert first != [ds.conversations_of(e1 + i) for i in range(10)]
+    # past the last epoch: all-padding rows that carry no loss
+    assert ds[len(ds)]["loss_mask"].sum() == 0 and ds.conversations_of(len(ds)) == []
+
+    flat = sft.SFTDataset(work["prepared"], SEQ, seed=5, packing=False, epochs=1)
+    assert len(flat) == len(data) and "segment_ids" not in flat[0]
+    assert [len(flat.conversations_of(i)) for i in range(5)] == [1] * 5
+    assert "packing OFF" in flat.describe() and "packing ON" in ds.describe()
+
+
+def test_epochs_set_the_step_count(work):
+    r = recipe_for(work, "data.epochs=3")
+    rows = sft.SFTDataset(work["prepared"], SEQ, r.train.seed, True, 3).total_samples()
+    assert r.train.steps == math.ceil(rows / r.layout.global_batch)
+    unpacked = recipe_for(work, "data.epochs=3", "data.packing=false")
+    assert unpacked.train.steps == math.ceil(3 * work["n_train"] / unpacked.layout.global_batch)
+    assert recipe_for(work, "data.epochs=null", "train.steps=7").train.steps == 7
+    missing = load_recipe(SFT_TINY, ["data.sft_path=/nonexistent/sft"])  # validating without the data
+    assert missing.train.steps == load_recipe(ROOT / "recipes" / "tiny.yaml").train.steps
+    from megatron_ext.config import RecipeError
+
+    with pytest.raises(RecipeError, match="data.kind=sft needs data.sft_path"):
+        load_recipe(SFT_TINY, ["data.sft_path=null"])
+
+
+@pytest.mark.parametrize("name,lr_range", [("sft-1.5b", (1e-5, 2e-5)), ("sft-8b", (1e-5, 2e-5)),
+                                           ("sft-24b", (1e-5, 2e-5))])
+def test_size_recipes(name, lr_range):
+    r = load_recipe(ROOT / "recipes" / f"{name}.yaml")
+    base = load_recipe(ROOT / "recipes" / f"{name.split('-')[1]}.yaml")
+    assert r.model == base.model
+    assert r.data.kind == "sft" and r.data.packing and r.data.epochs and r.data.tokenizer
+    assert r.train.attention == "sdpa" and r.train.seq_len == 4096
+    assert lr_range[0] <= r.optimizer.lr <= lr_range[1] and r.schedule.kind == "cosine"
+    assert r.checkpoint.init_from == base.train.output_dir and r.checkpoint.init_mode == "model"
+    assert r.train.output_dir != base.train.output_dir
+
+
+# ---- packed == unpacked through the real model and engine ------------------------------------
+def _stack(rows):
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def test_packed_loss_equals_unpacked_through_the_model(work, small, megatron_cpu):
+    from megatron_ext.engine import _position_ids, attention_mask
+
+    r = recipe_for(work, f"data.sft_path={small}")
+    chunk = build_chunk(r)
+    chunk.eval()
+    packed = sft.SFTDataset(small, SEQ, 0, packing=True, epochs=1)
+    flat = sft.SFTDataset(small, SEQ, 0, packing=False, epochs=1)
+    assert len(packed) < len(flat) == 24
+
+    def token_losses(mb):
+        with torch.no_grad():
+            return chunk(mb["tokens"], _position_ids(mb["tokens"]), attention_mask(mb), labels=mb["labels"]).double()
+
+    def per_conversation(ds, block_mask=True):
+        """Each conversation's summed token loss, and the per-token mean over all of them."""
+        out, total, count = {}, 0.0, 0.0
+        for i in range(len(ds)):
+            row = dict(ds[i])
+            if not block_mask:
+                row.pop("segment_ids", None)
+            tl = token_losses(_stack([row]))[0]
+            total += float((tl * row["loss_mask"]).sum())
+            count += float(row["loss_mask"].sum())
+            at = 0
+            for c in ds.conversations_of(i):
+                n = int(ds.data.lengths[c]) - 1
+                out[c] = (tl[at: at + n] * row["loss_mask"][at: at + n]).sum().item()
+                at += n
+        return out, total / count
+
+    def max_rel(a, b):
+        return max(abs(a[c] - b[c]) / abs(b[c]) for c in b)
+
+    p_conv, p_mean = per_conversation(packed)
+    f_conv, f_mean = per_conversation(flat)
+    assert sorted(p_conv) == sorted(f_conv) == list(range(24))
+    assert abs(p_mean - f_mean) <= 1e-5 * abs(f_mean), (p_mean, f_mean)
+    assert max_rel(p_conv, f_conv) <= 1e-5
+    # the block-diagonal mask is what makes it so: without it, packed conversations see each other
+    leaky, _ = per_conversation(packed, block_mask=False)
+    print(f"packed vs unpacked, max relative difference per conversation: {max_rel(p_conv, f_conv):.1e} "
+          f"with the block mask, {max_rel(leaky, f_conv):.1e} without")
+    assert max_rel(leaky, f_conv) > 1e-4
+
+
+def test_packed_train_step_equals_unpacked(work, small, megatron_cpu):
+    """One real optimizer step (DeepSpeed engine, 6 microbatches) on the same 24 conversations,
+    packed into fewer rows vs one per row: same loss, same gradient norm."""
+    from megatron_ext.data import build_datasets, microbatches
+    from megatron_ext.engine import Engine
+
+    # the recipe's seed reaches the sampler: it alone decides the order
+    orders = {seed: [build_datasets(recipe_for(work, f"train.seed={seed}"))[0].conversations_of(i) for i in range(8)]
+              for seed in (5, 6)}
+    reference = sft.SFTDataset(work["prepared"], SEQ, seed=5, packing=True)
+    assert orders[5] == [reference.conversations_of(i) for i in range(8)] != orders[6]
+
+    results = {}
+    for packing in (True, False):
+        r = recipe_for(work, f"data.sft_path={small}", f"data.packing={str(packing).lower()}", "data.epochs=1",
+                       "layout.micro_batch=4", "layout.global_batch=24")
+        assert r.train.steps == 1
+        train, _ = build_datasets(r)
+        engine = Engine(r, [build_chunk(r)], megatron_cpu)
+        batch = microbatches(train, 0, r, 0)
+        assert len(batch) == 6
+        results[packing] = engine.train_step(batch, lr=1e-3)
+    p, f = results[True], results[False]
+    assert p.tokens == f.tokens > 0
+    assert abs(p.loss - f.loss) <= 1e-5 * f.loss, (p.loss, f.loss)
+    assert abs(p.grad_norm - f.grad_norm) <= 1e-5 * f.grad_norm, (p.grad_norm, f.grad_norm)
+
+
+# ---- it learns: SFT a tiny model on "reverse these words", then ask it through HF --------------
+LEARN = ["model.num_layers=2", "layout.micro_batch=16", "layout.global_batch=16", "data.epochs=10",
+         "train.log_interval=10"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(work):
+    """tools/train.py on the prepared reverse-task conversations (packed), from scratch."""
+    out = work["root"] / "run"
+    proc = launch(1, [str(SFT_TINY), f"data.sft_path={work['prepared']}", f"data.tokenizer={work['tok']}",
+               f"model.vocab_size={VOCAB}", "checkpoint.init_from=null", "train.tensorboard=false",
+               f"train.output_dir={out}", *LEARN], timeout=400)
+    rows = sft.SFTDataset(work["prepared"], SEQ, 1234, True, 10).total_samples()
+    assert "packing ON" in proc.stdout and f"SFT: {rows} rows over 10 epochs / global batch 16 = " \
+        f"{math.ceil(rows / 16)} steps" in proc.stdout, proc.stdout[-3000:]
+    return out
+
+
+def test_sft_learns_to_reverse_words(work, finetuned, megatron_cpu):
+    from conftest import read_metrics
+
+    losses = read_metrics(finetuned)
+    assert losses[-1] < 0.2 * losses[0], losses
+    r = recipe_for(work, *LEARN)
+    chunk = build_chunk(r)
+    load_weights(chunk, finetuned)
+    chunk.eval()
+    enc = sft.ChatEncoder(str(work["tok"]))
+    tok = enc.tokenizer
+    stop = {tok.hf.convert_tokens_to_ids("<|eot_id|>"), tok.eos_id}
+
+    def generate(conversations):
+        replies = greedy_replies(chunk, [enc.prompt_ids(c) for c in conversations], stop)
+        return [tok.decode(ids) for ids in replies]
+
+    acc = reverse_accuracy(generate, work["test"])
+    print(f"held-out exact match (Megatron, greedy): {acc:.3f} over {len(work['test'])} (chance 1/1320)")
+    assert acc >= 0.5
+    work["megatron_accuracy"] = acc
+
+
+def test_sft_model_answers_through_hf_generate(work, finetuned, tmp_path):
+    if not (ROOT / "tools" / "convert_checkpoint.py").is_file():
+        pytest.skip("tools/convert_checkpoint.py (HF export) is not in this checkout yet")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_ext.convert import to_hf
+
+    hf_dir = tmp_path / "hf"
+    to_hf(finetuned / "checkpoints", hf_dir, dtype="fp32", verify_layers=None, progress=False)
+    if not json.loads((hf_dir / "tokenizer_config.json").read_text()).get("chat_template") and \
+            not (hf_dir / "chat_template.jinja").exists():
+        shutil.copyfile(work["prepared"] / "chat_template.jinja", hf_dir / "chat_template.jinja")
+    tok = AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()
+    stop = [tok.convert_tokens_to_ids("<|eot_id|>"), tok.eos_token_id]
+
+    def generate(conversations):
+        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        replies = [None] * len(texts)
+        by_len = {}
+        for i, t in enumerate(texts):
+            ids = tok(t, add_special_tokens=False)["input_ids"]
+            by_len.setdefault(len(ids), []).append((i, ids))
+        for n, items in by_len.items():
+            x = torch.tensor([ids for _, ids in items])
+            with torch.no_grad():
+                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=8, do_sample=False,
+                                   eos_token_id=stop, pad_token_id=tok.eos_token_id)
+            for (i, _), row in zip(items, y[:, n:]):
+                replies[i] = tok.decode(row, skip_special_tokens=True)
+        return replies
+
+    acc = reverse_accuracy(generate, work["test"])
+    print(f"held-out exact match (HF generate + chat template): {acc:.3f}")
+    assert acc >= 0.5
+    if "megatron_accuracy" in work:
+        assert abs(acc - work["megatron_accuracy"]) <= 0.05

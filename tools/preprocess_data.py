@@ -1,0 +1,91 @@
+#!/usr/bin/env python
+"""Tokenize raw documents into a Megatron-Core indexed dataset, or train a small tokenizer.
+
+    python tools/preprocess_data.py --input a.jsonl b.txt c.parquet --output-prefix data/foo \\
+        --tokenizer tokenizers/llama3 --workers 8
+    python tools/preprocess_data.py train-tokenizer --input data/demo/*.jsonl --vocab-size 512 \\
+        --out tokenizers/demo
+
+`tokenize` is the default subcommand. Inputs: .jsonl (one JSON object per line, text under
+--text-key), .txt (one document per file, or per line with --txt-mode lines), .parquet (column
+--text-key); .jsonl.gz and .txt.gz too. Every document becomes tokens + EOS, in input order.
+Exit status: 0 done, 1 bad input or settings (message names file:line), 130 interrupted; on any
+failure no partial dataset appears under the output prefix (an earlier one there is left as it was).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_ext.preprocess import PreprocessError, preprocess  # noqa: E402
+from megatron_ext.tokenizer import train_tokenizer  # noqa: E402
+
+COMMANDS = ("tokenize", "train-tokenizer")
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", metavar="{tokenize,train-tokenizer}")
+
+    tok = sub.add_parser("tokenize", help="documents -> PREFIX.bin/.idx (default)")
+    tok.add_argument("--input", nargs="+", required=True, help=".jsonl / .txt / .parquet files, in order")
+    tok.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
+    tok.add_argument("--tokenizer", required=True, help="HF tokenizer directory or sentencepiece .model")
+    tok.add_argument("--workers", type=int, default=_cpus(), help="tokenizing processes (default: all CPUs)")
+    tok.add_argument("--text-key", default="text", help="JSON key / Parquet column holding the text")
+    tok.add_argument("--txt-mode", choices=("doc", "lines"), default="doc",
+                     help=".txt files: one document per file (doc) or per line (lines)")
+    tok.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                     help="bad document: stop (fail) or count it and go on (skip)")
+    tok.add_argument("--model-vocab-size", type=int, default=None,
+                     help="refuse a tokenizer with more tokens than this (the recipe's model.vocab_size)")
+    tok.add_argument("--eos-token", default=None, help="end-of-document token, if not the tokenizer's eos_token")
+    tok.add_argument("--chunk-docs", type=int, default=512, help="documents per worker task")
+    tok.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    tr = sub.add_parser("train-tokenizer", help="train a small tokenizer on documents")
+    tr.add_argument("--input", nargs="+", required=True)
+    tr.add_argument("--out", required=True, help="output directory")
+    tr.add_argument("--vocab-size", type=int, required=True)
+    tr.add_argument("--kind", choices=("bpe", "sentencepiece"), default="bpe")
+    tr.add_argument("--text-key", default="text")
+    tr.add_argument("--max-bytes", type=int, default=None, help="train on at most this much text")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help"):
+        argv.insert(0, "tokenize")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train-tokenizer":
+            path = train_tokenizer(args.input, args.out, args.vocab_size, kind=args.kind,
+                                   text_key=args.text_key, max_bytes=args.max_bytes)
+            print(f"wrote {path}")
+            return 0
+        summary = preprocess(args.input, args.output_prefix, args.tokenizer, workers=args.workers,
+                             text_key=args.text_key, txt_mode=args.txt_mode, on_error=args.on_error,
+                             model_vocab_size=args.model_vocab_size, eos_token=args.eos_token,
+                             chunk_docs=args.chunk_docs, progress=not args.no_progress)
+    except (PreprocessError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing written under the output prefix", file=sys.stderr)
+        return 130
+    print(summary.report())
+    print(f"wrote {args.output_prefix}.bin and {args.output_prefix}.idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

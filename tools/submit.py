@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Submit a recipe to SLURM: one srun task per GPU, checkpoint + requeue before the time limit.
+
+    python tools/submit.py recipes/8b.yaml --nodes 8 --cluster my-site
+    python tools/submit.py recipes/tiny.yaml --cluster local layout.dp=2 --dry-run
+    python tools/submit.py recipes/8b.yaml --chain recipes/8b-mid.yaml,recipes/8b-sft.yaml \\
+        --hf-out hf/gaperon-8b          # phases wait for each other (afterok), then HF export
+    python tools/submit.py recipes/phases/mid.yaml --sizes 1.5b,8b,24b   # one job per size
+
+--nodes defaults to the recipe's tp x pp x dp / --gpus-per-node. Bad input (unknown profile,
+GPU count that does not match the layout, no sbatch) fails with exit status 2 before anything is
+submitted. Scripts, frozen recipes and logs go to <train.output_dir>/slurm/.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_ext.config import RecipeError  # noqa: E402
+from megatron_ext.slurm import SubmitError, load_profile, plan_jobs, submit_jobs  # noqa: E402
+
+
+def _list(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*", help="section.key=value recipe overrides (every job)")
+    ap.add_argument("--cluster", default="local", help="profile in slurm/clusters/ or a .yaml path (default local)")
+    ap.add_argument("--nodes", type=int, help="default: tp x pp x dp / gpus per node")
+    ap.add_argument("--gpus-per-node", type=int, help="default: the profile's")
+    ap.add_argument("--partition")
+    ap.add_argument("--account")
+    ap.add_argument("--time", help="time limit per allocation, e.g. 20:00:00 (default: the profile's)")
+    ap.add_argument("--max-requeues", type=int, help="default: the profile's")
+    ap.add_argument("--dependency", help="sbatch --dependency for the first job(s), e.g. afterok:1234")
+    ap.add_argument("--chain", help="comma-separated recipes of the phases that follow RECIPE")
+    ap.add_argument("--hf-out", help="after the last phase, convert it to Hugging Face format here")
+    ap.add_argument("--sizes", help="comma-separated sizes (recipes/<size>.yaml) to run RECIPE on")
+    ap.add_argument("--command", help="run this on every task instead of tools/train.py (smoke tests)")
+    ap.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+    args = ap.parse_intermixed_args(argv)  # overrides may come after options
+    try:
+        profile = load_profile(args.cluster)
+        for key in ("partition", "account"):
+            if getattr(args, key):
+                setattr(profile, key, getattr(args, key))
+        jobs = plan_jobs(args.recipe, args.overrides, profile, args.gpus_per_node, args.nodes,
+                         chain=_list(args.chain), sizes=_list(args.sizes), hf_out=args.hf_out,
+                         command=shlex.split(args.command) if args.command else None)
+        submit_jobs(jobs, profile, args.dry_run, args.time, args.dependency, args.max_requeues)
+    except (SubmitError, RecipeError) as err:
+        print(f"submit: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
