@@ -224,56 +224,95 @@ class Summary:
         return out
 
 
-def iter_jsonl(paths: Iterable[str]) -> Iterator[tuple[str, object]]:
-    """(``file:line``, parsed record or the JSON error) for every non-blank line."""
+def iter_jsonl(paths: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(``file:line``, line text) for every non-blank line."""
     for path in paths:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield f"{path}:{n}", err
+                if line.strip():
+                    yield f"{path}:{n}", line
+
+
+def _encode_line(encoder: ChatEncoder, item: tuple[str, str]):
+    """(where, Encoded or None, (reason, message) or None) for one JSONL line."""
+    where, line = item
+    try:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConversationError("bad_json", f"not valid JSON ({err.msg})") from None
+        return where, encoder.encode(validate_messages(record)), None
+    except ConversationError as err:
+        return where, None, (err.reason, str(err))
+
+
+_WORKER: ChatEncoder | None = None
+
+
+def _worker_init(kwargs: dict) -> None:
+    global _WORKER
+    _WORKER = ChatEncoder(**kwargs)
+
+
+def _worker_encode(item):
+    return _encode_line(_WORKER, item)
 
 
 def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train_on: str = "assistant",
-            overlong: str = "truncate", chat_template: str | None = None, strict: bool = False) -> Summary:
+            overlong: str = "truncate", chat_template: str | None = None, strict: bool = False,
+            workers: int = 1) -> Summary:
     """Tokenize JSONL conversations into ``out_dir`` (format in the module docstring).
 
     Conversations are kept to ``seq_len + 1`` tokens (they then fill exactly ``seq_len`` input
     positions). Unusable records are skipped and counted by reason, or with ``strict`` the first
-    one raises ConversationError naming its line.
+    one raises ConversationError naming its line. ``workers`` > 1 encodes in that many processes;
+    the output is identical (records keep their input order).
     """
-    encoder = ChatEncoder(tokenizer, train_on, max_tokens=seq_len + 1, overlong=overlong, chat_template=chat_template)
+    kwargs = dict(tokenizer_path=str(tokenizer), train_on=train_on, max_tokens=seq_len + 1, overlong=overlong,
+                  chat_template=chat_template)
+    encoder = ChatEncoder(**kwargs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = Summary()
     offsets = [0]
-    with open(out / "tokens.bin.tmp", "wb") as ft, open(out / "loss_mask.bin.tmp", "wb") as fm:
-        for where, record in iter_jsonl(inputs):
-            summary.records += 1
-            try:
-                if isinstance(record, json.JSONDecodeError):
-                    raise ConversationError("bad_json", f"not valid JSON ({record.msg})")
-                enc = encoder.encode(validate_messages(record))
-            except ConversationError as err:
-                if strict:
-                    raise ConversationError(err.reason, f"{where}: {err}") from None
-                summary.skip(err.reason, where, str(err))
-                continue
-            ft.write(enc.ids.tobytes())
-            fm.write(enc.mask.tobytes())
-            offsets.append(offsets[-1] + len(enc.ids))
-            summary.conversations += 1
-            summary.tokens += len(enc.ids)
-            summary.trained_tokens += int(enc.mask[1:].sum())
-            summary.truncated += int(enc.truncated)
-            summary.max_tokens_seen = max(summary.max_tokens_seen, len(enc.ids))
-    if summary.conversations == 0:
-        raise ConversationError("empty", f"no usable conversation in {', '.join(inputs)}: " + "; ".join(summary.lines()))
-    (out / "tokens.bin.tmp").replace(out / "tokens.bin")
-    (out / "loss_mask.bin.tmp").replace(out / "loss_mask.bin")
+    tmp = [out / "tokens.bin.tmp", out / "loss_mask.bin.tmp"]
+    pool = None
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+
+            pool = mp.get_context("spawn").Pool(workers, initializer=_worker_init, initargs=(kwargs,))
+            results = pool.imap(_worker_encode, iter_jsonl(inputs), chunksize=64)
+        else:
+            results = (_encode_line(encoder, item) for item in iter_jsonl(inputs))
+        with open(tmp[0], "wb") as ft, open(tmp[1], "wb") as fm:
+            for where, enc, problem in results:
+                summary.records += 1
+                if problem is not None:
+                    if strict:
+                        raise ConversationError(problem[0], f"{where}: {problem[1]}")
+                    summary.skip(problem[0], where, problem[1])
+                    continue
+                ft.write(enc.ids.tobytes())
+                fm.write(enc.mask.tobytes())
+                offsets.append(offsets[-1] + len(enc.ids))
+                summary.conversations += 1
+                summary.tokens += len(enc.ids)
+                summary.trained_tokens += int(enc.mask[1:].sum())
+                summary.truncated += int(enc.truncated)
+                summary.max_tokens_seen = max(summary.max_tokens_seen, len(enc.ids))
+        if summary.conversations == 0:
+            raise ConversationError("empty", f"no usable conversation in {', '.join(map(str, inputs))}: "
+                                             + "; ".join(summary.lines()))
+    except BaseException:
+        for t in tmp:
+            t.unlink(missing_ok=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    tmp[0].replace(out / "tokens.bin")
+    tmp[1].replace(out / "loss_mask.bin")
     np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
     tok = encoder.tokenizer
     meta = {
@@ -363,6 +402,8 @@ class SFTDataset:
                 bounds = pack(self.data.lengths[order] - 1, self.seq_len)
             else:
                 bounds = np.arange(len(order) + 1, dtype=np.int64)
+            if len(self._plans) >= 4:  # keep a few epochs' plans (a plan is ~16 bytes per conversation)
+                self._plans.pop(next(iter(self._plans)))
             self._plans[epoch] = (order, bounds)
         return self._plans[epoch]
 

@@ -272,7 +272,7 @@ def bad_input_file(path: Path) -> Path:
 def test_bad_input_is_counted_or_refused(work, tmp_path):
     bad = bad_input_file(tmp_path / "bad.jsonl")
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "prepare_sft.py"), str(bad), "--tokenizer",
-                           str(work["tok"]), "--out", str(tmp_path / "t"), "--seq-len", str(SEQ)],
+                           str(work["tok"]), "--out", str(tmp_path / "t"), "--seq-len", str(SEQ), "--workers", "2"],
                           capture_output=True, text=True, env=cpu_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     for line in ("records read:        8", "conversations kept:  2", "truncated:           1",
@@ -284,12 +284,17 @@ def test_bad_input_is_counted_or_refused(work, tmp_path):
     assert meta["summary"]["conversations"] == 2 and meta["summary"]["truncated"] == 1
     lengths = np.diff(np.load(tmp_path / "t" / "offsets.npy"))
     assert lengths.max() == SEQ + 1  # truncated to fill exactly seq_len positions
+    serial = sft.prepare([str(bad)], str(work["tok"]), str(tmp_path / "serial"), SEQ)  # 2 workers == 1
+    assert serial.skipped == meta["summary"]["skipped"]
+    for f in ("tokens.bin", "loss_mask.bin", "offsets.npy"):
+        assert (tmp_path / "t" / f).read_bytes() == (tmp_path / "serial" / f).read_bytes(), f
 
     dropped = sft.prepare([str(bad)], str(work["tok"]), str(tmp_path / "d"), SEQ, overlong="drop")
     assert (dropped.conversations, dropped.truncated, dropped.skipped["dropped_overlong"]) == (1, 0, 2)
 
     with pytest.raises(sft.ConversationError, match=r"bad\.jsonl:2: conversation has no assistant turn"):
         sft.prepare([str(bad)], str(work["tok"]), str(tmp_path / "s"), SEQ, strict=True)
+    assert not list((tmp_path / "s").iterdir()), "a failed prepare leaves no partial files"
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(sft.ConversationError, match="no usable conversation"):
         sft.prepare([str(empty)], str(work["tok"]), str(tmp_path / "e"), SEQ)
@@ -448,6 +453,8 @@ def test_packed_train_step_equals_unpacked(work, small, megatron_cpu):
         assert len(batch) == 6
         results[packing] = engine.train_step(batch, lr=1e-3)
     p, f = results[True], results[False]
+    print(f"one train step, packed vs unpacked: loss {p.loss:.8f} vs {f.loss:.8f}, "
+          f"grad norm {p.grad_norm:.8f} vs {f.grad_norm:.8f}, {p.tokens} trained tokens")
     assert p.tokens == f.tokens > 0
     assert abs(p.loss - f.loss) <= 1e-5 * f.loss, (p.loss, f.loss)
     assert abs(p.grad_norm - f.grad_norm) <= 1e-5 * f.grad_norm, (p.grad_norm, f.grad_norm)
@@ -475,6 +482,7 @@ def test_sft_learns_to_reverse_words(work, finetuned, megatron_cpu):
     from conftest import read_metrics
 
     losses = read_metrics(finetuned)
+    print(f"SFT loss {losses[0]:.3f} (step 10) -> {losses[-1]:.4f} (step {10 * (len(losses) - 1)}+)")
     assert losses[-1] < 0.2 * losses[0], losses
     r = recipe_for(work, *LEARN)
     chunk = build_chunk(r)

@@ -2,7 +2,7 @@
 """Tokenize chat conversations for SFT.
 
     python tools/prepare_sft.py chats.jsonl [more.jsonl ...] --tokenizer TOKENIZER_DIR --out data/sft/mix \\
-        --seq-len 4096 [--train-on assistant|last_assistant|all] [--overlong truncate|drop] [--strict]
+        --seq-len 4096 [--train-on assistant|last_assistant|all] [--overlong truncate|drop] [--strict] [--workers N]
 
 Each JSONL line: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}.
 Rendered with the tokenizer's chat template (Llama-3 style default when it has none); the loss
@@ -34,11 +34,12 @@ def main(argv=None) -> int:
                    help="conversations longer than seq_len + 1 tokens: cut (default) or skip them")
     p.add_argument("--chat-template", help="a Jinja chat template file, overriding the tokenizer's")
     p.add_argument("--strict", action="store_true", help="fail on the first unusable record instead of skipping it")
+    p.add_argument("--workers", type=int, default=1, help="encoding processes (same output for any number)")
     args = p.parse_args(argv)
     template = Path(args.chat_template).read_text() if args.chat_template else None
     try:
         summary = prepare(args.inputs, args.tokenizer, args.out, args.seq_len, args.train_on, args.overlong,
-                          template, args.strict)
+                          template, args.strict, args.workers)
     except (ConversationError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
