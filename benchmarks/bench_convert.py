@@ -118,7 +118,7 @@ def main() -> int:
            "convert_work_s": work_s, "convert_peak_rss_bytes": conv_rss,
            "wall_ratio": round(conv_wall / cp_wall, 2), "rss_fraction": round(conv_rss / ckpt_bytes, 3)}
     if args.with_verify:
-        v_wall, v_rss, vlog = run_measured(cmd[:5] + [str(work / "hf_verified")] + cmd[6:], env)
+        v_wall, v_rss, vlog = run_measured(cmd[:4] + [str(work / "hf_verified")] + cmd[5:], env)
         res.update(verify_wall_s=round(v_wall, 2), verify_peak_rss_bytes=v_rss,
                    verify_line=next((ln for ln in vlog.splitlines() if ln.startswith("verify:")), ""))
     print(f"\ncheckpoint: {ckpt_bytes / 1e9:.2f} GB (1.5B fp32 weights, tp 2 x pp 2 files, no Adam states)")

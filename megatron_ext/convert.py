@@ -51,7 +51,6 @@ import socket
 import struct
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -381,6 +380,10 @@ def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: i
     theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0)) if isinstance(rp, dict) else cfg.get("rope_theta", 10000.0)
     if float(theta) != int(float(theta)):
         problems.append(f"rope_theta {theta} is not an integer; Megatron's rotary base is an integer")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size") if not isinstance(cfg.get(k), int)]
+    if missing:
+        problems.append(f"config.json lacks {', '.join(missing)}")
     if problems:
         raise ConvertError("cannot represent this Hugging Face model: " + "; ".join(problems))
     heads = cfg["num_attention_heads"]
@@ -416,10 +419,10 @@ class StreamingSafetensorsWriter:
     bytes, little-endian data with contiguous offsets)."""
 
     def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, fsync: bool = True):
         if sys.byteorder != "little":  # pragma: no cover - every supported machine is little-endian
             raise ConvertError("safetensors is little-endian; this machine is not")
-        self.path = Path(path)
+        self.path, self.fsync = Path(path), fsync
         self.entries = [(n, dt, tuple(int(x) for x in s)) for n, dt, s in entries]
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset = 0
@@ -459,7 +462,8 @@ class StreamingSafetensorsWriter:
             self._f.close()
             raise ConvertError(f"{self.path.name}: incomplete, {missing} was never written")
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if self.fsync:
+            os.fsync(self._f.fileno())
         self._f.close()
 
     def abort(self) -> None:
@@ -483,17 +487,13 @@ def plan_shards(entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_byt
     return shards
 
 
-@contextmanager
 def _open_st(path: Path):
-    """A safetensors handle closed (and its memory map dropped) on exit: mapped pages count as
-    resident memory for as long as the handle lives."""
+    """A safetensors handle for a ``with`` block. Its tensors are views of a memory map, and mapped
+    pages count as resident memory while the handle is open, so handles live for one tensor (the
+    CheckpointReader keeps its handles for its lifetime)."""
     from safetensors import safe_open
 
-    h = safe_open(str(path), framework="pt")
-    try:
-        yield h
-    finally:
-        del h
+    return safe_open(str(path), framework="pt")
 
 
 def _st_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -656,6 +656,44 @@ def iter_ckpt_rows(reader, src: str, stop: int, kind: str = "model") -> Iterator
             return
 
 
+def merge_into(name: str, out: torch.Tensor, part: torch.Tensor, tp_rank: int, tp_size: int) -> None:
+    """Copy TP shard ``part`` into its place in the canonical tensor ``out`` (any dtype): after
+    every rank's call, ``out`` equals ``sharding.merge`` of the shards, cast to ``out.dtype``, made
+    in one pass (no merged fp32 copy first)."""
+    dim = split_dim(name)
+    if dim is None or tp_size == 1:
+        if tp_rank == 0:
+            out.copy_(part)
+        return
+    if name.endswith("mlp.linear_fc1.weight"):  # [gate; up]: each shard is [gate_r; up_r]
+        for half, piece in zip(out.chunk(2, dim=0), part.chunk(2, dim=0)):
+            half.chunk(tp_size, dim=0)[tp_rank].copy_(piece)
+        return
+    out.chunk(tp_size, dim=dim)[tp_rank].copy_(part)
+
+
+def read_merged(reader, src: str, dtype: torch.dtype, kind: str = "model") -> torch.Tensor:
+    """The canonical tensor ``src`` (TP-merged, as ``CheckpointReader.get``) in ``dtype``, read
+    straight from each rank's memory-mapped shard into the output: one pass over the bytes, and
+    no mapping outlives the call."""
+    key = f"{kind}/{src}"
+    files = reader.meta["index"][key]
+    tp = len(files)
+    out = None
+    for r, f in enumerate(files if split_dim(src) is not None else files[:1]):
+        with _open_st(reader.path / f) as h:
+            part = h.get_tensor(key)
+            if out is None:
+                shape = list(part.shape)
+                dim = split_dim(src)
+                if dim is not None:
+                    shape[dim] *= tp
+                out = torch.empty(shape, dtype=dtype)
+            merge_into(src, out, part, r, tp)
+            del part
+    return out
+
+
 def read_ckpt_rows(reader, src: str, stop: int) -> torch.Tensor:
     return torch.cat(list(iter_ckpt_rows(reader, src, stop)))
 
@@ -775,22 +813,25 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
             if i not in writers:
                 for j in [j for j in writers if j < i]:  # shards fill in order: earlier ones are done
                     writers.pop(j).close()
-                writers[i] = StreamingSafetensorsWriter(tmp / shard_names[i], shards[i], {"format": "pt"})
+                # no fsync, as save_pretrained: an export can be redone, and the staging dir
+                # already keeps a crashed conversion from leaving a half-written OUT
+                writers[i] = StreamingSafetensorsWriter(tmp / shard_names[i], shards[i], {"format": "pt"},
+                                                        fsync=False)
             return writers[i]
 
         try:
             for label, names in _progress(groups(m), "to-hf", progress):
-                layer_reader = None  # one reader per layer: its memory maps go with it
                 for n in names:
                     if n in VOCAB_TENSORS:
                         hf = hf_names(n)[0]
                         for block in iter_ckpt_rows(reader, where[n], m.vocab_size):
                             writer(hf).append(hf, block)
                         continue
-                    layer_reader = layer_reader or _reader(reader.path)
-                    for hn, t in canonical_to_hf(n, layer_reader.get(where[n]), m, gain):
-                        writer(hn).append(hn, t)
-                del layer_reader
+                    # merged straight into the export dtype; norm gains in fp32 (they may be scaled)
+                    t = read_merged(reader, where[n], torch.float32 if is_norm_gain(n) else tdtype)
+                    for hn, part in canonical_to_hf(n, t, m, gain):
+                        writer(hn).append(hn, part)
+                    del t
             for w in writers.values():
                 w.close()
         except BaseException:
@@ -869,17 +910,11 @@ class _HFFiles:
         with _open_st(self.dir / self.where[name]) as h:
             return h.get_tensor(name) if rows is None else h.get_slice(name)[rows[0]:rows[1]]
 
-    def iter_rows(self, name: str, stop: int) -> Iterator[tuple[int, torch.Tensor]]:
-        width = self.shapes()[name][0][1]
-        block = _rows_block(width)
-        for a in range(0, stop, block):
-            yield a, self.get(name, (a, min(a + block, stop)))
-
-    def dtype(self) -> torch.dtype:
-        codes = {v[1] for v in self.shapes().values()}
-        if len(codes) != 1 or next(iter(codes)) not in _ST_DTYPE:
-            raise ConvertError(f"{self.dir}: mixed or unsupported tensor dtypes {sorted(codes)}")
-        return _ST_DTYPE[codes.pop()]
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.shapes()[name][1]
+        if code not in _ST_DTYPE:
+            raise ConvertError(f"{self.dir}: {name} has unsupported dtype {code}")
+        return _ST_DTYPE[code]
 
 
 def _free_port() -> int:
@@ -946,7 +981,12 @@ def verify(ckpt: str | Path, hf_dir: str | Path, layers: int | None = None, voca
     gain = norm_gain_multiplier(reader.meta, recipe) if norm_gain_multiplier_ is None else norm_gain_multiplier_
     k = m.num_layers if layers is None or layers <= 0 else min(layers, m.num_layers)
     v = m.vocab_size if vocab_rows is None else min(vocab_rows, m.vocab_size)
-    hf_dtype = files.dtype()
+    missing = [h for h in hf_shapes(m) if h not in files.shapes()]
+    if missing:
+        raise ConvertError(f"{hf_dir} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+
+    def hf_dtype(canonical: str) -> torch.dtype:  # round our weights as the HF file stores them
+        return files.dtype(hf_names(canonical)[0])
 
     # 1. the vocab matrices, in full, block by block (the logits below see only v rows)
     vocab_diff = 0.0
@@ -954,7 +994,7 @@ def verify(ckpt: str | Path, hf_dir: str | Path, layers: int | None = None, voca
         hf = hf_names(n)[0]
         start = 0
         for block in iter_ckpt_rows(reader, where[n], m.vocab_size):
-            mine = block.to(hf_dtype).float()
+            mine = block.to(hf_dtype(n)).float()
             theirs = files.get(hf, (start, start + block.shape[0])).float()
             vocab_diff = max(vocab_diff, (mine - theirs).abs().max().item())
             start += block.shape[0]
@@ -991,7 +1031,7 @@ def verify(ckpt: str | Path, hf_dir: str | Path, layers: int | None = None, voca
                         t = t * gain
                 if tuple(t.shape) != tuple(p.shape):
                     raise ConvertError(f"{n}: checkpoint shape {tuple(t.shape)} vs model {tuple(p.shape)}")
-                p.copy_(t.to(hf_dtype).float())
+                p.copy_(t.to(hf_dtype(n)).float())
         gen = torch.Generator().manual_seed(seed)
         tokens = torch.randint(0, v, (num_seqs, s), generator=gen)
         pos = torch.arange(s).unsqueeze(0).expand_as(tokens)

@@ -123,6 +123,19 @@ def test_round_trip_is_bit_identical(tmp_path, monkeypatch, vocab, dtype, export
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
 
 
+def test_te_spec_names_round_trip(hf_tiny, tmp_path):
+    """Checkpoints from Transformer Engine's layer spec name the norms linear_qkv.layer_norm_weight /
+    linear_fc1.layer_norm_weight; both directions accept them."""
+    ours = convert.from_hf(hf_tiny, tmp_path / "ours", tp=2, pp=1, spec="te", verify_layers=None, progress=False)
+    names = CheckpointReader(ours).names()
+    assert "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight" in names
+    assert "decoder.layers.3.mlp.linear_fc1.layer_norm_weight" in names
+    assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
+    back = convert.to_hf(ours, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False)
+    a, b = hf_tensors(hf_tiny), hf_tensors(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_import_meta_matches_trainer_checkpoints(hf_tiny, trained, tmp_path):
     """from-hf writes what checkpoint.save writes: same keys, index schema and file naming."""
     ours = convert.from_hf(hf_tiny, tmp_path / "ours", tp=2, pp=2, verify_layers=None, progress=False)
@@ -133,6 +146,16 @@ def test_import_meta_matches_trainer_checkpoints(hf_tiny, trained, tmp_path):
     assert set(mine["layout"]) == set(saved["layout"])
     saved_model = {k: v for k, v in saved["index"].items() if k.startswith("model/")}
     assert mine["index"] == saved_model  # same names, same files per TP rank
+
+
+def test_fused_merge_equals_checkpoint_reader(trained):
+    """The export reads TP shards straight into the output dtype; same values as the reader's merge."""
+    reader = CheckpointReader(trained)
+    for kind in ("model", "exp_avg"):
+        for name in reader.names(kind):
+            ref = reader.get(name, kind)
+            for dtype in (torch.float32, torch.bfloat16):
+                assert torch.equal(convert.read_merged(reader, name, dtype, kind), ref.to(dtype)), (kind, name)
 
 
 # ---- trainer starts from an import ----------------------------------------------------------
