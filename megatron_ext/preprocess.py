@@ -209,6 +209,7 @@ def _ordered_results(chunks, text_key, workers, init_args):
         while pending:
             chunk0, future = pending.popleft()
             yield chunk0, future.result()
+        pool.shutdown(wait=True)  # all done: reap the workers (their CPU time then shows in getrusage)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
@@ -257,7 +258,7 @@ def _good_documents(path: str, lines: list[int], results: list, on_error: str, s
 
 def preprocess(inputs, output_prefix: str, tokenizer: str, workers: int = 1, text_key: str = "text",
                txt_mode: str = "doc", on_error: str = "fail", model_vocab_size: int | None = None,
-               eos_token: str | None = None, chunk_docs: int = 512, chunk_bytes: int = 4 << 20,
+               eos_token: str | None = None, chunk_docs: int = 1000, chunk_bytes: int = 1 << 20,
                progress: bool = True) -> Summary:
     """Tokenize ``inputs`` into ``output_prefix.bin/.idx``. Raises PreprocessError (nothing written
     under the final name) on a bad document in ``fail`` mode, a missing input, or no valid document."""

@@ -180,6 +180,7 @@ def _train_bpe(texts: Iterable[str], out: Path, vocab_size: int) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.model.ignore_merges = True  # as Llama-3: a word in the vocab is one token, no merge loop (~25% faster)
     tok.add_special_tokens(SPECIAL_TOKENS)
     missing = vocab_size - tok.get_vocab_size(with_added_tokens=True)
     tok.add_special_tokens([f"<|reserved_special_token_{i}|>" for i in range(missing)])

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--model-vocab-size", type=int, default=None,
                      help="refuse a tokenizer with more tokens than this (the recipe's model.vocab_size)")
     tok.add_argument("--eos-token", default=None, help="end-of-document token, if not the tokenizer's eos_token")
-    tok.add_argument("--chunk-docs", type=int, default=512, help="documents per worker task")
+    tok.add_argument("--chunk-docs", type=int, default=1000, help="documents per worker task (also cut at 1 MiB)")
     tok.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     tr = sub.add_parser("train-tokenizer", help="train a small tokenizer on documents")
