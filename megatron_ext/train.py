@@ -149,7 +149,7 @@ def train(recipe: Recipe) -> int:
     t, lay, ck = recipe.train, recipe.layout, recipe.checkpoint
     fpt, peak = flops_per_token(recipe), peak_tflops()
     consecutive_skips = 0
-    tick = time.perf_counter()
+    tick, tick_step = time.perf_counter(), state.step
     while state.step < t.steps:
         if stop.agreed(info.device):
             checkpoint.save(engine, recipe, state, out)
@@ -175,8 +175,8 @@ def train(recipe: Recipe) -> int:
             continue
         consecutive_skips = 0
         if state.step % t.log_interval == 0 or state.step == t.steps:
-            elapsed = (time.perf_counter() - tick) / t.log_interval
-            tick = time.perf_counter()
+            elapsed = (time.perf_counter() - tick) / (state.step - tick_step)
+            tick, tick_step = time.perf_counter(), state.step
             tokens_per_s = lay.global_batch * t.seq_len / elapsed
             metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                        "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / info.world_size,
