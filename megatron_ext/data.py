@@ -47,6 +47,8 @@ class _TokenizerInfo:
 
     def __init__(self, eod: int, vocab_size: int):
         self.eod, self.vocab_size, self.pad = eod, vocab_size, eod
+        # Megatron writes this into the blend's cache description (its hash names the cache files).
+        self.unique_identifiers = {"class": "GaperonTokenizer", "eod": eod, "vocab_size": vocab_size}
 
 
 class MegatronSamples:
