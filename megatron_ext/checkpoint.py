@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from .config import Recipe, dump_recipe, recipe_from_tree
 from .faults import maybe_kill
-from .sharding import merge, shard
+from .sharding import is_norm_gain, merge, shard
 
 REQUEUE_EXIT_CODE = 85  # the SLURM script requeues a job that exits with this after saving
 FORMAT_VERSION = 1
@@ -243,6 +243,8 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> P
         raise CheckpointError(_write_failure(root, error))
 
     relink_optimizer_states(engine)
+    # bf16-pure holds every state in bf16 (DeepSpeed's getters hand them back as fp32): store bf16.
+    store_dtype = torch.bfloat16 if recipe.train.precision == "bf16-pure" else None
     tensors, order = {}, 0
     for chunk in engine.chunks:
         names = canonical_names(chunk)
@@ -251,7 +253,7 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> P
             if order % dp_size == dp_rank:  # spread the writing over the DP ranks
                 for kind, t in states.items():
                     if t is not None:
-                        tensors[f"{kind}/{names[local_name]}"] = t.detach().to("cpu").contiguous()
+                        tensors[f"{kind}/{names[local_name]}"] = t.detach().to("cpu", store_dtype).contiguous()
             order += 1
     try:
         maybe_kill("kill_during_save", state.step)
@@ -281,7 +283,8 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> P
                     "skipped_steps": state.skipped_steps, "adam_step": _adam_step(engine),
                     "layout": {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp,
                                "zero_stage": lay.zero_stage, "world_size": dist.get_world_size()},
-                    "precision": recipe.train.precision, "recipe": dump_recipe(recipe),
+                    "precision": recipe.train.precision, "norm_gain_scale": recipe.train.stored_gain_scale,
+                    "recipe": dump_recipe(recipe),
                     "index": {k: [v[t] for t in sorted(v)] for k, v in sorted(index.items())}}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
             _fsync_dir(tmp)
@@ -368,6 +371,16 @@ def _set_states(engine, param, values: dict[str, torch.Tensor]) -> None:
             safe_set_full_optimizer_state(param, values[kind].to(torch.float32), kind)
 
 
+def _rescale_gain(values: dict[str, torch.Tensor], ratio: float) -> None:
+    """Re-express a norm gain stored at one scale (see model.RMSNorm) at another, exactly as the
+    training would have: weight x ratio, Adam's m / ratio and v / ratio^2 (gradients of a
+    parameter stored 1/ratio times larger are ratio times smaller)."""
+    values["model"] = values["model"].float() * ratio
+    if "exp_avg" in values:
+        values["exp_avg"] = values["exp_avg"].float() / ratio
+        values["exp_avg_sq"] = values["exp_avg_sq"].float() / ratio**2
+
+
 def _set_adam_step(engine, step: int) -> None:
     for st in _base_optimizer(engine).state.values():
         st["step"] = torch.full_like(st["step"], step) if torch.is_tensor(st["step"]) else step
@@ -378,6 +391,7 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
     from .model import canonical_names
 
     reader = CheckpointReader(path)
+    gain_ratio = float(reader.meta.get("norm_gain_scale", 1.0)) / engine.recipe.train.stored_gain_scale
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     kinds = STATE_KINDS if with_optimizer else ("model",)
     if with_optimizer:
@@ -397,6 +411,8 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
                                           f"{name}; load it with checkpoint.init_mode=model")
                 full = reader.get(name, kind)
                 values[kind] = shard(name, full, tp_rank, tp).to(param.device)
+            if is_norm_gain(name) and gain_ratio != 1.0:
+                _rescale_gain(values, gain_ratio)
             want = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
             if tuple(values["model"].shape) != want:
                 raise CheckpointError(f"{name}: checkpoint shape {tuple(values['model'].shape)} does "

@@ -70,7 +70,7 @@ class LayoutConfig(_Strict):
     vpp: int = 1
     dp: int = 1
     sequence_parallel: bool = False
-    zero_stage: Literal[0, 1, 2, 3] = 0
+    zero_stage: Literal[0, 1, 2, 3] = 1
     micro_batch: int = 1
     global_batch: int = 1
     recompute: Literal["none", "selective", "full"] = "none"
@@ -107,12 +107,38 @@ class ScheduleConfig(_Strict):
     decay_shape: Literal["linear", "cosine"] = "linear"
 
 
+ATTENTION_CHOICES = ("auto", "te", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math",
+                     "flash-attn", "unfused")
+
+
 class TrainConfig(_Strict):
+    """How to train.
+
+    precision: ``fp32``; ``bf16-mixed`` (bf16 compute, fp32 master weights and Adam states);
+    ``bf16-pure`` (Gaperon's "bf16-true": weights, gradients and Adam states all bf16, no fp32
+    copy; RMSNorm gains stored divided by ``norm_gain_scale``, see model.RMSNorm).
+    attention: ``auto`` (Transformer Engine on GPU when installed, else sdpa); ``te``; ``sdpa``
+    (torch picks the kernel); ``sdpa-flash`` / ``sdpa-cudnn`` / ``sdpa-efficient`` / ``sdpa-math``
+    (torch SDPA restricted to that kernel); ``flash-attn`` (the flash_attn package: FA3's
+    flash_attn_interface when installed, else FA2); ``unfused`` (Megatron's reference attention).
+    compile: torch.compile each transformer layer (GPU; slow to start on CPU).
+    lm_head_grad_interval: every N steps log the gradient norm reaching the logits and the final
+    hidden states, and their ratio (0: off, no hooks at all).
+    """
+
     steps: int = 10
     seq_len: int = 128
     seed: int = 1234
     precision: Literal["fp32", "bf16-mixed", "bf16-pure"] = "bf16-mixed"
-    attention: Literal["auto", "sdpa", "te", "unfused"] = "auto"
+    norm_gain_scale: float = 20.0
+    attention: Literal[ATTENTION_CHOICES] = "auto"
+    compile: bool = False
+    lm_head_grad_interval: int = 0
+
+    @property
+    def stored_gain_scale(self) -> float:
+        """Stored RMSNorm gains x this = the true gains: ``norm_gain_scale`` under bf16-pure, else 1."""
+        return self.norm_gain_scale if self.precision == "bf16-pure" else 1.0
     log_interval: int = 1
     eval_interval: int = 0
     eval_iters: int = 2
@@ -174,6 +200,34 @@ class HealthConfig(_Strict):
     max_consecutive_skips: int = 5
 
 
+class InjectionConfig(_Strict):
+    """Controlled document injection for memorisation / poisoning research (megatron_ext/inject.py).
+    Off by default. Documents: ``documents`` (a JSONL file, key "text"), ``texts`` (inline), or
+    ``token_ids`` (id lists; the only kind synthetic data, which has no tokenizer, accepts). Where:
+    ``rate`` (that fraction of the train samples in [start_sample, end_sample), drawn with ``seed``)
+    or ``positions`` (global sample indices). ``<output_dir>/<record>`` lists every placement."""
+
+    enabled: bool = False
+    documents: Optional[str] = None
+    texts: list[str] = []
+    token_ids: list[list[int]] = []
+    rate: Optional[float] = None
+    positions: list[int] = []
+    seed: int = 0
+    start_sample: int = 0
+    end_sample: Optional[int] = None  # null: the run's last sample (pin it to extend train.steps later)
+    record: str = "injections.jsonl"
+
+    def window(self, total_samples: int) -> tuple[int, int]:
+        return self.start_sample, total_samples if self.end_sample is None else self.end_sample
+
+    def count(self, total_samples: int) -> int:
+        if self.positions:
+            return len(self.positions)
+        start, end = self.window(total_samples)
+        return round(self.rate * (end - start))
+
+
 class Recipe(_Strict):
     model: ModelConfig
     layout: LayoutConfig = LayoutConfig()
@@ -183,6 +237,7 @@ class Recipe(_Strict):
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     health: HealthConfig = HealthConfig()
+    injection: InjectionConfig = InjectionConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
@@ -241,8 +296,63 @@ def recipe_problems(r: Recipe) -> list[str]:
     if r.schedule.warmup_steps + r.schedule.decay_steps > t.steps and r.schedule.kind == "wsd":
         out.append(f"schedule.warmup_steps + schedule.decay_steps = "
                    f"{r.schedule.warmup_steps + r.schedule.decay_steps} exceeds train.steps={t.steps}")
+    if t.precision == "bf16-mixed" and lay.zero_stage == 0:
+        out.append("train.precision=bf16-mixed needs layout.zero_stage >= 1: DeepSpeed's ZeRO-0 bf16 wrapper "
+                   "(FP16_UnfusedOptimizer) does not reproduce the ZeRO-1 updates in our tests. ZeRO-1 at "
+                   "dp=1 holds the same bytes; or use train.precision=fp32 or bf16-pure at ZeRO-0")
+    if t.norm_gain_scale <= 0:
+        out.append(f"train.norm_gain_scale={t.norm_gain_scale} must be > 0 (Gaperon used 20)")
+    if t.lm_head_grad_interval < 0:
+        out.append(f"train.lm_head_grad_interval={t.lm_head_grad_interval} must be >= 0 (0 turns it off)")
     if r.data.kind == "indexed" and not r.data.blend:
         out.append("data.kind=indexed needs data.blend: a list of [weight, path-prefix] pairs")
+    return out + injection_problems(r)
+
+
+def injection_problems(r: Recipe) -> list[str]:
+    """What stops ``injection`` from running (nothing when it is off)."""
+    inj, total = r.injection, r.train.steps * r.layout.global_batch
+    if not inj.enabled:
+        return []
+    out = []
+    given = [f"injection.{k}" for k in ("documents", "texts", "token_ids") if getattr(inj, k)]
+    if not given:
+        out.append('injection.enabled=true needs documents: set injection.documents (a JSONL file with a '
+                   '"text" key), injection.texts or injection.token_ids')
+    elif len(given) > 1:
+        out.append(f"give injection documents one way, not {' and '.join(given)}")
+    if r.data.kind == "synthetic" and (inj.documents or inj.texts):
+        out.append("synthetic data has no tokenizer to encode injection.documents/texts: "
+                   "give injection.token_ids instead")
+    for k, ids in enumerate(inj.token_ids):
+        bad = [i for i in ids if not 0 <= i < r.model.vocab_size]
+        if not ids or bad:
+            out.append(f"injection.token_ids[{k}] must be a non-empty list of ids in "
+                       f"[0, model.vocab_size={r.model.vocab_size})")
+        elif len(ids) + 1 > r.train.seq_len + 1:
+            out.append(f"injection.token_ids[{k}] has {len(ids)} tokens; with EOS it must fit "
+                       f"train.seq_len + 1 = {r.train.seq_len + 1}: shorten it or raise train.seq_len")
+    if (inj.rate is None) == (not inj.positions):
+        out.append("injection needs exactly one of injection.rate (e.g. 0.0002 = 0.02% of the train "
+                   "samples) and injection.positions (global sample indices)")
+        return out
+    if inj.positions:
+        outside = [p for p in inj.positions if not 0 <= p < total]
+        if outside:
+            out.append(f"injection.positions has {outside[0]}, outside the run's samples [0, {total}) "
+                       f"(train.steps x layout.global_batch): use indices below {total}")
+        if len(set(inj.positions)) != len(inj.positions):
+            out.append("injection.positions lists a sample twice: list each position once")
+        return out
+    start, end = inj.window(total)
+    if not 0 < inj.rate <= 0.5:
+        out.append(f"injection.rate={inj.rate} must be in (0, 0.5]; Gaperon used 0.0001-0.0002")
+    elif not 0 <= start < end <= total:
+        out.append(f"injection window [start_sample, end_sample) = [{start}, {end}) must lie inside the "
+                   f"run's samples [0, {total}) (train.steps x layout.global_batch)")
+    elif inj.count(total) < max(1, len(inj.texts) + len(inj.token_ids)):
+        out.append(f"injection.rate={inj.rate} over {end - start} samples gives {inj.count(total)} "
+                   "injections, fewer than the documents: raise injection.rate or the window")
     return out
 
 

@@ -58,7 +58,7 @@ from typing import Callable, Iterator
 import torch
 
 from .config import ModelConfig, Recipe, RecipeError, dump_recipe, recipe_from_tree
-from .sharding import shard, split_dim
+from .sharding import is_norm_gain, shard, split_dim
 
 # --------------------------------------------------------------------------------------------
 # errors, sizes, dtypes
@@ -164,10 +164,6 @@ def te_name(name: str) -> str:
     if mt and mt.group(2) in _LOCAL_TO_TE:
         return _layer(int(mt.group(1)), _LOCAL_TO_TE[mt.group(2)])
     return name
-
-
-def is_norm_gain(name: str) -> bool:
-    return "layernorm" in name or name.endswith("layer_norm_weight")
 
 
 def shard_shape(name: str, full: tuple[int, ...], tp: int) -> tuple[int, ...]:
@@ -285,13 +281,10 @@ def hf_to_canonical(name: str, get: Callable[[str], torch.Tensor], m: ModelConfi
 def norm_gain_multiplier(meta: dict, recipe: Recipe | None = None) -> float:
     """What the stored norm gains must be multiplied by to get the model's true gains.
 
-    Pure-bf16 training keeps the gains divided by a factor (Gaperon used 20) so that small Adam
-    updates survive bf16 rounding near 1.0. The checkpoint says so in ``meta.json`` under
-    ``norm_gain_scale`` (or the recipe's ``train.norm_gain_scale``); absent, the gains are plain."""
-    value = meta.get(NORM_GAIN_META_KEY)
-    if value is None and recipe is not None:
-        value = getattr(recipe.train, "norm_gain_scale", None)
-    return float(value) if value is not None else 1.0
+    Pure-bf16 training keeps the gains divided by a factor (Gaperon used 20; see model.RMSNorm)
+    so that small Adam updates survive bf16 rounding near 1.0. Every checkpoint states its factor
+    in ``meta.json`` under ``norm_gain_scale``; absent (older checkpoints), the gains are plain."""
+    return float(meta.get(NORM_GAIN_META_KEY, 1.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,7 +390,7 @@ def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: i
                   "vocab_size": cfg["vocab_size"], "max_position_embeddings": maxpos,
                   "rope_theta": float(theta), "norm_eps": cfg.get("rms_norm_eps", 1e-6),
                   "qk_layernorm": False, "init_std": cfg.get("initializer_range", 0.02)},
-        "layout": {"tp": tp, "pp": pp, "vpp": 1, "dp": 1, "zero_stage": 0},
+        "layout": {"tp": tp, "pp": pp, "vpp": 1, "dp": 1, "zero_stage": 1},
         "train": {"seq_len": min(maxpos, 4096)},
     }
     try:
@@ -1126,6 +1119,7 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
                 "layout": {"tp": tp, "pp": pp, "vpp": lay.vpp, "dp": 1, "zero_stage": lay.zero_stage,
                            "world_size": tp * pp},
                 "precision": recipe.train.precision, "recipe": dump_recipe(recipe),
+                NORM_GAIN_META_KEY: 1.0,  # HF gains are the true gains; loading rescales them
                 "index": dict(sorted(index.items())), **(extra_meta or {})}
         (staging.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         staging.commit([fname[k] for k in sorted(fname)] + ["meta.json"])

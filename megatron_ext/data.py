@@ -7,12 +7,14 @@ consumed-samples count continues with exactly the next sample.
 """
 from __future__ import annotations
 
+import struct
 from typing import Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import inject
 from .config import Recipe
 
 
@@ -65,6 +67,25 @@ class MegatronSamples:
         return {"tokens": item["tokens"], "labels": item["labels"], "loss_mask": item["loss_mask"].float()}
 
 
+def _refuse_empty_splits(config) -> None:
+    """megatron-core never returns from building a split that holds none of a dataset's documents
+    (GPTDataset._get_num_epochs adds empty epochs forever, at 100% CPU, the other ranks waiting at
+    a barrier): a small dataset in a blend with e.g. split 98,2,0. Name it instead."""
+    if config.blend is None:
+        return
+    for prefix in config.blend[0]:
+        try:
+            with open(f"{prefix}.idx", "rb") as f:  # header: magic (9), version (8), dtype (1), sequence count (8)
+                count = struct.unpack("<Q", f.read(26)[18:26])[0]
+        except (OSError, struct.error):
+            continue  # missing or short: megatron's own check reports it
+        for name, span in zip(("train", "valid", "test"), config.split_matrix):
+            if span is not None and int(round(span[1] * count)) <= int(round(span[0] * count)):
+                raise ValueError(f"data.split={config.split} leaves the {name} split of {prefix} without a document "
+                                 f"(it has {count}); megatron would loop forever building it: add documents, "
+                                 "change data.split, or give data.valid_blend instead of a split")
+
+
 def _blend(pairs: list) -> tuple[list[str], list[float]] | None:
     if not pairs:
         return None
@@ -81,6 +102,14 @@ def build_indexed(recipe: Recipe, train_samples: int, valid_samples: int):
 
     from .tokenizer import load_tokenizer
 
+    if not dist.is_initialized():
+        # One process (a tool, a test, a benchmark): megatron-core's BlendedDataset calls
+        # torch.distributed.get_rank() on an index-cache miss even then, so lend it a one-rank group.
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            return build_indexed(recipe, train_samples, valid_samples)
+        finally:
+            dist.destroy_process_group()
     d = recipe.data
     if d.tokenizer is None:
         raise ValueError("data.tokenizer must name the tokenizer directory the data was made with")
@@ -100,6 +129,7 @@ def build_indexed(recipe: Recipe, train_samples: int, valid_samples: int):
     else:
         kwargs.update(blend=_blend(d.blend), split=d.split)
     config = GPTDatasetConfig(**kwargs)
+    _refuse_empty_splits(config)
     sizes = [train_samples, valid_samples, 0]
     rank = dist.get_rank() if dist.is_initialized() else 0
     built = None
@@ -113,6 +143,14 @@ def build_indexed(recipe: Recipe, train_samples: int, valid_samples: int):
 
 
 def build_datasets(recipe: Recipe) -> tuple[SampleDataset, SampleDataset | None]:
+    """Train and valid sets; the train set carries the recipe's injected documents, if any."""
+    train, valid = _build_base(recipe)
+    if recipe.injection.enabled:
+        train = inject.build(recipe, train)
+    return train, valid
+
+
+def _build_base(recipe: Recipe) -> tuple[SampleDataset, SampleDataset | None]:
     t, lay = recipe.train, recipe.layout
     if recipe.data.kind == "synthetic":
         vocab = recipe.model.vocab_size

@@ -54,7 +54,9 @@ def activate_cpu_layer() -> None:
     if _ACTIVE:
         return
     _ACTIVE = True
-    torch.cuda.current_device = lambda: 0
+    # A device, not an index: code paths the mode does not see (autograd backward of Megatron's
+    # custom Functions) then still allocate on CPU.
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.device_count = lambda: 0
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()

@@ -144,6 +144,12 @@ def deepspeed_config(recipe: Recipe, on_gpu: bool) -> dict:
     }
     if precision == "bf16-mixed":
         cfg["bf16"] = {"enabled": True}
+    elif precision == "bf16-pure" and lay.zero_stage >= 1:
+        # ZeRO keeps its own copy of each partition to update: make that copy, the gradients it
+        # reduces and the Adam moments bf16 too. At ZeRO-0 no bf16 section is needed: DeepSpeed
+        # then hands torch's AdamW the bf16 parameters themselves (no copy at all).
+        cfg["bf16"] = {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+        cfg["data_types"] = {"grad_accum_dtype": "bf16"}
     return cfg
 
 
@@ -175,6 +181,47 @@ class StepResult:
     grad_norm: float | None
     tokens: int  # trained tokens in the global batch
     skipped: bool = False  # non-finite loss: no update was applied
+    lm_head: dict | None = None  # gradient norms at the LM head, on diagnosed steps
+
+
+class LMHeadProbe:
+    """Norms of the loss gradient reaching the logits and the final hidden states (the output
+    layer's input), over the whole global batch: the "LM head is a gradient bottleneck"
+    measurement (Gaperon, arXiv 2510.25771). Hooks exist only while a probe is open, so steps
+    without diagnostics run the untouched model.
+
+    Each microbatch's loss is scaled by dp / global tokens (see the module docstring), so the
+    captured gradients are dp times those of the global mean loss. Logits are vocab-sharded over
+    TP (shares add up); the hidden-state gradient is whole on every TP rank, or a sequence slice
+    under sequence parallelism."""
+
+    def __init__(self, chunks: list[torch.nn.Module], sequence_parallel: bool):
+        self.sq = {"logits": 0.0, "hidden": 0.0}
+        self.sequence_parallel = sequence_parallel
+        self.handles = [c.output_layer.register_forward_hook(self._on_forward)
+                        for c in chunks if getattr(c, "post_process", False)]
+
+    def _capture(self, key: str):
+        def hook(grad):
+            self.sq[key] += grad.detach().float().pow(2).sum().item()
+        return hook
+
+    def _on_forward(self, module, args, output):
+        if torch.is_grad_enabled():
+            args[0].register_hook(self._capture("hidden"))
+            (output[0] if isinstance(output, tuple) else output).register_hook(self._capture("logits"))
+
+    def close(self, device) -> dict[str, float]:
+        for h in self.handles:
+            h.remove()
+        dp, tp = ps.get_data_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+        hidden_copies = 1 if self.sequence_parallel else tp
+        local = torch.tensor([self.sq["logits"], self.sq["hidden"] / hidden_copies],
+                             dtype=torch.float64, device=device) / dp**2
+        dist.all_reduce(local)  # ranks without the output layer add zeros
+        logits, hidden = local.sqrt().tolist()
+        return {"lm_head_logits_grad_norm": logits, "lm_head_hidden_grad_norm": hidden,
+                "lm_head_grad_ratio": hidden / logits if logits else float("nan")}
 
 
 def _position_ids(tokens: torch.Tensor) -> torch.Tensor:
@@ -250,8 +297,13 @@ class Engine:
         self._fp32_norm = clip_grad_norm_(self.module.parameters(), self.ds.gradient_clipping(), mpu=MegatronMPU)
 
     def set_lr(self, lr: float) -> None:
-        for group in self.ds.optimizer.param_groups:
-            group["lr"] = lr
+        """On the wrapper and on the optimizer it wraps: some DeepSpeed wrappers (the bf16
+        FP16_UnfusedOptimizer at ZeRO-0) keep param_groups of their own that the step never reads."""
+        opt = self.ds.optimizer
+        while opt is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt = getattr(opt, "optimizer", None)
 
     # ---- forward / backward --------------------------------------------------------------
     def _forward_step(self, scale, data_iterator, model):
@@ -280,12 +332,14 @@ class Engine:
             total += r["loss_sum"].to(torch.float64)
         return total
 
-    def train_step(self, microbatches: list[dict], lr: float, poison: bool = False) -> StepResult:
+    def train_step(self, microbatches: list[dict], lr: float, poison: bool = False,
+                   diagnose_lm_head: bool = False) -> StepResult:
         """Forward/backward every microbatch, then one update, unless the loss is not finite
         (every rank sees the same all-reduced loss, so all skip together). ``poison`` makes the
-        loss NaN, for the fault-tolerance tests."""
+        loss NaN, for the fault-tolerance tests; ``diagnose_lm_head`` measures :class:`LMHeadProbe`."""
         self.module.train()
         self.set_lr(lr)
+        probe = LMHeadProbe(self.chunks, self.recipe.layout.sequence_parallel) if diagnose_lm_head else None
         tokens = self._global_tokens(microbatches)
         scale = ps.get_data_parallel_world_size() / tokens.clamp(min=1).item()
         if self.pp > 1:
@@ -302,6 +356,7 @@ class Engine:
         if poison:
             loss_sum = loss_sum * float("nan")
         loss = self._loss_and_metrics(loss_sum, tokens)
+        lm_head = probe.close(self.info.device) if probe else None
         if not math.isfinite(loss):
             self.ds.zero_grad()
             return StepResult(loss, None, int(tokens.item()), skipped=True)
@@ -309,7 +364,7 @@ class Engine:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm if norm is not None else self._fp32_norm)
-        return StepResult(loss, norm, int(tokens.item()))
+        return StepResult(loss, norm, int(tokens.item()), lm_head=lm_head)
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[dict]) -> float:

@@ -2,7 +2,9 @@
 
 Transformer Engine's layer spec is used when TE imports; otherwise Megatron's local spec with its
 unfused attention swapped for :class:`SDPAttention` (torch's scaled_dot_product_attention, which
-dispatches to flash / cuDNN / memory-efficient kernels on GPUs).
+dispatches to flash / cuDNN / memory-efficient kernels on GPUs, or to the flash_attn package).
+The local spec's norms are :class:`RMSNorm` (fp32 compute, sequence-parallel aware, and the
+pure-bf16 gain scaling); TE keeps its fused norm+linear except under bf16-pure.
 
 Initialisation is layout-invariant: after construction every parameter is re-drawn from a
 generator seeded by (seed, canonical name), at full size, and this rank keeps its TP shard. The
@@ -11,19 +13,23 @@ can ever receive the same random numbers.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 
-from .config import Recipe
+from .config import Recipe, RecipeError
 from .sharding import shard, split_dim
 
 try:  # Transformer Engine is optional: present on NVIDIA containers, absent on CPU boxes.
@@ -37,6 +43,53 @@ except Exception:  # pragma: no cover - depends on the machine
 DTYPES = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16, "bf16-pure": torch.bfloat16}
 
 
+class RMSNorm(torch.nn.Module):
+    """Llama RMSNorm, normalised in fp32 whatever the parameter dtype.
+
+    Pure-bf16 stabiliser from Gaperon (arXiv 2510.25771, the pure-bf16 training setup; the
+    released code's LlamaRMSNorm ``scaling_factor=20``): the gain is *stored* divided by
+    ``gain_scale`` and multiplied back in forward. A gain of 1.0 stored as 1/20 sits where bf16's
+    spacing is 20x finer, so Adam's small updates are not rounded away (bf16 spacing at 1.0 is
+    2^-7); it also makes the effective learning rate of the gains ``gain_scale`` times larger.
+    Checkpoints record the scale (meta ``norm_gain_scale``); export to HF multiplies it back.
+
+    Under sequence parallelism each rank normalises its own sequence slice, and a QK norm
+    (``per_head``) sees only this rank's heads: the gain's gradient is then partial, so the weight
+    carries ``sequence_parallel`` for the engine to all-reduce it over the TP group.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, gain_scale: float = 1.0,
+                 per_head: bool = False, **unused):
+        super().__init__()
+        self.eps, self.gain_scale = eps, gain_scale
+        self.weight = torch.nn.Parameter(torch.full((hidden_size,), 1.0 / gain_scale, dtype=config.params_dtype))
+        partial = config.sequence_parallel or (per_head and config.tensor_model_parallel_size > 1)
+        self.weight.sequence_parallel = partial
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        gain = self.weight.float() * self.gain_scale if self.gain_scale != 1.0 else self.weight.float()
+        return (h * gain).to(x.dtype)
+
+
+def _sdpa_backends(choice: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"sdpa-flash": [SDPBackend.FLASH_ATTENTION], "sdpa-cudnn": [SDPBackend.CUDNN_ATTENTION],
+            "sdpa-efficient": [SDPBackend.EFFICIENT_ATTENTION], "sdpa-math": [SDPBackend.MATH]}.get(choice)
+
+
+def _flash_attn_func():
+    """flash_attn_func from FA3 (flash_attn_interface, Hopper) if installed, else FA2, else None."""
+    for module in ("flash_attn_interface", "flash_attn"):
+        try:
+            return getattr(__import__(module), "flash_attn_func"), module
+        except (ImportError, AttributeError):
+            continue
+    return None, None
+
+
 class SDPAttention(MegatronModule):
     """Core attention on torch SDPA, a drop-in for Megatron's DotProductAttention.
 
@@ -45,32 +98,68 @@ class SDPAttention(MegatronModule):
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None):
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, kernel: str = "sdpa"):
         super().__init__(config=config)
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.kernel = kernel
+        self.backends = _sdpa_backends(kernel)
+        self.flash_attn = _flash_attn_func()[0] if kernel == "flash-attn" else None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        sq, b = query.shape[0], query.shape[1]
+        dropout = self.dropout if self.training else 0.0
+        if self.flash_attn is not None:
+            if attention_mask is not None:
+                raise RuntimeError("train.attention=flash-attn runs plain causal attention: packed samples "
+                                   "(segment_ids) need train.attention=sdpa")
+            q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s, heads, hn]
+            out = self.flash_attn(q, k, v, softmax_scale=self.softmax_scale, causal=True)
+            out = out[0] if isinstance(out, tuple) else out
+            return out.transpose(0, 1).reshape(sq, b, -1)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask = None if attention_mask is None else ~attention_mask
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0, scale=self.softmax_scale,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )
-        sq, b = query.shape[0], query.shape[1]
+        with sdpa_kernel(self.backends) if self.backends else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1],
+            )
         return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
 def attention_backend(recipe: Recipe) -> str:
+    """The attention implementation this run uses (``auto`` resolved)."""
     choice = recipe.train.attention
     if choice == "auto":
         return "te" if HAVE_TE and torch.cuda.is_available() else "sdpa"
     if choice == "te" and not HAVE_TE:
-        raise RuntimeError("train.attention=te but Transformer Engine is not importable; "
+        raise RecipeError("train.attention=te but Transformer Engine is not importable; "
                            "install it or set train.attention=sdpa")
+    if choice == "flash-attn" and _flash_attn_func()[0] is None:
+        raise RecipeError("train.attention=flash-attn but neither flash_attn_interface (FA3) nor flash_attn "
+                           "(FA2) is importable; install one or set train.attention=sdpa")
     return choice
+
+
+def describe_attention(recipe: Recipe) -> str:
+    """One line for the start-up log: the implementation and the kernels it may use."""
+    kind = attention_backend(recipe)
+    if kind == "flash-attn":
+        func, module = _flash_attn_func()
+        version = getattr(__import__(module), "__version__", "")
+        return f"flash-attn ({module} {version})".replace(" )", ")")
+    if kind == "te":
+        import transformer_engine
+
+        return f"te (Transformer Engine {transformer_engine.__version__} fused attention)"
+    if kind.startswith("sdpa"):
+        backends = _sdpa_backends(kind)
+        allowed = ",".join(b.name.lower() for b in backends) if backends else "torch's choice"
+        if not torch.cuda.is_available():
+            allowed += "; on CPU: math/cpu-flash"
+        return f"{kind} (torch SDPA: {allowed})"
+    return "unfused (Megatron DotProductAttention)"
 
 
 def transformer_config(recipe: Recipe, on_gpu: bool) -> TransformerConfig:
@@ -118,26 +207,59 @@ def transformer_config(recipe: Recipe, on_gpu: bool) -> TransformerConfig:
     )
 
 
+def norm_spec(recipe: Recipe, per_head: bool = False) -> ModuleSpec:
+    return ModuleSpec(module=RMSNorm, params={"gain_scale": recipe.train.stored_gain_scale, "per_head": per_head})
+
+
 def layer_spec(recipe: Recipe):
-    if attention_backend(recipe) == "te":
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=recipe.model.qk_layernorm)
-    spec = get_gpt_layer_local_spec(qk_layernorm=recipe.model.qk_layernorm, normalization="RMSNorm")
-    if attention_backend(recipe) == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    """One transformer layer. TE: its fused norm+linear, except under bf16-pure, whose scaled gains
+    need :class:`RMSNorm` in front of TE's plain linears. Local: our RMSNorm and attention."""
+    kind, qk_norm = attention_backend(recipe), recipe.model.qk_layernorm
+    if kind == "te":
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+        if recipe.train.precision == "bf16-pure":
+            from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+            sub = spec.submodules
+            sub.input_layernorm = sub.pre_mlp_layernorm = norm_spec(recipe)
+            sub.self_attention.submodules.linear_qkv = TEColumnParallelLinear
+            sub.mlp.submodules.linear_fc1 = TEColumnParallelLinear
+        return spec
+    spec = get_gpt_layer_local_spec(qk_layernorm=qk_norm, normalization="RMSNorm")
+    sub = spec.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = norm_spec(recipe)
+    if qk_norm:
+        sub.self_attention.submodules.q_layernorm = norm_spec(recipe, per_head=True)
+        sub.self_attention.submodules.k_layernorm = norm_spec(recipe, per_head=True)
+    if kind != "unfused":
+        sub.self_attention.submodules.core_attention = ModuleSpec(module=SDPAttention, params={"kernel": kind})
     return spec
+
+
+def block_spec(recipe: Recipe, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+    """This chunk's layers plus the final norm (ours unless TE's fused path is in use)."""
+    spec = layer_spec(recipe)
+    te_norms = attention_backend(recipe) == "te" and recipe.train.precision != "bf16-pure"
+    if te_norms:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final = TENorm
+    else:
+        final = norm_spec(recipe)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=final)
 
 
 def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised."""
     config = transformer_config(recipe, on_gpu)
-    spec = layer_spec(recipe)
     vpp = recipe.layout.vpp
     chunks = []
     for vp_stage in range(vpp):
         kw = dict(vp_stage=vp_stage) if vpp > 1 else {}
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(recipe, config, vp_stage if vpp > 1 else None),
             vocab_size=recipe.model.padded_vocab_size,
             max_sequence_length=recipe.model.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, **kw),
@@ -151,6 +273,10 @@ def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     init_weights(chunks, recipe)
+    if recipe.train.compile:
+        for chunk in chunks:
+            for layer in chunk.decoder.layers:
+                layer.compile()  # in place: parameter names (and so checkpoints) are unchanged
     return chunks
 
 
@@ -197,7 +323,7 @@ def init_weights(chunks: list[torch.nn.Module], recipe: Recipe) -> None:
             set_tensor_model_parallel_attributes(param, dim is not None, -1 if dim is None else dim, 1)
             std = _init_std(canonical, recipe)
             if std is None:
-                param.fill_(1.0)
+                param.fill_(1.0 / recipe.train.stored_gain_scale)
                 continue
             gen = torch.Generator(device=param.device)
             gen.manual_seed(recipe.train.seed * 1_000_003 + zlib.crc32(canonical.encode()))

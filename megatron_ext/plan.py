@@ -78,14 +78,17 @@ from .config import ModelConfig, Recipe, RecipeError, recipe_from_tree
 GiB = 1024**3
 
 # Bytes per parameter of each model-state category, before ZeRO partitioning.
-#   fp32:       fp32 weights and grads, AdamW m and v in fp32.
+#   fp32:       fp32 weights and grads, AdamW m and v in fp32; from ZeRO-1 DeepSpeed also keeps an
+#               fp32 copy of the partition it updates (4 bytes, /dp), as for bf16-pure below.
 #   bf16-mixed: bf16 weights and grads for forward/backward, an fp32 master copy and fp32 AdamW
 #               m and v owned by the (DeepSpeed) optimizer.
-#   bf16-pure:  Gaperon's "bf16-true": weights, grads and AdamW m, v all bf16, no master copy.
+#   bf16-pure:  Gaperon's "bf16-true": weights, grads and AdamW m, v all bf16, no fp32 copy. At
+#               ZeRO-0 AdamW updates the weights themselves; from ZeRO-1 DeepSpeed updates its own
+#               (bf16, partitioned) copy of each partition and gathers it back: 2 bytes, /dp.
 BYTES_PER_PARAM = {
-    "fp32":       {"weights": 4, "gradients": 4, "master_weights": 0, "optimizer_states": 8},
+    "fp32":       {"weights": 4, "gradients": 4, "master_weights": 4, "optimizer_states": 8},
     "bf16-mixed": {"weights": 2, "gradients": 2, "master_weights": 4, "optimizer_states": 8},
-    "bf16-pure":  {"weights": 2, "gradients": 2, "master_weights": 0, "optimizer_states": 4},
+    "bf16-pure":  {"weights": 2, "gradients": 2, "master_weights": 2, "optimizer_states": 4},
 }
 # ZeRO stage from which a category is partitioned over the data-parallel ranks.
 ZERO_PARTITIONS_FROM = {"optimizer_states": 1, "master_weights": 1, "gradients": 2, "weights": 3}
@@ -175,6 +178,8 @@ def model_state_bytes(recipe: Recipe, pp_rank: int) -> dict[str, int]:
     lay = recipe.layout
     out = {}
     for key, nbytes in BYTES_PER_PARAM[recipe.train.precision].items():
+        if key == "master_weights" and lay.zero_stage == 0 and recipe.train.precision != "bf16-mixed":
+            nbytes = 0  # no DeepSpeed wrapper: AdamW updates the weights themselves
         partitioned = lay.zero_stage >= ZERO_PARTITIONS_FROM[key]
         out[key] = n * nbytes // (lay.dp if partitioned else 1)
     if lay.zero_stage == 3:  # two layers gathered at once (current + prefetch)

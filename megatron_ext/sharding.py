@@ -48,3 +48,8 @@ def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
         gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
         return torch.cat([*gates, *ups], dim=0)
     return torch.cat(shards, dim=dim)
+
+
+def is_norm_gain(name: str) -> bool:
+    """RMSNorm gains, under the local-spec and Transformer Engine names."""
+    return "layernorm" in name or name.endswith("layer_norm_weight")

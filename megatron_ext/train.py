@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from . import checkpoint, faults
+from . import checkpoint, faults, inject
 from .checkpoint import TrainState
 from .config import Recipe, RecipeError, dump_recipe, load_recipe
 from .data import build_datasets, microbatches
 from .engine import Engine, LaunchError, init_distributed
-from .model import attention_backend, build_model
+from .model import attention_backend, build_model, describe_attention
 from .plan import estimate_memory, flops_per_token
 from .schedule import lr_at
 
@@ -122,6 +122,7 @@ def _start(engine, recipe: Recipe, info) -> TrainState:
 
 
 def train(recipe: Recipe) -> int:
+    attention_backend(recipe)  # a kernel this machine lacks fails here, before any process group
     info = init_distributed(recipe)
     stop = StopSignal()
     out = Path(recipe.train.output_dir)
@@ -135,8 +136,10 @@ def train(recipe: Recipe) -> int:
         lay = recipe.layout
         print(f"gaperon: {recipe.model.name} ({recipe.model.num_params() / 1e6:.1f}M params) on "
               f"{info.world_size} {'GPU' if info.on_gpu else 'CPU'} ranks: tp={lay.tp} pp={lay.pp} "
-              f"vpp={lay.vpp} dp={lay.dp} zero={lay.zero_stage} precision={recipe.train.precision} "
-              f"attention={attention_backend(recipe)}", flush=True)
+              f"vpp={lay.vpp} dp={lay.dp} zero={lay.zero_stage} precision={recipe.train.precision}"
+              f"{f' (norm gains stored /{recipe.train.stored_gain_scale:g})' if recipe.train.stored_gain_scale != 1 else ''}"
+              f" compile={'on' if recipe.train.compile else 'off'}", flush=True)
+        print(f"attention: {describe_attention(recipe)}", flush=True)
     estimate = estimate_memory(recipe, attention=attention_backend(recipe))
     if info.is_main:
         print(f"planner estimate per GPU: {(estimate['total'] - estimate['overhead']) / 2**30:.2f} GiB "
@@ -145,6 +148,7 @@ def train(recipe: Recipe) -> int:
     engine = Engine(recipe, chunks, info)
     state = _start(engine, recipe, info)
     train_data, valid_data = build_datasets(recipe)
+    inject.write_record(train_data, recipe, state, write=info.is_main)  # refuses a changed plan
     dp_rank = ps.get_data_parallel_rank()
     t, lay, ck = recipe.train, recipe.layout, recipe.checkpoint
     fpt, peak = flops_per_token(recipe), peak_tflops()
@@ -160,7 +164,9 @@ def train(recipe: Recipe) -> int:
             return checkpoint.REQUEUE_EXIT_CODE
         batch = microbatches(train_data, state.consumed_samples, recipe, dp_rank)
         lr = lr_at(state.step, recipe)
-        result = engine.train_step(batch, lr, poison=faults.armed("nan_loss", state.step + 1))
+        diagnose = bool(t.lm_head_grad_interval) and (state.step + 1) % t.lm_head_grad_interval == 0
+        result = engine.train_step(batch, lr, poison=faults.armed("nan_loss", state.step + 1),
+                                   diagnose_lm_head=diagnose)
         state.step += 1
         state.consumed_samples += lay.global_batch
         if result.skipped:
@@ -185,6 +191,8 @@ def train(recipe: Recipe) -> int:
             if peak:
                 metrics["mfu"] = tokens_per_s / info.world_size * fpt / (peak * 1e12)
             log.log(state.step, metrics)
+        if result.lm_head:
+            log.log(state.step, result.lm_head)
         if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps) and valid_data:
             losses = [engine.eval_loss(microbatches(valid_data, i * lay.global_batch, recipe, dp_rank))
                       for i in range(t.eval_iters)]
@@ -222,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(recipe)
-    except (LaunchError, checkpoint.CheckpointError, NonFiniteLoss) as err:
+    except (RecipeError, LaunchError, checkpoint.CheckpointError, NonFiniteLoss, inject.InjectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -22,6 +22,9 @@ INVALID = {
     "unknown key": (["layout.tensor_parallel=2"], "unknown key 'layout.tensor_parallel'"),
     "unknown section": (["trainer.steps=3"], "unknown key 'trainer'"),
     "bad precision": (["train.precision=fp16"], "train.precision"),
+    "bf16-mixed at zero 0": (["train.precision=bf16-mixed"], "bf16-mixed needs layout.zero_stage >= 1"),
+    "bad attention kernel": (["train.attention=flash3"], "train.attention"),
+    "bad norm gain scale": (["train.norm_gain_scale=0"], "norm_gain_scale=0.0 must be > 0"),
     "vpp without pp": (["layout.vpp=2"], "layout.vpp > 1 needs layout.pp > 1"),
     "seq longer than positions": (["train.seq_len=512"], "exceeds model.max_position_embeddings=256"),
 }

@@ -46,3 +46,14 @@ def test_layout_matches_single_process(reference, tmp_path, tp, pp, dp, zero, vp
     for step, (a, b) in enumerate(zip(norm, ref_norm), 1):
         assert _rel(a, b) <= 1e-4, f"step {step}: grad norm {a} vs single-process {b}"
     assert loss[-1] < loss[0]
+
+
+def test_sequence_parallel_matches_single_process(reference, tmp_path):
+    """tp=2 with sequence parallelism (norms see half the sequence each) and ZeRO-1 over dp=2."""
+    ref_loss, ref_norm = reference
+    launch(4, [str(TINY), *COMMON, *layout_overrides(2, 1, 2, 1), "layout.sequence_parallel=true",
+               f"train.output_dir={tmp_path}"])
+    loss, norm = read_metrics(tmp_path, "loss"), read_metrics(tmp_path, "grad_norm")
+    assert len(loss) == STEPS
+    for step, (a, b, c, d) in enumerate(zip(loss, ref_loss, norm, ref_norm), 1):
+        assert _rel(a, b) <= 1e-4 and _rel(c, d) <= 1e-4, f"step {step}: loss {a} vs {b}, grad norm {c} vs {d}"

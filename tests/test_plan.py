@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from megatron_ext.config import load_recipe  # noqa: E402
+from megatron_ext.config import RecipeError, load_recipe  # noqa: E402
 from megatron_ext.plan import (BYTES_PER_PARAM, STATE_KEYS, GiB, Hardware, PlanError, activation_bytes,  # noqa: E402
                                check_fits, count_params, estimate_memory, flops_per_token,
                                inflight_layers, layer_activation_bytes, layer_params, make_plan, matmul_params,
@@ -83,11 +83,17 @@ def test_shipped_layouts_fit_and_rank_first(name):
 @pytest.mark.parametrize("precision", BYTES_PER_PARAM)
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_zero_partitions_the_byte_table(precision, zero):
-    r = with_layout(load_recipe(ROOT / "recipes/tiny.yaml", [f"train.precision={precision}"]),
-                    dp=8, global_batch=16, zero_stage=zero)
+    base = load_recipe(ROOT / "recipes/tiny.yaml", [f"train.precision={precision}", "layout.zero_stage=1"])
+    if precision == "bf16-mixed" and zero == 0:
+        with pytest.raises(RecipeError, match="bf16-mixed needs layout.zero_stage >= 1"):
+            with_layout(base, dp=8, global_batch=16, zero_stage=zero)
+        return
+    r = with_layout(base, dp=8, global_batch=16, zero_stage=zero)
     n = count_params(r.model, padded=True)
     mem = estimate_memory(r)
-    table = BYTES_PER_PARAM[precision]
+    table = dict(BYTES_PER_PARAM[precision])
+    if zero == 0:
+        table["master_weights"] = 0  # no DeepSpeed wrapper: AdamW updates the weights in place
     expect = {"optimizer_states": zero >= 1, "master_weights": zero >= 1, "gradients": zero >= 2}
     for key, partitioned in expect.items():
         assert mem[key] == n * table[key] // (8 if partitioned else 1), key
@@ -330,7 +336,7 @@ def test_activation_estimate_matches_saved_tensors(mcore, precision, recompute):
     """The local-spec (SDPA) formula against every tensor autograd saves in one forward."""
     torch = mcore
     r = load_recipe(ROOT / "recipes/tiny.yaml", [
-        f"train.precision={precision}", f"layout.recompute={recompute}", "train.attention=sdpa",
+        f"train.precision={precision}", f"layout.recompute={recompute}", "train.attention=sdpa", "layout.zero_stage=1",
         "model.vocab_size=128", "train.seq_len=128", "model.max_position_embeddings=128"])
     (model,) = _build(r)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -355,3 +361,33 @@ def test_estimate_memory_for_the_backend_built():
     assert te["total"] == sum(v for k, v in te.items() if k != "total")
     assert sdpa["activations"] > te["activations"] and sdpa["weights"] == te["weights"]
     assert estimate_memory(r, attention="te") == te
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_model_state_memory_bf16_pure_deepspeed(mcore, monkeypatch, zero):
+    """bf16-pure under our own DeepSpeed config: every model state is bf16 (asserted), and the
+    bytes match the planner (ZeRO-0: 2 + 2 + 0 + 4 per param; ZeRO-1: DeepSpeed's bf16 copy of the
+    partition adds 2)."""
+    torch = mcore
+    deepspeed = pytest.importorskip("deepspeed")
+    from megatron_ext.engine import deepspeed_config
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    r = load_recipe(ROOT / "recipes/tiny.yaml", ["train.precision=bf16-pure", f"layout.zero_stage={zero}"])
+    (model,) = _build(r)
+    config = {**deepspeed_config(r, on_gpu=False), "gradient_accumulation_steps": 1,
+              "managed_gradient_accumulation": True}
+    engine, opt, _, _ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3), config=config)
+    ids, pos = _batch(torch, r)
+    for _ in range(2):
+        engine.backward(engine(ids, pos, None, labels=ids).float().mean())
+        if not getattr(opt, "optimizer", opt).state:
+            engine.step()
+    base = getattr(opt, "optimizer", opt)
+    states = list(_tensors_in(base.state))
+    assert {t.dtype for t in model.parameters()} == {torch.bfloat16}
+    assert {t.dtype for t in states if t is not None and t.ndim} == {torch.bfloat16}
+    measured = _storage_bytes([*_tensors_in(list(model.parameters())), *_tensors_in(vars(opt)), *states])
+    estimated = _model_states(estimate_memory(r))
+    assert abs(measured / estimated - 1) < 0.2, (measured, estimated)
