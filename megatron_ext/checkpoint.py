@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -227,6 +226,8 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> P
     root = checkpoints_dir(output_dir)
     name = f"step_{state.step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
+    from megatron.core import parallel_state as ps  # here, not at import: the converter never needs it
+
     rank = dist.get_rank()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -392,6 +393,8 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
 
     reader = CheckpointReader(path)
     gain_ratio = float(reader.meta.get("norm_gain_scale", 1.0)) / engine.recipe.train.stored_gain_scale
+    from megatron.core import parallel_state as ps
+
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     kinds = STATE_KINDS if with_optimizer else ("model",)
     if with_optimizer:

@@ -70,9 +70,6 @@ def init_distributed(recipe: Recipe) -> DistInfo:
     """Start torch.distributed (NCCL on GPU, gloo on CPU), DeepSpeed and Megatron's groups."""
     rank, world, local_rank = _launch_env()
     lay = recipe.layout
-    if lay.vpp > 1:
-        raise LaunchError("layout.vpp > 1 (interleaved pipeline) does not yet reproduce the single-process "
-                          "losses in our parity test, so training refuses it: use layout.vpp=1")
     if world != lay.world_size:
         raise LaunchError(
             f"launched {world} processes but the recipe's layout needs tp x pp x dp = "

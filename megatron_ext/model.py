@@ -203,6 +203,11 @@ def transformer_config(recipe: Recipe, on_gpu: bool) -> TransformerConfig:
         perform_initialization=False,  # init_weights() draws every tensor, layout-invariantly
         init_method_std=m.init_std,
         deallocate_pipeline_outputs=True,
+        # Unbatched p2p (Megatron-LM's choice with interleaving): the batched path posts a pp=2
+        # rank's sends to prev and next (the same peer) in an order its peer does not receive
+        # them in, so activations and gradients swap silently (caught by our parity test on gloo).
+        batch_p2p_comm=False,
+        overlap_p2p_comm=False,
         **recompute,
     )
 

@@ -425,13 +425,13 @@ def search(recipe: Recipe, hw: Hardware, top: int = 10) -> list[Plan]:
 
     Enumerates tp in 1,2,4,8 (sequence parallel whenever tp > 1: same communication, less
     memory), pp dividing the layers, ZeRO 0-3, micro batch 1/2/4 and the recompute modes;
-    the recipe's own rules (config.recipe_problems) reject impossible combinations. Interleaved
-    pipelines (vpp > 1) are left out while train.py refuses them (see engine.init_distributed).
+    interleaving (vpp 1, 2, 4) when pp > 1; the recipe's own rules (config.recipe_problems)
+    reject impossible combinations.
     """
     L = recipe.model.num_layers
     found = []
     for tp, pp, vpp, zero, mb, rc in itertools.product(
-            (1, 2, 4, 8), range(1, L + 1), (1,), (0, 1, 2, 3), (1, 2, 4),
+            (1, 2, 4, 8), range(1, L + 1), (1, 2, 4), (0, 1, 2, 3), (1, 2, 4),
             ("none", "selective", "full")):
         if hw.gpus % (tp * pp) or L % pp:
             continue

@@ -79,6 +79,17 @@ def test_resume_at_another_dp_size_and_zero_stage(tmp_path):
         assert abs(got[step] - expected[step]) <= 1e-4 * abs(expected[step]), step
 
 
+def test_interleaved_pipeline_checkpoint_resumes_without_pipeline(tmp_path):
+    """Saved from pp 2 x vpp 2 (four model chunks over two ranks), resumed on one process."""
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    run(1, ref, {})
+    run(2, out, dict(pp=2, vpp=2), "checkpoint.interval=0", fault="sigterm:10", check=False)
+    run(1, out, {})
+    expected, got = per_step(ref), per_step(out)
+    for step in range(1, STEPS + 1):
+        assert abs(got[step] - expected[step]) <= 1e-4 * abs(expected[step]), step
+
+
 def test_rotation_keeps_last_k_and_every_mth(tmp_path):
     out = tmp_path / "run"
     run(1, out, {}, "train.steps=12", "checkpoint.interval=2", "checkpoint.keep_last=2", "checkpoint.keep_every=4")

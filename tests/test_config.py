@@ -70,7 +70,3 @@ def test_schedules():
     assert [lr_at(s, wsd) for s in (10, 50, 79)] == [1.0, 1.0, 1.0]
     assert lr_at(89, wsd) == pytest.approx(0.5) and lr_at(99, wsd) == pytest.approx(0.0)
 
-
-def test_interleaved_pipeline_is_refused_until_validated(tmp_path):
-    proc = launch(1, [str(TINY), "layout.pp=2", "layout.vpp=2", f"train.output_dir={tmp_path}"], check=False)
-    assert proc.returncode != 0 and "use layout.vpp=1" in proc.stderr

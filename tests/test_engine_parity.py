@@ -20,6 +20,8 @@ LAYOUTS = [  # (tp, pp, dp, zero, vpp)
     (2, 1, 2, 1, 1),
     (1, 2, 2, 1, 1),
     (2, 1, 2, 2, 1),
+    (1, 2, 1, 0, 2),  # interleaved: 2 virtual stages of 1 layer per rank
+    (1, 2, 2, 1, 2),
 ]
 
 
