@@ -175,12 +175,13 @@ def _swap_root(path: Path, root: Path) -> dict:
     return _deep_merge(_swap_root(path.parent / base, root), raw)
 
 
-def phase_tree(path: str | Path, size: Optional[str] = None) -> dict:
+def phase_tree(path: str | Path, size: Optional[str] = None, chained: bool = False) -> dict:
     """A recipe's tree; with ``size``, the same phase on another size (for sweeps).
 
     A size recipe (no ``base:``) becomes that size. A phase recipe gets the size at the bottom of
     its base chain and the output dir ``<parent>/<model.name>-<phase>`` so sizes never share a run
     dir; its ``checkpoint.init_from``, if it named the base size's run, names the new size's run.
+    ``chained``: a later phase of a chain, whose init_from the chain sets (left as written here).
     """
     path = Path(path)
     if not path.is_file():
@@ -197,7 +198,7 @@ def phase_tree(path: str | Path, size: Optional[str] = None) -> dict:
     parent = Path(train.get("output_dir", "runs/default")).parent
     train["output_dir"] = str(parent / f"{tree['model'].get('name', size)}-{path.stem}")
     ckpt = tree.get("checkpoint", {})
-    if ckpt.get("init_from"):
+    if ckpt.get("init_from") and not chained:
         old_run = read_yaml_tree(old_root).get("train", {}).get("output_dir")
         if Path(ckpt["init_from"]) != Path(old_run or ""):
             raise SubmitError(f"{path}: checkpoint.init_from={ckpt['init_from']} names one size's run, "
@@ -225,7 +226,7 @@ def plan_jobs(recipe: str | Path, overrides: list[str], profile: ClusterProfile,
     for size in sizes or [None]:
         prev: Optional[int] = None  # index of the previous phase's job
         for path in [recipe, *chain]:
-            tree = apply_overrides(phase_tree(path, size), overrides)
+            tree = apply_overrides(phase_tree(path, size, chained=prev is not None), overrides)
             if prev is not None:
                 parent_dir = jobs[prev].recipe.train.output_dir
                 tree = apply_overrides(tree, [f"checkpoint.init_from={parent_dir}"])

@@ -242,6 +242,18 @@ def test_sweep_swaps_the_size_under_a_phase(tmp_path):
     assert [j.recipe.train.output_dir for j in sizes] == ["runs/gaperon-1.5b", "runs/gaperon-24b"]
 
 
+def test_shipped_phase_chain_sweeps_over_sizes():
+    """naive -> drop-in-the-ocean -> mid-training, once per size: each phase starts from the same
+    size's previous phase, whatever run the phase files name."""
+    phases = [ROOT / "recipes" / "phases" / f"{p}.yaml" for p in ("naive", "drop-in-the-ocean", "mid-training")]
+    jobs = slurm.plan_jobs(phases[0], [], slurm.load_profile("example-h100"), chain=phases[1:],
+                           sizes=["1.5b", "8b"])
+    runs = [str(j.recipe.train.output_dir) for j in jobs]
+    assert [Path(r).name for r in runs] == [f"gaperon-{s}-{p.stem}" for s in ("1.5b", "8b") for p in phases]
+    assert [j.recipe.checkpoint.init_from for j in jobs] == [None, runs[0], runs[1], None, runs[3], runs[4]]
+    assert [j.after for j in jobs] == [None, 0, 1, None, 3, 4]
+
+
 def test_sweep_dry_run_prints_one_job_per_size():
     proc = submit(ROOT / "recipes" / "1.5b.yaml", "--cluster", "example-h100", "--sizes", "1.5b,8b,24b", "--dry-run")
     assert proc.returncode == 0, proc.stderr
