@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from .config import Recipe, dump_recipe, recipe_from_tree
 from .faults import maybe_kill
-from .sharding import is_norm_gain, merge, shard
+from .sharding import is_norm_gain, merge, shard, te_name
 
 REQUEUE_EXIT_CODE = 85  # the SLURM script requeues a job that exits with this after saving
 FORMAT_VERSION = 1
@@ -249,12 +249,12 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> P
     tensors, order = {}, 0
     for chunk in engine.chunks:
         names = canonical_names(chunk)
-        for local_name, param in chunk.named_parameters():
+        for module_name, param in chunk.named_parameters():
             states = _get_states(engine, param)  # collective under ZeRO: every DP rank calls
             if order % dp_size == dp_rank:  # spread the writing over the DP ranks
                 for kind, t in states.items():
                     if t is not None:
-                        tensors[f"{kind}/{names[local_name]}"] = t.detach().to("cpu", store_dtype).contiguous()
+                        tensors[f"{kind}/{names[module_name]}"] = t.detach().to("cpu", store_dtype).contiguous()
             order += 1
     try:
         maybe_kill("kill_during_save", state.step)
@@ -402,8 +402,10 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
     relink_optimizer_states(engine)
     for chunk in engine.chunks:
         names = canonical_names(chunk)
-        for local_name, param in chunk.named_parameters():
-            name = names[local_name]
+        for module_name, param in chunk.named_parameters():
+            name = names[module_name]
+            if not reader.has(name) and reader.has(te_name(name)):
+                name = te_name(name)  # written before checkpoints always used local-spec names
             if not reader.has(name):
                 raise CheckpointError(f"checkpoint {reader.path} has no weights for {name}: it was "
                                       "saved from a different model shape")

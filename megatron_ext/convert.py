@@ -58,7 +58,7 @@ from typing import Callable, Iterator
 import torch
 
 from .config import ModelConfig, Recipe, RecipeError, dump_recipe, recipe_from_tree
-from .sharding import is_norm_gain, shard, split_dim
+from .sharding import LAYER_RE, is_norm_gain, local_name, shard, split_dim, te_name
 
 # --------------------------------------------------------------------------------------------
 # errors, sizes, dtypes
@@ -108,11 +108,6 @@ def _nbytes(dtype: torch.dtype, shape) -> int:
 
 EMBED, FINAL_NORM, OUTPUT = "embedding.word_embeddings.weight", "decoder.final_layernorm.weight", "output_layer.weight"
 VOCAB_TENSORS = (EMBED, OUTPUT)
-# TE-spec (fused) name -> local-spec name, per layer
-_TE_TO_LOCAL = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-                "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
-_LOCAL_TO_TE = {v: k for k, v in _TE_TO_LOCAL.items()}
-_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def _layer(i: int, suffix: str) -> str:
@@ -151,19 +146,6 @@ def groups(m: ModelConfig) -> list[tuple[str, list[str]]]:
     return out + [("head", [FINAL_NORM, OUTPUT])]
 
 
-def local_name(name: str) -> str:
-    """A TE-spec canonical name in local-spec terms (local names pass through)."""
-    mt = _LAYER_RE.match(name)
-    if mt and mt.group(2) in _TE_TO_LOCAL:
-        return _layer(int(mt.group(1)), _TE_TO_LOCAL[mt.group(2)])
-    return name
-
-
-def te_name(name: str) -> str:
-    mt = _LAYER_RE.match(name)
-    if mt and mt.group(2) in _LOCAL_TO_TE:
-        return _layer(int(mt.group(1)), _LOCAL_TO_TE[mt.group(2)])
-    return name
 
 
 def shard_shape(name: str, full: tuple[int, ...], tp: int) -> tuple[int, ...]:
@@ -211,7 +193,7 @@ def hf_names(name: str) -> list[str]:
     name = local_name(name)
     if name in _GLOBAL_TO_HF:
         return [_GLOBAL_TO_HF[name]]
-    mt = _LAYER_RE.match(name)
+    mt = LAYER_RE.match(name)
     if not mt:
         raise ConvertError(f"no Hugging Face Llama equivalent for {name}")
     i, suffix = int(mt.group(1)), mt.group(2)
@@ -1055,7 +1037,7 @@ def stage_of(name: str, m: ModelConfig, pp: int) -> int:
         return 0
     if name in (FINAL_NORM, OUTPUT):
         return pp - 1
-    return int(_LAYER_RE.match(name).group(1)) // (m.num_layers // pp)
+    return int(LAYER_RE.match(name).group(1)) // (m.num_layers // pp)
 
 
 def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str], torch.Tensor],

@@ -30,7 +30,7 @@ from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attri
 from megatron.core.transformer.module import MegatronModule
 
 from .config import Recipe, RecipeError
-from .sharding import shard, split_dim
+from .sharding import local_name, shard, split_dim
 
 try:  # Transformer Engine is optional: present on NVIDIA containers, absent on CPU boxes.
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -286,14 +286,15 @@ def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
 
 
 def canonical_names(chunk: torch.nn.Module) -> dict[str, str]:
-    """Local parameter name -> canonical name (global layer index, independent of PP/VPP)."""
+    """Module parameter name -> canonical name: global layer index (independent of PP/VPP) and
+    the local spec's names for TE's fused norms (independent of the spec)."""
     out = {}
     for name, _ in chunk.named_parameters():
         parts = name.split(".")
         if parts[:2] == ["decoder", "layers"]:
             layer = chunk.decoder.layers[int(parts[2])]
             parts[2] = str(layer.layer_number - 1)
-        out[name] = ".".join(parts)
+        out[name] = local_name(".".join(parts))
     return out
 
 

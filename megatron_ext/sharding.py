@@ -7,6 +7,8 @@ these two functions, so a model is the same model at every layout.
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
 # name suffix -> dim split across TP ranks (absent: replicated on every TP rank)
@@ -53,3 +55,29 @@ def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
 def is_norm_gain(name: str) -> bool:
     """RMSNorm gains, under the local-spec and Transformer Engine names."""
     return "layernorm" in name or name.endswith("layer_norm_weight")
+
+
+# Transformer Engine fuses each layer's two norms into the linear that follows them. Checkpoints
+# and conversion always use the local spec's names, so a run may change spec (TE <-> local, or
+# bf16-pure, whose TE layers keep the norms apart) and still load.
+LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+_TE_TO_LOCAL = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+_LOCAL_TO_TE = {v: k for k, v in _TE_TO_LOCAL.items()}
+
+
+def _rename(name: str, table: dict[str, str]) -> str:
+    mt = LAYER_RE.match(name)
+    if mt and mt.group(2) in table:
+        return f"decoder.layers.{mt.group(1)}.{table[mt.group(2)]}"
+    return name
+
+
+def local_name(name: str) -> str:
+    """A TE-spec canonical name in local-spec terms (local names pass through)."""
+    return _rename(name, _TE_TO_LOCAL)
+
+
+def te_name(name: str) -> str:
+    """A local-spec canonical name in TE-spec terms (names TE does not fuse pass through)."""
+    return _rename(name, _LOCAL_TO_TE)

@@ -20,6 +20,7 @@ from conftest import ROOT, TINY, cpu_env, launch, layout_overrides
 from megatron_ext import convert
 from megatron_ext.checkpoint import FORMAT_VERSION, CheckpointReader
 from megatron_ext.config import load_recipe, recipe_from_tree
+from megatron_ext.sharding import local_name
 
 CLI = str(ROOT / "tools" / "convert_checkpoint.py")
 TINY_SHAPES = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -161,9 +162,10 @@ def test_fused_merge_equals_checkpoint_reader(trained):
 # ---- trainer starts from an import ----------------------------------------------------------
 def test_trainer_starts_from_import(hf_tiny, tmp_path):
     """checkpoint.init_from=<from-hf output>: the trainer loads it (here re-sharded from tp 2 to
-    pp 2); with lr 0 the weights it saves after 2 steps are exactly the imported ones, and export
-    back to HF is bit-identical to the original."""
-    ours = convert.from_hf(hf_tiny, tmp_path / "ours", tp=2, pp=1, verify_layers=None, progress=False)
+    pp 2, and written with Transformer Engine's fused-norm names, which the local spec loads); with
+    lr 0 the weights it saves after 2 steps are exactly the imported ones, under local-spec names,
+    and export back to HF is bit-identical to the original."""
+    ours = convert.from_hf(hf_tiny, tmp_path / "ours", tp=2, pp=1, spec="te", verify_layers=None, progress=False)
     run = tmp_path / "run"
     proc = launch(2, [str(TINY), "train.steps=2", "train.precision=fp32", f"train.output_dir={run}",
                       f"checkpoint.init_from={ours}", "optimizer.lr=0", "optimizer.min_lr=0",
@@ -171,8 +173,10 @@ def test_trainer_starts_from_import(hf_tiny, tmp_path):
     assert f"phase starts from {ours}" in proc.stdout
     before, after = CheckpointReader(ours), CheckpointReader(run)
     assert after.meta["step"] == 2
+    assert any("layer_norm_weight" in n for n in before.names())
+    assert not any("layer_norm_weight" in n for n in after.names())
     for name in before.names():
-        assert torch.equal(before.get(name), after.get(name)), name
+        assert torch.equal(before.get(name), after.get(local_name(name))), name
     back = convert.to_hf(run, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False)
     a, b = hf_tensors(hf_tiny), hf_tensors(back)
     assert all(torch.equal(a[k], b[k]) for k in a)
