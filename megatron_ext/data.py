@@ -48,7 +48,9 @@ class _TokenizerInfo:
     """What megatron's GPTDataset asks of a tokenizer: the end-of-document id and the vocab size."""
 
     def __init__(self, eod: int, vocab_size: int):
-        self.eod, self.vocab_size, self.pad = eod, vocab_size, eod
+        # No ``pad``: our samples are never padded, and megatron then uses a pad id that cannot
+        # occur (an EOS-valued pad would be refused with a warning per dataset anyway).
+        self.eod, self.vocab_size = eod, vocab_size
         # Megatron writes this into the blend's cache description (its hash names the cache files).
         self.unique_identifiers = {"class": "GaperonTokenizer", "eod": eod, "vocab_size": vocab_size}
 
