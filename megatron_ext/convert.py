@@ -42,6 +42,7 @@ replaced (with ``overwrite``); nothing else in the directory is touched.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -383,6 +384,20 @@ def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: i
 
 # --------------------------------------------------------------------------------------------
 # streaming safetensors
+
+
+@contextlib.contextmanager
+def _all_written(writers: dict):
+    """Close every writer of ``writers`` still open when the block ends; abort them all (no
+    partial file left behind) if it raises."""
+    try:
+        yield writers
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
 
 
 class StreamingSafetensorsWriter:
@@ -794,7 +809,7 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
                                                         fsync=False)
             return writers[i]
 
-        try:
+        with _all_written(writers):
             for label, names in _progress(groups(m), "to-hf", progress):
                 for n in names:
                     if n in VOCAB_TENSORS:
@@ -807,12 +822,6 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
                     for hn, part in canonical_to_hf(n, t, m, gain):
                         writer(hn).append(hn, part)
                     del t
-            for w in writers.values():
-                w.close()
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
         total = sum(_nbytes(e[1], e[2]) for e in entries)
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total, "total_parameters": sum(math.prod(e[2]) for e in entries)},
@@ -1072,7 +1081,7 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
 
     with _Staging(out, overwrite) as staging:
         writers = {k: StreamingSafetensorsWriter(staging.tmp / fname[k], plan[k]) for k in fname}
-        try:
+        with _all_written(writers):
             for _, names in _progress(groups(m), desc, progress):
                 for n in names:
                     p, key = stage_of(n, m, pp), f"model/{stored[n]}"
@@ -1091,12 +1100,6 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
                     for r in range(tp):
                         writers[(r, p)].append(key, shard(n, full, r, tp).contiguous())
                     del full
-            for w in writers.values():
-                w.close()
-        except BaseException:
-            for w in writers.values():
-                w.abort()
-            raise
         meta = {"format": FORMAT_VERSION, "step": 0, "consumed_samples": 0, "skipped_steps": 0, "adam_step": 0,
                 "layout": {"tp": tp, "pp": pp, "vpp": lay.vpp, "dp": 1, "zero_stage": lay.zero_stage,
                            "world_size": tp * pp},

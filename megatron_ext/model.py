@@ -216,13 +216,19 @@ def norm_spec(recipe: Recipe, per_head: bool = False) -> ModuleSpec:
     return ModuleSpec(module=RMSNorm, params={"gain_scale": recipe.train.stored_gain_scale, "per_head": per_head})
 
 
+def te_norms(recipe: Recipe) -> bool:
+    """Whether Transformer Engine's own norms are used: on the TE spec, except under bf16-pure,
+    whose scaled gains need :class:`RMSNorm`."""
+    return attention_backend(recipe) == "te" and recipe.train.precision != "bf16-pure"
+
+
 def layer_spec(recipe: Recipe):
     """One transformer layer. TE: its fused norm+linear, except under bf16-pure, whose scaled gains
     need :class:`RMSNorm` in front of TE's plain linears. Local: our RMSNorm and attention."""
     kind, qk_norm = attention_backend(recipe), recipe.model.qk_layernorm
     if kind == "te":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-        if recipe.train.precision == "bf16-pure":
+        if not te_norms(recipe):
             from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
 
             sub = spec.submodules
@@ -244,8 +250,7 @@ def layer_spec(recipe: Recipe):
 def block_spec(recipe: Recipe, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
     """This chunk's layers plus the final norm (ours unless TE's fused path is in use)."""
     spec = layer_spec(recipe)
-    te_norms = attention_backend(recipe) == "te" and recipe.train.precision != "bf16-pure"
-    if te_norms:
+    if te_norms(recipe):
         from megatron.core.extensions.transformer_engine import TENorm
 
         final = TENorm

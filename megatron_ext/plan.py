@@ -178,8 +178,8 @@ def model_state_bytes(recipe: Recipe, pp_rank: int) -> dict[str, int]:
     lay = recipe.layout
     out = {}
     for key, nbytes in BYTES_PER_PARAM[recipe.train.precision].items():
-        if key == "master_weights" and lay.zero_stage == 0 and recipe.train.precision != "bf16-mixed":
-            nbytes = 0  # no DeepSpeed wrapper: AdamW updates the weights themselves
+        if key == "master_weights" and lay.zero_stage == 0:
+            nbytes = 0  # no DeepSpeed wrapper: AdamW updates the weights (bf16-mixed needs ZeRO >= 1)
         partitioned = lay.zero_stage >= ZERO_PARTITIONS_FROM[key]
         out[key] = n * nbytes // (lay.dp if partitioned else 1)
     if lay.zero_stage == 3:  # two layers gathered at once (current + prefetch)

@@ -47,6 +47,12 @@ def read_metrics(out_dir: Path, key: str = "loss") -> list[float]:
     return [r[key] for r in rows if key in r]
 
 
+def per_step(out_dir: Path, key: str = "loss") -> dict[int, float]:
+    """The last value logged for each step (a resumed run logs the re-done steps again)."""
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
 def layout_overrides(tp=1, pp=1, dp=1, zero=0, vpp=1, **extra) -> list[str]:
     out = [f"layout.tp={tp}", f"layout.pp={pp}", f"layout.dp={dp}", f"layout.zero_stage={zero}",
            f"layout.vpp={vpp}"]

@@ -3,20 +3,14 @@ layout, rotation, loss health, unwritable output."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import TINY, cpu_env, launch, layout_overrides, read_metrics
+from conftest import TINY, cpu_env, launch, layout_overrides, per_step, read_metrics
 
 STEPS = 20
 COMMON = [f"train.steps={STEPS}", "train.precision=fp32", "train.tensorboard=false", "checkpoint.interval=5"]
 
-
-def per_step(out: Path, key: str = "loss") -> dict[int, float]:
-    """The last value logged for each step (a resumed run logs re-done steps again)."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def run(nproc, out, layout, *extra, fault=None, check=True):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, cpu_env, launch
+from conftest import TINY, cpu_env, launch, per_step
 from megatron_ext import preprocess as pp
 from megatron_ext.config import load_recipe
 from megatron_ext.corpus import build_demo_corpus
@@ -51,11 +51,6 @@ def overrides(indexed: dict, cache: str) -> list[str]:
             f"layout.dp={DP}", "layout.zero_stage=1", "layout.micro_batch=2", f"layout.global_batch={GLOBAL_BATCH}",
             "checkpoint.interval=0"]
 
-
-def per_step(out: Path, key: str = "loss") -> dict[int, float]:
-    """The last value logged for each step (a resumed run logs again from its checkpoint)."""
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def train(indexed, out: Path, cache: str, fault: str | None = None, check: bool = True):

@@ -11,15 +11,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import ROOT, TINY, cpu_env, launch, layout_overrides, read_metrics
+from conftest import ROOT, TINY, cpu_env, launch, layout_overrides, per_step, read_metrics
 from megatron_ext.checkpoint import CheckpointReader
 
 PURE = ["train.precision=bf16-pure", "train.tensorboard=false"]
 
-
-def per_step(out: Path, key: str = "loss") -> dict[int, float]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def ckpt_dtypes(ckpt: Path) -> dict[str, set]:

@@ -8,7 +8,6 @@ slurm/local_cluster.sh starts and is skipped, saying why, when there is none.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, per_step
 
 from megatron_ext import slurm
 from megatron_ext.config import load_recipe
@@ -370,10 +369,6 @@ def _train_loop_handles_signals() -> bool:
 needs_train = pytest.mark.skipif(not (ROOT / "tools" / "train.py").exists(), reason="tools/train.py not written yet")
 TRAIN = ["train.steps=40", "train.tensorboard=false", "train.precision=fp32", "train.log_interval=1"]
 
-
-def per_step(out: Path) -> dict[int, float]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 @pytest.fixture(scope="module")
