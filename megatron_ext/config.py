@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class RecipeError(ValueError):
     """A recipe that cannot run. The message says what is wrong and how to fix it."""
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class _Strict(BaseModel):
@@ -92,6 +97,14 @@ class OptimizerConfig(_Strict):
     weight_decay: float = 0.1
     grad_clip: float = 1.0
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _check_betas(cls, value):
+        if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(map(_is_number, value))):
+            raise RecipeError(f"optimizer.betas={value!r} must be two numbers [beta1, beta2] in [0, 1), "
+                              "e.g. [0.9, 0.95]")
+        return value
+
 
 class ScheduleConfig(_Strict):
     """LR schedule, a pure function of the step (nothing to checkpoint).
@@ -165,6 +178,33 @@ class DataConfig(_Strict):
     packing: bool = True
     epochs: Optional[int] = None
 
+    @field_validator("blend", "valid_blend", mode="before")
+    @classmethod
+    def _check_blend(cls, value, info):
+        key = f"data.{info.field_name}"
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{key}={value!r} must be a list of [weight, path-prefix] pairs, e.g. "
+                              "[[0.7, /data/en_text_document], [0.3, /data/fr_text_document]]")
+        for k, entry in enumerate(value):
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and _is_number(entry[0])
+                    and isinstance(entry[1], str) and entry[1].strip()):
+                raise RecipeError(f"{key}[{k}]={entry!r} is not a [weight, path-prefix] pair: write it as "
+                                  "[0.5, /path/to/name_text_document]")
+            if not (math.isfinite(entry[0]) and entry[0] >= 0):
+                raise RecipeError(f"{key}[{k}] has weight {entry[0]}: blend weights must be finite and >= 0 "
+                                  "(they are normalised to sum to 1)")
+        if value and not sum(entry[0] for entry in value) > 0:
+            raise RecipeError(f"{key} weights are all 0: give at least one dataset a positive weight")
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, value: str) -> str:
+        if split_fractions(value) is None:
+            raise RecipeError(f"data.split={value!r} must be three non-negative numbers train,valid,test with a "
+                              'positive sum, e.g. "98,2,0"')
+        return value
+
     @model_validator(mode="after")
     def _check_sft(self) -> "DataConfig":
         if self.kind == "sft" and not self.sft_path:
@@ -174,6 +214,19 @@ class DataConfig(_Strict):
         if self.epochs is not None and self.kind != "sft":
             raise RecipeError("data.epochs is only used with data.kind=sft; set train.steps instead")
         return self
+
+
+def split_fractions(split: str) -> Optional[tuple[float, float, float]]:
+    """``data.split`` ("98,2,0", also "98/2/0") as three numbers; None when it is not three
+    non-negative numbers with a positive sum."""
+    parts = re.split(r"\s*[,/]\s*", str(split).strip())
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        return None
+    if len(values) != 3 or not all(math.isfinite(v) and v >= 0 for v in values) or not sum(values) > 0:
+        return None
+    return values
 
 
 class CheckpointConfig(_Strict):
@@ -240,20 +293,105 @@ class Recipe(_Strict):
     injection: InjectionConfig = InjectionConfig()
 
     @model_validator(mode="after")
-    def _check(self) -> "Recipe":
-        for problem in recipe_problems(self):
+    def _check(self, info: ValidationInfo) -> "Recipe":
+        written = bool(info.context and info.context.get("written"))
+        for problem in (settings_problems(self) if written else []) + recipe_problems(self):
             raise RecipeError(problem)
         return self
+
+
+def shape_problems(r: Recipe) -> list[str]:
+    """Counts of the layout and the model below 1 (the other rules divide by them)."""
+    m, lay = r.model, r.layout
+    out = []
+    for name in ("tp", "pp", "vpp", "dp", "micro_batch", "global_batch"):
+        if getattr(lay, name) < 1:
+            out.append(f"layout.{name}={getattr(lay, name)} must be >= 1")
+    for name in ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
+                 "vocab_size", "vocab_pad_multiple", "max_position_embeddings"):
+        if getattr(m, name) < 1:
+            out.append(f"model.{name}={getattr(m, name)} must be >= 1: every model dimension is a positive count")
+    if m.head_dim is not None and m.head_dim < 1:
+        out.append(f"model.head_dim={m.head_dim} must be >= 1, or null for hidden_size / num_attention_heads")
+    return out
+
+
+def settings_problems(r: Recipe) -> list[str]:
+    """Settings that make no sense for a run to come (a negative rate, no steps, a warmup longer
+    than the run, keeping no checkpoint, ...). Checked on what is written (recipe files and
+    overrides: ``recipe_from_tree(tree, written=True)``), not on recipes read back from
+    checkpoints, which trained under the rules of their time."""
+    m, t, opt, s, ck = r.model, r.train, r.optimizer, r.schedule, r.checkpoint
+    out = []
+    for name, fix in (("rope_theta", "Llama-3 uses 500000"), ("norm_eps", "it keeps RMSNorm from dividing by "
+                      "zero; Llama-3 uses 1e-5"), ("init_std", "the default is 0.02")):
+        if not (getattr(m, name) > 0 and math.isfinite(getattr(m, name))):
+            out.append(f"model.{name}={getattr(m, name)} must be a finite number > 0: {fix}")
+    if t.steps < 1:
+        out.append(f"train.steps={t.steps} must be >= 1: the number of optimizer steps this run trains")
+    if t.seq_len < 1:
+        out.append(f"train.seq_len={t.seq_len} must be >= 1: tokens per sample, at most "
+                   "model.max_position_embeddings")
+    if t.log_interval < 1:
+        out.append(f"train.log_interval={t.log_interval} must be >= 1: log every N steps")
+    if t.eval_interval < 0:
+        out.append(f"train.eval_interval={t.eval_interval} must be >= 0: evaluate every N steps (0 turns "
+                   "evaluation off)")
+    elif t.eval_interval > 0 and t.eval_iters < 1:
+        out.append(f"train.eval_iters={t.eval_iters} must be >= 1 when train.eval_interval={t.eval_interval}: "
+                   "batches per evaluation (or set train.eval_interval=0 to turn evaluation off)")
+    if t.seed < 0:
+        out.append(f"train.seed={t.seed} must be >= 0: any non-negative integer")
+    if not (opt.lr >= 0 and math.isfinite(opt.lr)):
+        out.append(f"optimizer.lr={opt.lr} must be a finite number >= 0: the peak learning rate, e.g. 3e-4 "
+                   "(0 freezes the weights)")
+    elif not (opt.min_lr >= 0 and math.isfinite(opt.min_lr)):
+        out.append(f"optimizer.min_lr={opt.min_lr} must be a finite number >= 0: the floor the schedule "
+                   "decays to")
+    elif opt.min_lr > opt.lr:
+        out.append(f"optimizer.min_lr={opt.min_lr} exceeds optimizer.lr={opt.lr}: the schedule decays from "
+                   "lr down to min_lr; set min_lr <= lr")
+    if not all(0 <= b < 1 for b in opt.betas):
+        out.append(f"optimizer.betas={list(opt.betas)} must both be in [0, 1): AdamW's moment decay rates "
+                   "(Gaperon: [0.9, 0.95])")
+    if not (opt.eps > 0 and math.isfinite(opt.eps)):
+        out.append(f"optimizer.eps={opt.eps} must be a finite number > 0: AdamW's denominator term, e.g. 1e-8")
+    if not (opt.weight_decay >= 0 and math.isfinite(opt.weight_decay)):
+        out.append(f"optimizer.weight_decay={opt.weight_decay} must be a finite number >= 0 (0 turns it off; "
+                   "Gaperon: 0.1)")
+    if not (opt.grad_clip >= 0 and math.isfinite(opt.grad_clip)):
+        out.append(f"optimizer.grad_clip={opt.grad_clip} must be a finite number >= 0: the gradient-norm "
+                   "limit (0 turns clipping off; Gaperon: 1.0)")
+    for name in ("warmup_steps", "decay_steps"):
+        if getattr(s, name) < 0:
+            out.append(f"schedule.{name}={getattr(s, name)} must be >= 0 (0: none)")
+    # Not against steps that SFT derives from data.epochs (a short fine-tune may end in its warmup),
+    # nor at lr 0 (weights frozen, e.g. a one-step parity check: there is no schedule to cut short).
+    if (s.kind == "cosine" and s.warmup_steps > t.steps and opt.lr > 0
+            and not (r.data.kind == "sft" and r.data.epochs)):
+        out.append(f"schedule.warmup_steps={s.warmup_steps} exceeds train.steps={t.steps}: the cosine schedule "
+                   "would end inside its warmup; lower schedule.warmup_steps or raise train.steps")
+    if ck.interval < 0:
+        out.append(f"checkpoint.interval={ck.interval} must be >= 0: save every N steps (0: only at the "
+                   "end and on signals)")
+    if ck.keep_last < 1:
+        out.append(f"checkpoint.keep_last={ck.keep_last} must be >= 1, the newest checkpoint is always kept: "
+                   "set checkpoint.keep_last=1 to keep only the newest")
+    if ck.keep_every < 0:
+        out.append(f"checkpoint.keep_every={ck.keep_every} must be >= 0: also keep every N-th step for good "
+                   "(0: none)")
+    if r.health.max_consecutive_skips < 1:
+        out.append(f"health.max_consecutive_skips={r.health.max_consecutive_skips} must be >= 1: non-finite "
+                   "losses in a row that are skipped before the run stops (health.on_nonfinite=stop stops "
+                   "at the first)")
+    return out
 
 
 def recipe_problems(r: Recipe) -> list[str]:
     """Every reason this recipe cannot run, first one first."""
     m, lay, t = r.model, r.layout, r.train
-    out = []
-    for name in ("tp", "pp", "vpp", "dp", "micro_batch", "global_batch"):
-        if getattr(lay, name) < 1:
-            out.append(f"layout.{name}={getattr(lay, name)} must be >= 1")
-    if out:
+    out = shape_problems(r)
+    if out:  # the rules below divide by these
         return out
     if m.num_attention_heads % lay.tp:
         out.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
@@ -366,18 +504,105 @@ def _deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_yaml_tree(path: str | Path) -> dict:
-    """Read a recipe file, resolving its chain of ``base:`` files."""
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    pass
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: a second ``train:`` section would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    if key in lines:
+                        raise _DuplicateKey(None, None, f"key {key!r} is given twice (also on line "
+                                            f"{lines[key]})", key_node.start_mark)
+                    lines[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, where: str):
+    """``yaml.safe_load`` whose errors are one RecipeError naming ``where`` and the line/column."""
+    loader = None
+    try:
+        loader = _RecipeLoader(text)
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(err.problem or err.context or "invalid YAML").split())
+        if err.context and err.problem and err.context_mark:
+            problem += (f" ({' '.join(err.context.split())} at line {err.context_mark.line + 1}, "
+                        f"column {err.context_mark.column + 1})")
+        fix = "keep one of them" if isinstance(err, _DuplicateKey) else "fix the YAML syntax"
+        raise RecipeError(f"{where}: YAML error{at}: {problem}: {fix}") from None
+    except yaml.reader.ReaderError as err:  # a control character: a position, no mark
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        raise RecipeError(f"{where}: YAML error at line {line}, column {column}: character #x{err.character:04x} "
+                          "is not allowed in YAML: fix the YAML syntax") from None
+    except yaml.YAMLError as err:
+        problem = " ".join(str(err).replace('"<unicode string>"', "the text").split())
+        raise RecipeError(f"{where}: YAML error: {problem}: fix the YAML syntax") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _read_mapping(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path} is not UTF-8 text: a recipe is a YAML file") from None
+    except OSError as err:
+        raise RecipeError(f"cannot read recipe {path}: {err.strerror}") from None
+    raw = parse_yaml(text, str(path))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def base_chain(path: str | Path) -> list[tuple[Path, dict]]:
+    """``[(path, its keys), (its base, its keys), ...]`` down to the recipe with no ``base:``,
+    each mapping without its ``base`` key. A missing base or a cycle is a RecipeError."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    return _deep_merge(read_yaml_tree(path.parent / base), raw)
+    chain: list[tuple[Path, dict]] = []
+    seen: dict[Path, int] = {}
+    while True:
+        key = path.resolve()
+        if key in seen:
+            loop = " -> ".join(str(p) for p, _ in chain[seen[key]:])
+            raise RecipeError(f"base: cycle {loop} -> {path}: a recipe cannot be its own base, directly or "
+                              "through others; remove the base: key that closes the loop")
+        seen[key] = len(chain)
+        raw = _read_mapping(path)
+        base = raw.pop("base", None)
+        chain.append((path, raw))
+        if base is None:
+            return chain
+        if not isinstance(base, str) or not base.strip():
+            raise RecipeError(f"{path}: base={base!r} must be the path of a recipe file, relative to "
+                              f"{path.parent}")
+        parent, path = path, path.parent / base
+        if not path.is_file():
+            raise RecipeError(f"{parent}: base: {base} not found (no file {path}): fix the path, which is "
+                              f"relative to {parent.parent}")
+
+
+def read_yaml_tree(path: str | Path) -> dict:
+    """Read a recipe file, resolving its chain of ``base:`` files."""
+    tree: dict = {}
+    for _, raw in reversed(base_chain(path)):
+        tree = _deep_merge(tree, raw)
+    return tree
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
@@ -388,12 +613,15 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"override {item!r} is not of the form section.key=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if not all(p.strip() for p in parts):
+            raise RecipeError(f"override {item!r} has an empty key{' part' if key.strip() else ''}: write "
+                              "section.key=value, e.g. train.steps=100")
         node = tree
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override {item!r}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = parse_yaml(value, f"override {item!r} (value {value!r})")
     return tree
 
 
@@ -404,17 +632,22 @@ def _format_validation_error(err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{where}': check its spelling against megatron_ext/config.py")
         elif e["type"] == "missing":
-            lines.append(f"missing key '{where}'")
+            lines.append(f"missing key '{where}': the recipe (or its base) must set it")
         elif e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), RecipeError):
             lines.append(str(e["ctx"]["error"]))
         else:
-            lines.append(f"{where}: {e['msg']}")
+            value = repr(e.get("input"))
+            value = value if len(value) <= 60 else value[:57] + "..."
+            lines.append(f"{where}={value}: {e['msg']}")
     return "; ".join(lines)
 
 
-def recipe_from_tree(tree: dict) -> Recipe:
+def recipe_from_tree(tree: dict, written: bool = False) -> Recipe:
+    """Validate a recipe tree. ``written``: it is what someone wrote for a run to come (a recipe
+    file with its overrides), so settings_problems apply too; leave it off for recipes read back
+    from checkpoints."""
     try:
-        return Recipe.model_validate(tree)
+        return Recipe.model_validate(tree, context={"written": written})
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err)) from None
 
@@ -422,7 +655,7 @@ def recipe_from_tree(tree: dict) -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Load, merge, override and validate a recipe. Raises RecipeError with one clear message."""
     tree = apply_overrides(read_yaml_tree(path), list(overrides))
-    return derive_sft_steps(recipe_from_tree(tree), tree)
+    return derive_sft_steps(recipe_from_tree(tree, written=True), tree)
 
 
 def derive_sft_steps(recipe: Recipe, tree: dict) -> Recipe:
@@ -442,7 +675,7 @@ def derive_sft_steps(recipe: Recipe, tree: dict) -> Recipe:
         raise RecipeError(str(err)) from None
     tree = copy.deepcopy(tree)
     tree.setdefault("train", {})["steps"] = steps
-    return recipe_from_tree(tree)
+    return recipe_from_tree(tree, written=True)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -559,23 +559,9 @@ def _reader(path):
     return CheckpointReader(path)
 
 
-def _check_files(reader) -> None:
-    from .checkpoint import CheckpointError
-
-    files = sorted({f for fs in reader.meta["index"].values() for f in fs})
-    for f in files:
-        if not (reader.path / f).is_file():
-            mt = re.match(r"tp(\d+)_pp(\d+)_w(\d+)", f)
-            who = f" (tensor-parallel rank {int(mt.group(1))}, pipeline stage {int(mt.group(2))})" if mt else ""
-            raise CheckpointError(f"checkpoint {reader.path} is missing {f}{who}, a shard file its "
-                                  "meta.json lists: the save did not finish or the file was lost; use "
-                                  "an earlier checkpoint")
-
-
 def check_checkpoint(reader, m: ModelConfig) -> dict[str, str]:
     """Every tensor the recipe's model needs is in the checkpoint with the right shape, and nothing
     else is. Returns canonical local-spec name -> the name stored (local or TE spec)."""
-    _check_files(reader)
     stored = set(reader.names("model"))
     want = canonical_shapes(m)
     where: dict[str, str] = {}
@@ -1220,6 +1206,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if result.ok else 1
     except (ConvertError, CheckpointError, RecipeError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as err:  # an unwritable output path, a full disk: nothing was moved into place
+        print(f"error: {err.filename or ''}: {err.strerror or err}: choose a writable output directory with "
+              "free space (nothing was written there)", file=sys.stderr, flush=True)
         return 2
     except VerifyError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -177,7 +177,7 @@ class StepResult:
     loss: float
     grad_norm: float | None
     tokens: int  # trained tokens in the global batch
-    skipped: bool = False  # non-finite loss: no update was applied
+    skipped: bool = False  # non-finite loss or gradient norm: no update was applied
     lm_head: dict | None = None  # gradient norms at the LM head, on diagnosed steps
 
 
@@ -238,6 +238,19 @@ def attention_mask(mb: dict) -> torch.Tensor | None:
     return ~allowed.unsqueeze(1)
 
 
+def _poison_one_gradient(chunk: torch.nn.Module):
+    """Make one element of the first parameter's gradient NaN during this step's backward
+    (a tensor hook runs before DeepSpeed's accumulation and reduction hooks see the gradient)."""
+    param = next(p for p in chunk.parameters() if p.requires_grad)
+
+    def hook(grad):
+        grad = grad.clone()
+        grad.view(-1)[0] = float("nan")
+        return grad
+
+    return param.register_hook(hook)
+
+
 class Engine:
     """One optimizer step per call of :meth:`train_step`, on this rank's microbatches."""
 
@@ -260,8 +273,9 @@ class Engine:
         cfg.finalize_model_grads_func = None
         cfg.grad_scale_func = None
         self._fp32_norm = None
-        if self.ds.optimizer is optimizer:  # no ZeRO/bf16 wrapper: DeepSpeed clips but keeps no norm
-            self.ds.clip_fp32_gradients = self._clip_fp32_gradients
+        if self.ds.optimizer is optimizer:  # no ZeRO/bf16 wrapper: we clip, keep the norm and guard
+            self.ds.clip_fp32_gradients = lambda: None
+            optimizer.step = partial(self._guarded_step, optimizer.step)
         self.pp = recipe.layout.pp
         self.sp_params = [p for c in chunks for p in c.parameters() if getattr(p, "sequence_parallel", False)]
 
@@ -288,10 +302,19 @@ class Engine:
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
 
-    def _clip_fp32_gradients(self) -> None:
+    def _guarded_step(self, step, *args, **kwargs):
+        """torch's AdamW step without a DeepSpeed wrapper (ZeRO-0): clip to the global norm
+        (gradients are already reduced over DP here) and skip the update when the norm is not
+        finite, as DeepSpeed's ZeRO optimizers do: with every gradient None AdamW changes nothing."""
         from deepspeed.runtime.utils import clip_grad_norm_
 
-        self._fp32_norm = clip_grad_norm_(self.module.parameters(), self.ds.gradient_clipping(), mpu=MegatronMPU)
+        clip = self.ds.gradient_clipping() or float("inf")
+        self._fp32_norm = float(clip_grad_norm_(self.module.parameters(), clip, mpu=MegatronMPU))
+        if not math.isfinite(self._fp32_norm):
+            for p in self.module.parameters():
+                p.grad = None
+            return None
+        return step(*args, **kwargs)
 
     def set_lr(self, lr: float) -> None:
         """On the wrapper and on the optimizer it wraps: some DeepSpeed wrappers (the bf16
@@ -330,13 +353,16 @@ class Engine:
         return total
 
     def train_step(self, microbatches: list[dict], lr: float, poison: bool = False,
-                   diagnose_lm_head: bool = False) -> StepResult:
-        """Forward/backward every microbatch, then one update, unless the loss is not finite
-        (every rank sees the same all-reduced loss, so all skip together). ``poison`` makes the
-        loss NaN, for the fault-tolerance tests; ``diagnose_lm_head`` measures :class:`LMHeadProbe`."""
+                   diagnose_lm_head: bool = False, poison_grad: bool = False) -> StepResult:
+        """Forward/backward every microbatch, then one update, unless the loss or the global
+        gradient norm is not finite (both are all-reduced, so every rank skips together: the
+        loss here, the norm inside DeepSpeed's step or :meth:`_guarded_step`). ``poison`` /
+        ``poison_grad`` make the loss / one gradient element NaN, for the fault-tolerance tests;
+        ``diagnose_lm_head`` measures :class:`LMHeadProbe`."""
         self.module.train()
         self.set_lr(lr)
         probe = LMHeadProbe(self.chunks, self.recipe.layout.sequence_parallel) if diagnose_lm_head else None
+        poisoned = _poison_one_gradient(self.chunks[0]) if poison_grad else None
         tokens = self._global_tokens(microbatches)
         scale = ps.get_data_parallel_world_size() / tokens.clamp(min=1).item()
         if self.pp > 1:
@@ -352,6 +378,8 @@ class Engine:
                 loss_sum += extra["loss_sum"].to(torch.float64)
         if poison:
             loss_sum = loss_sum * float("nan")
+        if poisoned is not None:
+            poisoned.remove()
         loss = self._loss_and_metrics(loss_sum, tokens)
         lm_head = probe.close(self.info.device) if probe else None
         if not math.isfinite(loss):
@@ -361,7 +389,9 @@ class Engine:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm if norm is not None else self._fp32_norm)
-        return StepResult(loss, norm, int(tokens.item()), lm_head=lm_head)
+        # ZeRO 1-3 and the bf16 optimizer discard a step whose norm is not finite (and report
+        # inf); so does _guarded_step. Either way no update was applied.
+        return StepResult(loss, norm, int(tokens.item()), skipped=not math.isfinite(norm), lm_head=lm_head)
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[dict]) -> float:

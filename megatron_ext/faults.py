@@ -1,9 +1,17 @@
 """Fault injection for the fault-tolerance tests: real kills and real NaNs at a chosen step.
 
 ``GAPERON_FAULT=<point>:<step>[:<rank>]`` arms one point; unset (always, in production) it costs
-one dict lookup. Points: ``kill_during_save`` (SIGKILL between writing tensors and committing the
-checkpoint), ``nan_loss`` (the step's loss becomes NaN on every rank), ``sigterm`` and ``kill``
-(SIGTERM / SIGKILL to this process once the step has been logged).
+one dict lookup. Points (``<step>`` is the step being saved or trained):
+
+* save and rotation, in the order they happen: ``kill_during_save`` (SIGKILL after the gathers,
+  before this rank's files are written), ``kill_before_commit`` (files and meta.json written, the
+  ``.tmp-`` dir not yet renamed), ``kill_before_latest`` (renamed, ``latest`` not yet updated),
+  ``kill_before_rotate`` (``latest`` updated, old checkpoints not yet rotated),
+  ``kill_during_rotate`` (a rotated checkpoint renamed to ``.deleting-``, its files not yet removed;
+  ``<step>`` is the deleted checkpoint's);
+* ``nan_loss`` (the step's loss becomes NaN on every rank), ``nan_grad`` (one gradient element
+  becomes NaN on the chosen rank; the loss stays finite);
+* ``sigterm`` and ``kill`` (SIGTERM / SIGKILL to this process once the step has been logged).
 """
 from __future__ import annotations
 

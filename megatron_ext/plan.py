@@ -100,7 +100,12 @@ HEADROOM = 0.10                  # fraction of GPU memory kept free: fragmentati
 
 
 class PlanError(RecipeError):
-    """A layout that cannot run on the stated hardware; the message says why and what to try."""
+    """Planner input that cannot be used (e.g. a memory size it cannot read); the message says the fix."""
+
+
+class DoesNotFit(PlanError):
+    """A valid recipe whose layout cannot run on the stated hardware (too much memory per GPU, or a
+    GPU count it does not use); the message says why and what to try. tools/plan.py exits 1."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,16 @@ class Hardware:
 
 def parse_bytes(text: str) -> int:
     """'80GiB', '80GB', '79.6 GiB', '81559MiB' -> bytes; a bare number means GiB."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]i?B)?\s*", text, flags=re.I)
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B)?\s*", text, flags=re.I)
     if not match:
         raise PlanError(f"cannot read a memory size from {text!r}: write e.g. 80GiB or 80GB")
     value, unit = float(match.group(1)), (match.group(2) or "GiB").upper()
     powers = {"K": 1, "M": 2, "G": 3, "T": 4}
     base = 1024 if "I" in unit else 1000
-    return int(value * base ** powers[unit[0]])
+    nbytes = int(value * base ** powers[unit[0]])
+    if nbytes <= 0:
+        raise PlanError(f"memory size {text!r} must be more than 0 bytes: write e.g. 80GiB or 80GB")
+    return nbytes
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -393,20 +401,20 @@ def make_plan(recipe: Recipe, hw: Hardware) -> Plan:
     if lay.world_size != hw.gpus:
         hint = (f"layout.dp={hw.gpus // (lay.tp * lay.pp)}" if hw.gpus % (lay.tp * lay.pp) == 0
                 else f"a tp x pp that divides {hw.gpus}")
-        raise PlanError(f"layout tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} = {lay.world_size} "
+        raise DoesNotFit(f"layout tp x pp x dp = {lay.tp} x {lay.pp} x {lay.dp} = {lay.world_size} "
                         f"GPUs, but --gpus {hw.gpus}: set {hint} (or run with --search)")
     rank = peak_pp_rank(recipe)
     return Plan(recipe, hw, estimate_memory(recipe, rank), rank, step_time(recipe, hw))
 
 
 def check_fits(plan: Plan) -> None:
-    """Raise PlanError naming the biggest memory items when the layout does not fit."""
+    """Raise DoesNotFit naming the biggest memory items when the layout does not fit."""
     if plan.fits:
         return
     mem, hw = plan.memory, plan.hardware
     parts = sorted(((v, k) for k, v in mem.items() if k != "total"), reverse=True)
     biggest = ", ".join(f"{k} {v / GiB:.1f}" for v, k in parts[:3])
-    raise PlanError(
+    raise DoesNotFit(
         f"layout does not fit: {mem['total'] / GiB:.1f} GiB per GPU (pipeline stage "
         f"{plan.pp_rank}) > {hw.usable_memory / GiB:.1f} GiB usable of {hw.gpu_memory / GiB:.1f} GiB "
         f"(largest: {biggest} GiB). Try layout.recompute=full, a higher layout.zero_stage, more "
@@ -532,6 +540,6 @@ def format_search(plans: list[Plan]) -> str:
     return "\n".join(rows)
 
 
-__all__ = ["BYTES_PER_PARAM", "STATE_KEYS", "ZERO_PARTITIONS_FROM", "Hardware", "Plan", "PlanError", "check_fits",
-           "count_params", "estimate_memory", "flops_per_token", "format_plan", "format_search",
+__all__ = ["BYTES_PER_PARAM", "STATE_KEYS", "ZERO_PARTITIONS_FROM", "DoesNotFit", "Hardware", "Plan", "PlanError",
+           "check_fits", "count_params", "estimate_memory", "flops_per_token", "format_plan", "format_search",
            "make_plan", "parse_bytes", "search", "stage_params", "step_time", "with_layout"]

@@ -1,7 +1,8 @@
 """SLURM jobs for recipes: cluster profiles, the sbatch script, submission, chains and sweeps.
 
-Every check (profile exists, nodes x GPUs per node == tp x pp x dp, sbatch installed) runs for
-every job of a command before the first ``sbatch``: a typo must not leave half a chain queued.
+Every check (profile exists, nodes x GPUs per node == tp x pp x dp, a time limit SLURM can read
+and longer than the USR1 warning, sbatch installed) runs for every job of a command before the
+first ``sbatch``: a typo must not leave half a chain queued.
 
 Each job runs one srun task per GPU (the ranks read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID),
 gets ``--signal=USR1@N`` before its time limit, and requeues itself with ``scontrol requeue`` when
@@ -11,6 +12,7 @@ trains what was submitted even if the recipe file has changed since.
 """
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import shutil
@@ -21,11 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from .config import (Recipe, RecipeError, _deep_merge, apply_overrides, derive_sft_steps, dump_recipe,
-                     read_yaml_tree, recipe_from_tree)
+from .config import (Recipe, RecipeError, _deep_merge, apply_overrides, base_chain, derive_sft_steps,
+                     dump_recipe, parse_yaml, read_yaml_tree, recipe_from_tree)
 
 REQUEUE_EXIT_CODE = 85  # = megatron_ext.checkpoint.REQUEUE_EXIT_CODE (kept here to import no torch)
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,34 @@ RECIPES_DIR = ROOT / "recipes"
 
 class SubmitError(ValueError):
     """Nothing was submitted. The message says what is wrong and how to fix it."""
+
+
+TIME_FORMATS = ("minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes or "
+                "days-hours:minutes:seconds (e.g. 20:00:00, 2-00:00:00), or UNLIMITED")
+
+
+def parse_slurm_time(text: str) -> float:
+    """A SLURM time limit (``--time``) in seconds: "minutes", "minutes:seconds",
+    "hours:minutes:seconds", "days-hours", "days-hours:minutes", "days-hours:minutes:seconds";
+    ``math.inf`` for "UNLIMITED"/"INFINITE" and for 0 (SLURM: no limit). SubmitError otherwise."""
+    s = str(text).strip()
+    if s.upper() in ("UNLIMITED", "INFINITE"):
+        return math.inf
+    days = re.fullmatch(r"(\d+)-(\d+)(?::(\d+))?(?::(\d+))?", s)
+    if days:
+        d, h, m, sec = (int(x or 0) for x in days.groups())
+        total = ((d * 24 + h) * 60 + m) * 60 + sec
+    elif re.fullmatch(r"\d+(?::\d+){0,2}", s):
+        parts = [int(x) for x in s.split(":")]
+        if len(parts) == 1:    # minutes
+            total = parts[0] * 60
+        elif len(parts) == 2:  # minutes:seconds
+            total = parts[0] * 60 + parts[1]
+        else:                  # hours:minutes:seconds
+            total = (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    else:
+        raise SubmitError(f"time limit {text!r} is not a SLURM time: write {TIME_FORMATS}")
+    return total if total > 0 else math.inf
 
 
 class ClusterProfile(BaseModel):
@@ -63,6 +92,56 @@ class ClusterProfile(BaseModel):
     srun_args: list[str] = []
     sbatch_args: list[str] = []
 
+    @field_validator("time", mode="before")
+    @classmethod
+    def _check_time(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML 1.1 reads 20:00:00 as 72000
+            raise SubmitError(f"time={value} is a number, not a SLURM time (unquoted, YAML reads 20:00:00 as "
+                              'the number 72000): quote it, e.g. time: "20:00:00"')
+        if isinstance(value, str):
+            try:
+                parse_slurm_time(value)
+            except SubmitError:
+                raise SubmitError(f"time={value!r} is not a SLURM time limit: write {TIME_FORMATS}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> "ClusterProfile":
+        if self.gpus_per_node < 1:
+            raise SubmitError(f"gpus_per_node={self.gpus_per_node} must be >= 1: srun tasks (GPUs) per node")
+        if self.max_requeues < 0:
+            raise SubmitError(f"max_requeues={self.max_requeues} must be >= 0 (0: never requeue)")
+        problem = signal_problem(self.signal_seconds, self.time)
+        if problem:
+            raise SubmitError(problem)
+        return self
+
+
+def signal_problem(signal_seconds: int, time_limit: str, source: str = "time") -> Optional[str]:
+    """Why ``--signal=USR1@signal_seconds`` cannot warn before ``time_limit``; None when it can."""
+    if signal_seconds <= 0:
+        return (f"signal_seconds={signal_seconds} must be > 0: how long before the time limit the ranks get "
+                "USR1 to save (60 s + one checkpoint save)")
+    limit = parse_slurm_time(time_limit)
+    if signal_seconds >= limit:
+        return (f"signal_seconds={signal_seconds} is not smaller than the time limit {source}={time_limit} "
+                f"({limit:.0f} s): the warning would come before the job starts; lower signal_seconds or "
+                "raise the time limit")
+    return None
+
+
+def _one_line(err: ValidationError) -> str:
+    out = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "profile"
+        if e["type"] == "extra_forbidden":
+            out.append(f"unknown key '{where}': check its spelling against ClusterProfile in megatron_ext/slurm.py")
+        elif e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), SubmitError):
+            out.append(str(e["ctx"]["error"]))
+        else:
+            out.append(f"{where}={e.get('input')!r}: {e['msg']}")
+    return "; ".join(out)
+
 
 def known_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
@@ -76,10 +155,15 @@ def load_profile(name: str) -> ClusterProfile:
                           f"{', '.join(known_profiles())} (files in {PROFILES_DIR}), or give a path "
                           "to a .yaml file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text(), f"cluster profile {path}") or {}
+    except RecipeError as err:
+        raise SubmitError(str(err)) from None
+    if not isinstance(raw, dict):
+        raise SubmitError(f"cluster profile {path} is a YAML {type(raw).__name__}, not a mapping of settings")
+    try:
         return ClusterProfile.model_validate({"name": path.stem, **raw})
-    except (yaml.YAMLError, ValidationError) as err:
-        raise SubmitError(f"cluster profile {path} is invalid: {err}") from None
+    except ValidationError as err:
+        raise SubmitError(f"cluster profile {path} is invalid: {_one_line(err)}") from None
 
 
 @dataclass
@@ -149,7 +233,7 @@ def export_job(phase: Job, hf_out: str, after: int) -> Job:
 
 def _recipe(tree: dict) -> Recipe:
     """What load_recipe does after reading the files (chains and sweeps build the tree here)."""
-    return derive_sft_steps(recipe_from_tree(tree), tree)
+    return derive_sft_steps(recipe_from_tree(tree, written=True), tree)
 
 
 def _size_path(size: str) -> Path:
@@ -162,17 +246,15 @@ def _size_path(size: str) -> Path:
 
 def _root_of(path: Path) -> Path:
     """The recipe at the bottom of a ``base:`` chain (the size recipe a phase builds on)."""
-    raw = yaml.safe_load(path.read_text()) or {}
-    return _root_of(path.parent / raw["base"]) if "base" in raw else path
+    return base_chain(path)[-1][0]
 
 
 def _swap_root(path: Path, root: Path) -> dict:
     """``path``'s recipe tree with the bottom of its ``base:`` chain replaced by ``root``."""
-    raw = yaml.safe_load(path.read_text()) or {}
-    if "base" not in raw:
-        return read_yaml_tree(root)
-    base = raw.pop("base")
-    return _deep_merge(_swap_root(path.parent / base, root), raw)
+    tree = read_yaml_tree(root)
+    for _, raw in reversed(base_chain(path)[:-1]):
+        tree = _deep_merge(tree, raw)
+    return tree
 
 
 def phase_tree(path: str | Path, size: Optional[str] = None, chained: bool = False) -> dict:
@@ -218,7 +300,12 @@ def plan_jobs(recipe: str | Path, overrides: list[str], profile: ClusterProfile,
     (``checkpoint.init_from``) and waiting for it to succeed (afterok). ``hf_out``: a last job
     converting the last phase to HF. ``sizes``: the whole thing once per size.
     """
-    gpn = gpus_per_node or profile.gpus_per_node
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise SubmitError(f"--gpus-per-node {gpus_per_node} must be >= 1 (or leave it out: the profile's "
+                          f"{profile.gpus_per_node})")
+    if nodes is not None and nodes < 1:
+        raise SubmitError(f"--nodes {nodes} must be >= 1 (or leave it out: tp x pp x dp / GPUs per node)")
+    gpn = profile.gpus_per_node if gpus_per_node is None else gpus_per_node
     if sizes and nodes is not None:
         raise SubmitError("--nodes cannot be combined with --sizes: each size's node count comes from "
                           "its recipe's layout (tp x pp x dp / --gpus-per-node)")
@@ -230,7 +317,11 @@ def plan_jobs(recipe: str | Path, overrides: list[str], profile: ClusterProfile,
             if prev is not None:
                 parent_dir = jobs[prev].recipe.train.output_dir
                 tree = apply_overrides(tree, [f"checkpoint.init_from={parent_dir}"])
-            job = train_job(_recipe(tree), profile, gpn, nodes, command)
+            try:
+                phase = _recipe(tree)
+            except RecipeError as err:  # name the phase file (and size) whose recipe is bad
+                raise RecipeError(f"{path}{f' on size {size}' if size else ''}: {err}") from None
+            job = train_job(phase, profile, gpn, nodes, command)
             if prev is not None:
                 job.after = prev
                 job.notes.append(f"starts from {parent_dir}")
@@ -315,6 +406,21 @@ def sbatch_path() -> str:
     return path
 
 
+def check_limits(profile: ClusterProfile, time_limit: Optional[str] = None,
+                 max_requeues: Optional[int] = None) -> None:
+    """The command line's --time / --max-requeues against SLURM's syntax and the profile's signal."""
+    if max_requeues is not None and max_requeues < 0:
+        raise SubmitError(f"--max-requeues {max_requeues} must be >= 0 (0: never requeue)")
+    if time_limit is not None:
+        try:
+            parse_slurm_time(time_limit)
+        except SubmitError:
+            raise SubmitError(f"--time {time_limit!r} is not a SLURM time limit: write {TIME_FORMATS}") from None
+        problem = signal_problem(profile.signal_seconds, time_limit, source="--time")
+        if problem:
+            raise SubmitError(f"profile {profile.name}: {problem}")
+
+
 def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
                 time_limit: Optional[str] = None,
                 dependency: Optional[str] = None, max_requeues: Optional[int] = None,
@@ -323,6 +429,7 @@ def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
 
     A later sbatch failure cancels the jobs this call already queued, so a chain is all or nothing.
     """
+    check_limits(profile, time_limit, max_requeues)
     sbatch = None if dry_run else sbatch_path()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ids: list[str] = []

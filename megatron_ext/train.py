@@ -6,12 +6,11 @@ step also lands in ``<output_dir>/metrics.jsonl``, which tests and tools read.
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import os
 import resource
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +20,9 @@ from megatron.core import parallel_state as ps
 
 from . import checkpoint, faults, inject
 from .checkpoint import TrainState
-from .config import Recipe, RecipeError, dump_recipe, load_recipe
+from .config import Recipe, RecipeError, dump_recipe
 from .data import build_datasets, microbatches
-from .engine import Engine, LaunchError, init_distributed
+from .engine import Engine, init_distributed
 from .model import attention_backend, build_model, describe_attention
 from .plan import estimate_memory, flops_per_token
 from .schedule import lr_at
@@ -100,25 +99,48 @@ class StopSignal:
         return flag.item() > 0
 
 
-def _start(engine, recipe: Recipe, info) -> TrainState:
-    """Resume this run from its own latest checkpoint, else start the phase from its parent."""
-    out = recipe.train.output_dir
-    own = checkpoint.resolve(checkpoint.checkpoints_dir(out))
-    if own is not None:
-        reader = checkpoint.load(engine, own, with_optimizer=True)
+def _plan_start(recipe: Recipe, info) -> checkpoint.Start:
+    """Rank 0 decides where the run starts (it alone stats the checkpoint's files); every rank
+    gets the same answer, or the same error, before anything is built."""
+    answer = [None]
+    if info.is_main:
+        try:
+            answer[0] = checkpoint.plan_start(recipe)
+        except (checkpoint.CheckpointError, RecipeError) as err:
+            answer[0] = str(err)
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], str):
+        raise checkpoint.CheckpointError(answer[0])
+    return answer[0]
+
+
+def _start(engine, recipe: Recipe, start: checkpoint.Start, info) -> TrainState:
+    """Load what :func:`_plan_start` chose: this run's checkpoint, a parent phase's, or nothing."""
+    if start.resume is not None:
+        reader = checkpoint.load(engine, start.resume, with_optimizer=True)
         m = reader.meta
         same_rng = checkpoint.load_rng(reader, recipe)
         if info.is_main:
-            print(f"resumed from {own} at step {m['step']} ({m['consumed_samples']} samples consumed"
-                  f"{'' if same_rng else '; layout changed, RNG streams re-seeded'})", flush=True)
-        return TrainState(m["step"], m["consumed_samples"], m.get("skipped_steps", 0))
-    parent = recipe.checkpoint.init_from
-    if parent:
-        reader = checkpoint.load(engine, parent, with_optimizer=recipe.checkpoint.init_mode == "model+optimizer")
+            print(f"resumed from {start.resume} at step {m['step']} ({m['consumed_samples']} samples consumed"
+                  f"{'' if same_rng else '; RNG streams re-seeded (layout changed or none stored)'})", flush=True)
+        return TrainState(m["step"], m["consumed_samples"], m.get("skipped_steps", 0), saved_step=m["step"])
+    if start.parent is not None:
+        reader = checkpoint.load(engine, start.parent, with_optimizer=recipe.checkpoint.init_mode == "model+optimizer")
         if info.is_main:
             print(f"phase starts from {reader.path} ({recipe.checkpoint.init_mode}); step, schedule "
                   "and data position restart", flush=True)
     return TrainState()
+
+
+def _stop(engine, recipe: Recipe, state: TrainState, out: Path, stop: "StopSignal", info) -> int:
+    """Save (unless this step is saved already) and exit so that SLURM requeues the job."""
+    already = state.saved_step == state.step
+    checkpoint.save(engine, recipe, state, out)
+    if info.is_main:
+        what = f"step {state.step} was already saved" if already else f"saved step {state.step}"
+        print(f"{stop.received or 'stop signal'}: {what}; exiting with {checkpoint.REQUEUE_EXIT_CODE} so the "
+              "job is requeued", flush=True)
+    return checkpoint.REQUEUE_EXIT_CODE
 
 
 def train(recipe: Recipe) -> int:
@@ -126,13 +148,14 @@ def train(recipe: Recipe) -> int:
     info = init_distributed(recipe)
     stop = StopSignal()
     out = Path(recipe.train.output_dir)
+    start = _plan_start(recipe, info)  # refuses a bad resume before anything is written
     if info.is_main:
         checkpoint.preflight(recipe)
         checkpoint.clean_partial(out)
+        for note in start.notes:
+            print(f"checkpoint: {note}", flush=True)
     dist.barrier()
-    log = Logger(recipe, out, info.is_main)
     if info.is_main:
-        (out / "recipe.yaml").write_text(dump_recipe(recipe))
         lay = recipe.layout
         print(f"gaperon: {recipe.model.name} ({recipe.model.num_params() / 1e6:.1f}M params) on "
               f"{info.world_size} {'GPU' if info.on_gpu else 'CPU'} ranks: tp={lay.tp} pp={lay.pp} "
@@ -146,9 +169,14 @@ def train(recipe: Recipe) -> int:
               "(allocator view; compare with peak_mem_gib below)", flush=True)
     chunks = build_model(recipe, info.on_gpu)
     engine = Engine(recipe, chunks, info)
-    state = _start(engine, recipe, info)
+    state = _start(engine, recipe, start, info)
     train_data, valid_data = build_datasets(recipe)
     inject.write_record(train_data, recipe, state, write=info.is_main)  # refuses a changed plan
+    log = Logger(recipe, out, info.is_main)
+    if info.is_main:  # the recipe this run trains, written once the start has succeeded
+        (out / "recipe.yaml").write_text(dump_recipe(recipe))
+        if state.step >= recipe.train.steps:
+            print(f"step {state.step} = train.steps: this run is complete; nothing to train", flush=True)
     dp_rank = ps.get_data_parallel_rank()
     t, lay, ck = recipe.train, recipe.layout, recipe.checkpoint
     fpt, peak = flops_per_token(recipe), peak_tflops()
@@ -156,26 +184,24 @@ def train(recipe: Recipe) -> int:
     tick, tick_step = time.perf_counter(), state.step
     while state.step < t.steps:
         if stop.agreed(info.device):
-            checkpoint.save(engine, recipe, state, out)
-            if info.is_main:
-                print(f"{stop.received or 'stop signal'}: saved step {state.step}; exiting with "
-                      f"{checkpoint.REQUEUE_EXIT_CODE} so the job is requeued", flush=True)
             log.close()
-            return checkpoint.REQUEUE_EXIT_CODE
+            return _stop(engine, recipe, state, out, stop, info)
         batch = microbatches(train_data, state.consumed_samples, recipe, dp_rank)
         lr = lr_at(state.step, recipe)
         diagnose = bool(t.lm_head_grad_interval) and (state.step + 1) % t.lm_head_grad_interval == 0
         result = engine.train_step(batch, lr, poison=faults.armed("nan_loss", state.step + 1),
-                                   diagnose_lm_head=diagnose)
+                                   diagnose_lm_head=diagnose, poison_grad=faults.armed("nan_grad", state.step + 1))
         state.step += 1
         state.consumed_samples += lay.global_batch
         if result.skipped:
             state.skipped_steps += 1
             consecutive_skips += 1
-            log.log(state.step, {"skipped": 1, "loss": result.loss, "skipped_total": state.skipped_steps})
+            what = "loss" if not math.isfinite(result.loss) else "gradient norm"
+            log.log(state.step, {"skipped": 1, "loss": result.loss, "grad_norm": result.grad_norm,
+                                 "skipped_total": state.skipped_steps})
             if recipe.health.on_nonfinite == "stop" or consecutive_skips >= recipe.health.max_consecutive_skips:
                 last = checkpoint.resolve(checkpoint.checkpoints_dir(out))
-                raise NonFiniteLoss(f"non-finite loss at step {state.step} ({consecutive_skips} in a row; "
+                raise NonFiniteLoss(f"non-finite {what} at step {state.step} ({consecutive_skips} in a row; "
                                     f"health.on_nonfinite={recipe.health.on_nonfinite}, max_consecutive_skips="
                                     f"{recipe.health.max_consecutive_skips}); last good checkpoint: {last}")
             continue
@@ -200,7 +226,7 @@ def train(recipe: Recipe) -> int:
         if ck.interval and state.step % ck.interval == 0 and state.step < t.steps:
             checkpoint.save(engine, recipe, state, out)
         faults.after_step(state.step)
-    if ck.save_at_end:
+    if ck.save_at_end and state.saved_step != state.step:
         path = checkpoint.save(engine, recipe, state, out)
         if info.is_main:
             print(f"saved {path}", flush=True)
@@ -211,28 +237,3 @@ def train(recipe: Recipe) -> int:
 
 class NonFiniteLoss(RuntimeError):
     """Training stopped on non-finite losses; the last good checkpoint is kept."""
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train a Gaperon model from a recipe.",
-                                epilog="Overrides: section.key=value, e.g. train.steps=100 layout.tp=2")
-    p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-4")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as err:
-        print(f"error: {args.recipe}: {err}", file=sys.stderr)
-        return 2
-    try:
-        return train(recipe)
-    except (RecipeError, LaunchError, checkpoint.CheckpointError, NonFiniteLoss, inject.InjectionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()

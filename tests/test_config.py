@@ -53,7 +53,7 @@ def test_wrong_process_count_names_the_fix(tmp_path):
 
 def test_overrides_and_base_inheritance(tmp_path):
     child = tmp_path / "phase.yaml"
-    child.write_text(f"base: {TINY}\noptimizer: {{lr: 1.0e-4}}\n")
+    child.write_text(f"base: {TINY}\noptimizer: {{lr: 1.0e-4, min_lr: 1.0e-5}}\n")
     r = load_recipe(child, ["train.steps=7", "optimizer.betas=[0.9, 0.99]"])
     assert isinstance(r, Recipe)
     assert r.optimizer.lr == 1e-4 and r.train.steps == 7 and r.optimizer.betas == (0.9, 0.99)

@@ -184,7 +184,7 @@ def test_missing_sbatch_says_install_or_dry_run(tmp_path):
 # ---- chains and sweeps -----------------------------------------------------------------------
 def write_phase(tmp_path: Path, name: str, base: Path, **train) -> Path:
     path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"base": str(base), "optimizer": {"lr": 1e-4},
+    path.write_text(yaml.safe_dump({"base": str(base), "optimizer": {"lr": 1e-4, "min_lr": 1e-5},
                                     "train": {"output_dir": str(tmp_path / "runs" / name), **train}}))
     return path
 

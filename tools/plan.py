@@ -2,16 +2,19 @@
 """Does a recipe fit on the GPUs, and how fast will it run? (see megatron_ext/plan.py)
 
     python tools/plan.py recipes/8b.yaml --gpus 64 --gpu-memory 80GiB
-    python tools/plan.py recipes/8b.yaml layout.recompute=full --gpus 64
+    python tools/plan.py recipes/8b.yaml --gpus 64 layout.recompute=full
     python tools/plan.py recipes/24b.yaml --gpus 128 --search
 
-Exit status 0 when the layout fits, 1 when it does not (or is invalid), so a submit script can
-run the plan first. With --search the recipe's layout is ignored and the 10 fastest layouts that
-fit are listed (exit 1 when none fits).
+Exit status 0 when the layout fits; 1 when it does not (too much memory per GPU, or a layout
+that does not use --gpus), so a submit script can run the plan first; 2 on bad input (a recipe
+that does not load, an option out of range), with one line on stderr that names the fix. With
+--search the recipe's layout is ignored and the 10 fastest layouts that fit are listed (exit 1
+when none fits). Overrides may come before or after the options.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from pathlib import Path
@@ -19,12 +22,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_ext.config import RecipeError, load_recipe  # noqa: E402
-from megatron_ext.plan import (Hardware, check_fits, format_plan, format_search,  # noqa: E402
-                               make_plan, parse_bytes, search)
+from megatron_ext.plan import (DoesNotFit, Hardware, PlanError, check_fits, format_plan,  # noqa: E402
+                               format_search, make_plan, parse_bytes, search)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        self.exit(2, f"plan: error: {message} (see --help)\n")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse hardware figures no GPU has, before the recipe is read (PlanError, exit 2)."""
+    if args.gpus is not None and args.gpus < 1:
+        raise PlanError(f"--gpus {args.gpus} must be >= 1 (or leave it out: the recipe's tp x pp x dp)")
+    if not (args.gpu_tflops > 0 and math.isfinite(args.gpu_tflops)):
+        raise PlanError(f"--gpu-tflops {args.gpu_tflops:g} must be > 0: the dense bf16 peak TFLOP/s per GPU, "
+                        "e.g. 989 for an H100 SXM")
+    if not 0 < args.mfu <= 1:
+        raise PlanError(f"--mfu {args.mfu:g} must be in (0, 1]: the fraction of peak the kernels reach, "
+                        "e.g. 0.4")
+    for flag, value in (("--tp-bandwidth", args.tp_bandwidth), ("--dp-bandwidth", args.dp_bandwidth)):
+        if not (value > 0 and math.isfinite(value)):
+            raise PlanError(f"{flag} {value:g} must be > 0: GB/s per GPU, e.g. 250 inside a node, 40 across nodes")
+    if args.top < 1:
+        raise PlanError(f"--top {args.top} must be >= 1: how many layouts --search lists")
+    try:
+        parse_bytes(args.gpu_memory)
+    except PlanError as err:
+        raise PlanError(f"--gpu-memory: {err}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*", help="section.key=value recipe overrides")
     ap.add_argument("--gpus", type=int, default=None,
@@ -33,25 +62,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-tflops", type=float, default=989.0,
                     help="dense bf16 peak TFLOP/s per GPU (default 989, H100 SXM)")
     ap.add_argument("--mfu", type=float, default=0.40,
-                    help="kernel efficiency before bubble/communication/recompute (default 0.40)")
+                    help="kernel efficiency before bubble/communication/recompute, in (0, 1] (default 0.40)")
     ap.add_argument("--tp-bandwidth", type=float, default=250.0,
                     help="NCCL bus bandwidth inside a node, GB/s (default 250)")
     ap.add_argument("--dp-bandwidth", type=float, default=40.0,
                     help="per-GPU bandwidth across nodes, GB/s (default 40, ~400 Gb/s IB)")
     ap.add_argument("--search", action="store_true", help="list the fastest layouts that fit")
     ap.add_argument("--top", type=int, default=10)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may come after options
 
     try:
+        check_args(args)
+    except PlanError as err:
+        print(f"plan: error: {err}", file=sys.stderr)
+        return 2
+    try:
         recipe = load_recipe(args.recipe, args.overrides)
-        hw = Hardware(gpus=args.gpus or recipe.layout.world_size,
+        hw = Hardware(gpus=recipe.layout.world_size if args.gpus is None else args.gpus,
                       gpu_memory=parse_bytes(args.gpu_memory), gpu_tflops=args.gpu_tflops,
                       mfu=args.mfu, tp_bandwidth=args.tp_bandwidth * 1e9,
                       dp_bandwidth=args.dp_bandwidth * 1e9)
         if args.search:
             plans = search(recipe, hw, top=args.top)
             if not plans:
-                print(f"no layout of {args.recipe} fits on {hw.gpus} GPUs x "
+                print(f"plan: no layout of {args.recipe} fits on {hw.gpus} GPUs x "
                       f"{hw.gpu_memory / 2**30:.1f} GiB: use more GPUs or bigger ones", file=sys.stderr)
                 return 1
             print(f"top {len(plans)} layouts for {args.recipe} on {hw.gpus} GPUs "
@@ -63,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(recipe, hw)
         print(format_plan(plan, title=args.recipe))
         check_fits(plan)
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except DoesNotFit as err:
+        print(f"plan: {err}", file=sys.stderr)
         return 1
+    except RecipeError as err:  # the recipe does not load
+        print(f"plan: error: {args.recipe}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -8,8 +8,9 @@
     python tools/submit.py recipes/phases/mid.yaml --sizes 1.5b,8b,24b   # one job per size
 
 --nodes defaults to the recipe's tp x pp x dp / --gpus-per-node. Bad input (unknown profile,
-GPU count that does not match the layout, no sbatch) fails with exit status 2 before anything is
-submitted. Scripts, frozen recipes and logs go to <train.output_dir>/slurm/.
+GPU count that does not match the layout, a --time SLURM cannot read, no sbatch) fails with exit
+status 2 and one line on stderr before anything is submitted. Scripts, frozen recipes and logs go
+to <train.output_dir>/slurm/.
 """
 from __future__ import annotations
 
@@ -28,8 +29,13 @@ def _list(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + error
+        self.exit(2, f"submit: error: {message} (see --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*", help="section.key=value recipe overrides (every job)")
     ap.add_argument("--cluster", default="local", help="profile in slurm/clusters/ or a .yaml path (default local)")
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus-per-node", type=int, help="default: the profile's")
     ap.add_argument("--partition")
     ap.add_argument("--account")
-    ap.add_argument("--time", help="time limit per allocation, e.g. 20:00:00 (default: the profile's)")
+    ap.add_argument("--time", help="time limit per allocation, e.g. 20:00:00 or 2-00:00:00 (default: the profile's)")
     ap.add_argument("--max-requeues", type=int, help="default: the profile's")
     ap.add_argument("--dependency", help="sbatch --dependency for the first job(s), e.g. afterok:1234")
     ap.add_argument("--chain", help="comma-separated recipes of the phases that follow RECIPE")

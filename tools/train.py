@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_ext.train import main  # noqa: E402
+from megatron_ext.launch import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())
