@@ -7,7 +7,11 @@ consumed-samples count continues with exactly the next sample.
 """
 from __future__ import annotations
 
+import math
+import os
+import re
 import struct
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -16,6 +20,12 @@ import torch.distributed as dist
 
 from . import inject
 from .config import Recipe
+
+
+class DataError(ValueError):
+    """Training data that cannot be used as configured (a missing, truncated or corrupt file, a
+    tokenizer that does not fit the model, a split that leaves a dataset without documents).
+    The message, one line, names the file and the fix."""
 
 
 class SampleDataset(Protocol):
@@ -69,23 +79,224 @@ class MegatronSamples:
         return {"tokens": item["tokens"], "labels": item["labels"], "loss_mask": item["loss_mask"].float()}
 
 
-def _refuse_empty_splits(config) -> None:
+# ---- checking the data before anything is built ---------------------------------------------
+# Megatron-Core's .idx: magic, version <Q, dtype code <B, sequence count <Q, document count <Q,
+# then int32 lengths [sequences], int64 byte pointers into the .bin [sequences], int64 document
+# indices [document count] (sequence boundaries: 0, ..., sequences).
+_IDX_MAGIC = b"MMIDIDX\x00\x00"
+_IDX_HEADER = len(_IDX_MAGIC) + 8 + 1 + 8 + 8
+_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+               8: np.uint16}
+_FIRST_TOKENS = 1 << 16  # tokens of the first document read to check the ids (at most 256 KiB)
+
+
+@dataclass
+class IndexInfo:
+    """What the header of an indexed dataset says (read by :func:`read_index`)."""
+
+    prefix: str
+    dtype: type
+    sequences: int
+    documents: int  # document boundaries - 1: what megatron splits into train/valid/test
+    bin_bytes: int  # the .bin size the index implies
+
+
+def _make_hint(prefix: str) -> str:
+    return f"`python tools/preprocess_data.py --input DOCS --output-prefix {prefix} --tokenizer TOK`"
+
+
+def _read_at(f, offset: int, dtype, count: int = 1) -> np.ndarray:
+    f.seek(offset)
+    return np.frombuffer(f.read(count * np.dtype(dtype).itemsize), dtype=dtype, count=count)
+
+
+def read_index(prefix: str, where: str = "data.blend") -> IndexInfo:
+    """The header of ``prefix``.idx, checked against the .idx and .bin sizes: a few small reads,
+    never the whole file. Raises DataError naming the file and the fix."""
+    idx, bin_ = f"{prefix}.idx", f"{prefix}.bin"
+    has_idx, has_bin = os.path.isfile(idx), os.path.isfile(bin_)
+    if not (has_idx and has_bin):
+        stem = prefix[:-4] if prefix.endswith((".bin", ".idx")) else None
+        if stem and os.path.isfile(stem + ".idx") and os.path.isfile(stem + ".bin"):
+            raise DataError(f"{where} names {prefix}, a file; it takes dataset prefixes: write {stem} "
+                            "(without .bin/.idx)")
+        if not has_idx and not has_bin:
+            raise DataError(f"{where}: no dataset at {prefix} ({bin_} and {idx} do not exist): fix the path, "
+                            f"or create it with {_make_hint(prefix)}")
+        there, gone = (bin_, idx) if has_bin else (idx, bin_)
+        raise DataError(f"{gone} is missing ({there} is there; {where} names {prefix}): an incomplete copy? "
+                        f"copy {gone} too, or re-create both with {_make_hint(prefix)}")
+    redo = f"re-create it with {_make_hint(prefix)} (or copy it again)"
+    try:
+        idx_bytes, bin_bytes = os.path.getsize(idx), os.path.getsize(bin_)
+        with open(idx, "rb") as f:
+            head = f.read(_IDX_HEADER)
+            if len(head) < _IDX_HEADER or head[:len(_IDX_MAGIC)] != _IDX_MAGIC:
+                what = (f"truncated ({idx_bytes} bytes, shorter than the {_IDX_HEADER}-byte header)"
+                        if len(head) < _IDX_HEADER and _IDX_MAGIC.startswith(head[:len(_IDX_MAGIC)])
+                        else f"not a Megatron indexed-dataset index (bad magic {head[:len(_IDX_MAGIC)]!r})")
+                raise DataError(f"{idx}: {what}: {redo}")
+            version, code, sequences, boundaries = struct.unpack("<QBQQ", head[len(_IDX_MAGIC):])
+            if version != 1 or code not in _IDX_DTYPES:
+                raise DataError(f"{idx}: corrupt header (version {version}, dtype code {code}; expected version 1 "
+                                f"and a code in 1-8): {redo}")
+            want = _IDX_HEADER + 12 * sequences + 8 * boundaries
+            if idx_bytes != want:
+                raise DataError(f"{idx}: {'truncated' if idx_bytes < want else 'corrupt'}: its header says "
+                                f"{sequences:,} sequences and {boundaries:,} document indices, which take {want:,} "
+                                f"bytes, but the file has {idx_bytes:,}: {redo}")
+            if sequences == 0 or boundaries < 2:
+                raise DataError(f"{prefix}: empty dataset (0 documents in {idx}): remove it from {where}, or "
+                                f"re-create it from non-empty input with {_make_hint(prefix)}")
+            pointers = _IDX_HEADER + 4 * sequences
+            doc_index = pointers + 8 * sequences
+            first_len, last_len = int(_read_at(f, _IDX_HEADER, np.int32)[0]), int(
+                _read_at(f, pointers - 4, np.int32)[0])
+            first_ptr, last_ptr = int(_read_at(f, pointers, np.int64)[0]), int(
+                _read_at(f, doc_index - 8, np.int64)[0])
+            first_doc, last_doc = int(_read_at(f, doc_index, np.int64)[0]), int(
+                _read_at(f, want - 8, np.int64)[0])
+    except OSError as err:
+        raise DataError(f"{getattr(err, 'filename', None) or idx}: cannot be read ({err.strerror or err}): "
+                        "check its permissions") from None
+    if first_len < 0 or last_len < 0 or first_ptr != 0 or last_ptr < 0 or first_doc != 0 or last_doc != sequences:
+        raise DataError(f"{idx}: corrupt index (first pointer {first_ptr}, document indices {first_doc}..{last_doc} "
+                        f"for {sequences:,} sequences): {redo}")
+    dtype = _IDX_DTYPES[code]
+    expected = last_ptr + last_len * np.dtype(dtype).itemsize
+    if bin_bytes != expected:
+        what = ("truncated (an interrupted copy?)" if bin_bytes < expected
+                else "longer than its index says (a .bin and an .idx of different datasets?)")
+        raise DataError(f"{bin_}: {bin_bytes:,} bytes, but {idx} says {expected:,} ({sequences:,} sequences of "
+                        f"{np.dtype(dtype).name}): the .bin is {what}; copy both files again or re-create them "
+                        f"with {_make_hint(prefix)}")
+    return IndexInfo(prefix, dtype, sequences, boundaries - 1, expected)
+
+
+def first_tokens(info: IndexInfo, limit: int = _FIRST_TOKENS) -> np.ndarray:
+    """The first sequence's tokens (at most ``limit``): a cheap look at the ids the data holds."""
+    with open(f"{info.prefix}.idx", "rb") as f:
+        length = int(_read_at(f, _IDX_HEADER, np.int32)[0])
+    with open(f"{info.prefix}.bin", "rb") as f:
+        return _read_at(f, 0, info.dtype, min(length, limit))
+
+
+def split_matrix(split: str) -> list[tuple[float, float] | None]:
+    """megatron-core's [train, valid, test] bookends for ``data.split`` ("98,2,0"); None for a split
+    of weight 0. Raises DataError for a string megatron would fail on (or divide by zero with)."""
+    try:  # as megatron-core's parse_and_normalize_split reads it
+        weights = [float(x) for x in re.findall(r"[.0-9]+", str(split))]
+        ok = 1 <= len(weights) <= 3 and sum(weights) > 0 and all(math.isfinite(w) for w in weights)
+    except ValueError:  # "1.2.3"
+        weights, ok = [], False
+    if not ok:
+        raise DataError(f"data.split={split!r}: give up to three non-negative weights train,valid,test that do not "
+                        'all vanish, e.g. data.split="98,2,0"')
+    weights += [0.0] * (3 - len(weights))
+    total = sum(weights)
+    bounds = [0.0]
+    for w in weights:
+        bounds.append(bounds[-1] + w / total)
+    return [(a, b) if b > a else None for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _refuse_empty_splits(split: str, documents: dict[str, int]) -> None:
     """megatron-core never returns from building a split that holds none of a dataset's documents
     (GPTDataset._get_num_epochs adds empty epochs forever, at 100% CPU, the other ranks waiting at
-    a barrier): a small dataset in a blend with e.g. split 98,2,0. Name it instead."""
-    if config.blend is None:
-        return
-    for prefix in config.blend[0]:
-        try:
-            with open(f"{prefix}.idx", "rb") as f:  # header: magic (9), version (8), dtype (1), sequence count (8)
-                count = struct.unpack("<Q", f.read(26)[18:26])[0]
-        except (OSError, struct.error):
-            continue  # missing or short: megatron's own check reports it
-        for name, span in zip(("train", "valid", "test"), config.split_matrix):
+    a barrier): a small dataset in a blend with e.g. split 98,2,0. Name it instead. Every split of
+    non-zero weight is built, even one that is never read (0 samples asked still asks for one
+    token), so each must get a document: the test split too when data.split gives it a weight."""
+    matrix = split_matrix(split)
+    for prefix, count in documents.items():
+        for name, span in zip(("train", "valid", "test"), matrix):
             if span is not None and int(round(span[1] * count)) <= int(round(span[0] * count)):
-                raise ValueError(f"data.split={config.split} leaves the {name} split of {prefix} without a document "
-                                 f"(it has {count}); megatron would loop forever building it: add documents, "
-                                 "change data.split, or give data.valid_blend instead of a split")
+                raise DataError(f"data.split={split} leaves the {name} split of {prefix} without a document "
+                                f"(it has {count}); megatron would loop forever building it: add documents, "
+                                "change data.split, or give data.valid_blend instead of a split")
+
+
+def _check_tokenizer(recipe: Recipe):
+    """data.tokenizer loaded and checked against model.vocab_size; DataError otherwise."""
+    from .tokenizer import check_vocab_fits, load_tokenizer
+
+    d, vocab = recipe.data, recipe.model.vocab_size
+    try:
+        tok = load_tokenizer(d.tokenizer)
+    except (OSError, ValueError) as err:
+        raise DataError("data.tokenizer: " + " ".join(str(err).split()) +
+                        " Set data.tokenizer to the tokenizer the data was made with.") from None
+    try:
+        check_vocab_fits(tok.vocab_size, vocab)
+    except ValueError as err:
+        raise DataError(f"data.tokenizer={d.tokenizer}: {err}") from None
+    if not 0 <= tok.eos_id < vocab:
+        raise DataError(f"data.tokenizer={d.tokenizer}: its end-of-document id {tok.eos_id} is outside "
+                        f"model.vocab_size={vocab}: set model.vocab_size to at least {tok.eos_id + 1}")
+    return tok
+
+
+def _check_cache_dir(recipe: Recipe, prefixes: list[str]) -> None:
+    """The index cache megatron writes on a miss (data.cache_dir, else PREFIX/cache next to each
+    dataset) must be creatable; an existing one may be read-only (a hit only reads it)."""
+    from .preprocess import unwritable
+
+    d = recipe.data
+    targets = [("data.cache_dir", d.cache_dir)] if d.cache_dir else [
+        (f"the index cache of {p} (data.cache_dir is not set)", os.path.join(p, "cache", "GPTDataset_indices"))
+        for p in prefixes]
+    for what, path in targets:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise DataError(f"{what}: {path} is a file, not a directory: set data.cache_dir to a writable directory")
+        if not os.path.exists(path):
+            reason = unwritable(path)
+            if reason:
+                raise DataError(f"{what}: megatron writes its index cache to {path}, but {reason}: set "
+                                "data.cache_dir to a writable directory")
+
+
+def check_data(recipe: Recipe) -> None:
+    """Refuse data that cannot train, before any model, engine or process group is built.
+
+    Cheap: a few small reads per dataset (headers, file sizes, the first document's ids), no
+    megatron import, no torch.distributed. Indexed data: every prefix of data.blend and
+    data.valid_blend has a .bin and an .idx whose sizes agree with the header, holds documents, and
+    gets some in every split megatron builds; data.tokenizer loads, fits model.vocab_size, and the
+    ids seen fit it. SFT data: see sft.check_sft_data. Raises DataError (one line, naming the file
+    and the fix); returns None when the data is usable.
+    """
+    d = recipe.data
+    if d.kind == "synthetic":
+        return
+    if d.kind == "sft":
+        from .sft import check_sft_data
+
+        check_sft_data(recipe)
+        return
+    if not d.blend:
+        raise DataError("data.kind=indexed needs data.blend: a list of [weight, path-prefix] pairs made by "
+                        "tools/preprocess_data.py")
+    if d.tokenizer is None:
+        raise DataError("data.kind=indexed needs data.tokenizer: set it to the tokenizer directory (or "
+                        "sentencepiece .model) the data was made with")
+    tok = _check_tokenizer(recipe)
+    vocab = recipe.model.vocab_size
+    infos: dict[str, IndexInfo] = {}
+    for where, pairs in (("data.blend", d.blend), ("data.valid_blend", d.valid_blend)):
+        for _, prefix in pairs:
+            prefix = str(prefix)
+            if prefix in infos:
+                continue
+            info = infos[prefix] = read_index(prefix, where)
+            ids = first_tokens(info)
+            if ids.size and (int(ids.max()) >= tok.vocab_size or int(ids.min()) < 0):
+                bad = int(ids.max()) if int(ids.max()) >= tok.vocab_size else int(ids.min())
+                raise DataError(f"{prefix}.bin: its first document holds token id {bad}, outside data.tokenizer="
+                                f"{d.tokenizer} ({tok.vocab_size:,} tokens, model.vocab_size={vocab:,}): the data "
+                                "was made with another tokenizer; point data.tokenizer at that one (and "
+                                f"model.vocab_size at least its size), or re-create the data with {_make_hint(prefix)}")
+    if not d.valid_blend:  # one blend split into train/valid/test
+        _refuse_empty_splits(d.split, {str(p): infos[str(p)].documents for _, p in d.blend})
+    _check_cache_dir(recipe, list(infos))
 
 
 def _blend(pairs: list) -> tuple[list[str], list[float]] | None:
@@ -99,22 +310,25 @@ def build_indexed(recipe: Recipe, train_samples: int, valid_samples: int):
 
     Rank 0 builds first and writes the index cache; the others then read it (no write races).
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-
-    from .tokenizer import load_tokenizer
-
+    check_data(recipe)  # cheap (the training entry point ran it already): library users get it too
     if not dist.is_initialized():
         # One process (a tool, a test, a benchmark): megatron-core's BlendedDataset calls
         # torch.distributed.get_rank() on an index-cache miss even then, so lend it a one-rank group.
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         try:
-            return build_indexed(recipe, train_samples, valid_samples)
+            return _build_indexed(recipe, train_samples, valid_samples)
         finally:
             dist.destroy_process_group()
+    return _build_indexed(recipe, train_samples, valid_samples)
+
+
+def _build_indexed(recipe: Recipe, train_samples: int, valid_samples: int):
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    from .tokenizer import load_tokenizer
+
     d = recipe.data
-    if d.tokenizer is None:
-        raise ValueError("data.tokenizer must name the tokenizer directory the data was made with")
     tok = load_tokenizer(d.tokenizer)
     kwargs = dict(
         random_seed=recipe.train.seed,
@@ -131,7 +345,6 @@ def build_indexed(recipe: Recipe, train_samples: int, valid_samples: int):
     else:
         kwargs.update(blend=_blend(d.blend), split=d.split)
     config = GPTDatasetConfig(**kwargs)
-    _refuse_empty_splits(config)
     sizes = [train_samples, valid_samples, 0]
     rank = dist.get_rank() if dist.is_initialized() else 0
     built = None

@@ -63,6 +63,37 @@ class Summary:
         return "\n".join(lines)
 
 
+def unwritable(directory: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``directory`` (made, with its parents, if missing), or None.
+
+    Nothing is created to find out: the nearest existing ancestor must be a directory we may
+    write into (a path under a regular file fails even for root, a read-only one for other users).
+    """
+    p = Path(os.path.abspath(directory))
+    missing = []
+    while not p.exists() and p != p.parent:
+        missing.append(p.name)
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory" + (f", so {Path(p, *reversed(missing))} cannot be created"
+                                                    if missing else "")
+    if not os.access(p, os.W_OK | os.X_OK):
+        what = f"cannot create {Path(p, *reversed(missing))}: " if missing else ""
+        return f"{what}{p} is not writable"
+    return None
+
+
+def output_prefix_problem(output_prefix: str) -> str | None:
+    """Why ``output_prefix``.bin/.idx cannot be written, or None (checked before any work)."""
+    if not output_prefix or output_prefix.endswith(("/", os.sep)):
+        return f"--output-prefix {output_prefix!r} names a directory; give a file prefix such as data/mix"
+    for ext in (".bin", ".idx"):
+        if os.path.isdir(output_prefix + ext):
+            return f"{output_prefix}{ext} is a directory; choose another --output-prefix"
+    reason = unwritable(Path(output_prefix).parent)
+    return f"--output-prefix {output_prefix}: {reason}; choose a writable location" if reason else None
+
+
 # ----------------------------------------------------------------------------------------- reading
 
 def input_format(path: str) -> str:
@@ -269,10 +300,14 @@ def preprocess(inputs, output_prefix: str, tokenizer: str, workers: int = 1, tex
     if txt_mode not in ("doc", "lines"):
         raise ValueError(f"txt_mode must be 'doc' or 'lines', not {txt_mode!r}")
     inputs = [str(p) for p in inputs]
+    output_prefix = str(output_prefix)
     for path in inputs:
         if not os.path.isfile(path):
             raise PreprocessError(f"{path}: no such input file")
         input_format(path)
+    problem = output_prefix_problem(output_prefix)  # before any tokenizing: a bad path costs a second
+    if problem:
+        raise PreprocessError(problem)
     tok = load_tokenizer(tokenizer, eos_token=eos_token)
     if model_vocab_size is not None:
         check_vocab_fits(tok.vocab_size, model_vocab_size)

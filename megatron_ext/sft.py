@@ -44,6 +44,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from .data import DataError
+
 FORMAT_VERSION = 1
 ROLES = ("system", "user", "assistant")
 TRAIN_ON = ("assistant", "last_assistant", "all")
@@ -73,8 +75,10 @@ class ConversationError(ValueError):
         self.reason = reason
 
 
-class SFTDataError(RuntimeError):
-    """A prepared SFT directory that cannot be used as configured. The message says the fix."""
+class SFTDataError(DataError, RuntimeError):
+    """A prepared SFT directory that cannot be used as configured. The message (one line) names the
+    file and says the fix. A DataError (what the training entry point reports as ``error: ...``,
+    exit 2); still a RuntimeError for callers that caught it as one."""
 
 
 def validate_messages(record) -> list[dict]:
@@ -268,6 +272,15 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
     one raises ConversationError naming its line. ``workers`` > 1 encodes in that many processes;
     the output is identical (records keep their input order).
     """
+    from .preprocess import unwritable
+    from .tokenizer import tokenizer_fingerprint
+
+    for path in inputs:  # before any work: a bad path costs a second, and leaves nothing behind
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such input file")
+    problem = unwritable(out_dir)
+    if problem:
+        raise ValueError(f"--out {out_dir}: {problem}; choose a writable directory")
     kwargs = dict(tokenizer_path=str(tokenizer), train_on=train_on, max_tokens=seq_len + 1, overlong=overlong,
                   chat_template=chat_template)
     encoder = ChatEncoder(**kwargs)
@@ -317,6 +330,7 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
     tok = encoder.tokenizer
     meta = {
         "format": FORMAT_VERSION, "tokenizer": str(tokenizer), "vocab_size": tok.vocab_size,
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer),  # which tokenizer made the ids (check_sft_data)
         "eos_id": tok.eos_id, "pad_id": tok.eos_id, "seq_len": seq_len, "train_on": train_on,
         "overlong": overlong, "chat_template_source": encoder.template_source, "inputs": [str(p) for p in inputs],
         "summary": {k: v for k, v in summary.__dict__.items()},
@@ -329,21 +343,71 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
 
 
 # ---- reading: samples, packing, epochs -------------------------------------------------------
+def _prepare_hint(path, meta: dict | None = None) -> str:
+    """The command that (re)creates ``path``, with what meta.json recorded when it is readable."""
+    meta = meta if isinstance(meta, dict) else {}
+    inputs = " ".join(map(str, meta.get("inputs") or [])) or "INPUT.jsonl"
+    return (f"`python tools/prepare_sft.py {inputs} --tokenizer {meta.get('tokenizer') or 'TOK'} --out {path} "
+            f"--seq-len {meta.get('seq_len') or 'SEQ_LEN'}`")
+
+
+def check_prepared(path: str | Path, key: str | None = None) -> tuple[dict, np.ndarray]:
+    """(meta, offsets) of a prepared directory whose files are all there and agree in size (a few
+    small reads; offsets.npy memory-mapped). Raises SFTDataError naming the file and the fix;
+    ``key``, when given, is the recipe key that names ``path``."""
+    path = Path(path)
+    named = f"; {key} names it" if key else ""
+    if not path.is_dir():
+        raise SFTDataError(f"{path}: no such directory (no prepared SFT data{named}): fix the path, or create it "
+                           f"with {_prepare_hint(path)}")
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise SFTDataError(f"{path}: no prepared SFT data (meta.json missing{named}); create it with "
+                           f"{_prepare_hint(path)}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SFTDataError(f"{meta_file}: unreadable ({' '.join(str(err).split())}): a truncated copy? re-run "
+                           f"{_prepare_hint(path)} (or copy the directory again)") from None
+    redo = f"re-run {_prepare_hint(path, meta)} (or copy the directory again)"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise SFTDataError(f"{path}: format {got} is not {FORMAT_VERSION}; {redo}")
+    for key in ("vocab_size", "pad_id"):
+        if not isinstance(meta.get(key), int):
+            raise SFTDataError(f"{meta_file}: no integer {key!r}: {redo}")
+    for name in ("tokens.bin", "loss_mask.bin", "offsets.npy"):
+        if not (path / name).is_file():
+            raise SFTDataError(f"{path / name} is missing (meta.json is there): an incomplete copy? {redo}")
+    try:
+        offsets = np.load(path / "offsets.npy", mmap_mode="r")
+    except Exception as err:  # ValueError, EOFError, OSError, UnpicklingError: a truncated or foreign file
+        raise SFTDataError(f"{path / 'offsets.npy'}: unreadable ({' '.join(str(err).split())}): {redo}") from None
+    if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 1 or int(offsets[0]) != 0:
+        raise SFTDataError(f"{path / 'offsets.npy'}: not conversation offsets (a 1-D integer array from 0): {redo}")
+    if len(offsets) < 2:
+        raise SFTDataError(f"{path}: no conversation (offsets.npy is empty): {redo} with non-empty input")
+    total = int(offsets[-1])
+    kept = meta.get("summary", {}).get("conversations") if isinstance(meta.get("summary"), dict) else None
+    if kept is not None and kept != len(offsets) - 1:
+        raise SFTDataError(f"{path / 'offsets.npy'}: {len(offsets) - 1} conversations, but meta.json counts {kept}: "
+                           f"the files come from different runs; {redo}")
+    for name, itemsize in (("tokens.bin", 4), ("loss_mask.bin", 1)):
+        size = (path / name).stat().st_size
+        if size != total * itemsize:
+            what = "truncated (an interrupted copy?)" if size < total * itemsize else "longer than offsets.npy says"
+            raise SFTDataError(f"{path / name}: {size:,} bytes, but offsets.npy says {total * itemsize:,} "
+                               f"({total:,} tokens): the file is {what}; {redo}")
+    return meta, offsets
+
+
 class PreparedSFT:
     """A prepared directory, memory-mapped."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        meta_file = self.path / "meta.json"
-        if not meta_file.is_file():
-            raise SFTDataError(f"{self.path}: no prepared SFT data (meta.json missing); create it with "
-                               f"`python tools/prepare_sft.py INPUT.jsonl --tokenizer TOK --out {self.path} "
-                               "--seq-len SEQ_LEN`")
-        self.meta = json.loads(meta_file.read_text())
-        if self.meta.get("format") != FORMAT_VERSION:
-            raise SFTDataError(f"{self.path}: format {self.meta.get('format')} is not {FORMAT_VERSION}; "
-                               "re-run tools/prepare_sft.py")
-        self.offsets = np.load(self.path / "offsets.npy")
+        self.meta, offsets = check_prepared(self.path)
+        self.offsets = np.asarray(offsets)
         self.tokens = np.memmap(self.path / "tokens.bin", dtype=np.int32, mode="r")
         self.mask = np.memmap(self.path / "loss_mask.bin", dtype=np.uint8, mode="r")
         self.lengths = np.diff(self.offsets)
@@ -386,10 +450,7 @@ class SFTDataset:
         self.seq_len, self.seed, self.packing, self.epochs = seq_len, seed, packing, epochs
         longest = int(self.data.lengths.max())
         if longest > seq_len + 1:
-            raise SFTDataError(
-                f"{path}: a conversation has {longest} tokens, more than train.seq_len + 1 = {seq_len + 1}: "
-                f"it was prepared with --seq-len {self.data.meta.get('seq_len')}; re-run tools/prepare_sft.py "
-                f"with --seq-len {seq_len}")
+            raise _too_long(path, longest, seq_len, self.data.meta.get("seq_len"))
         self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._starts = [0]  # first global sample index of each planned epoch
 
@@ -487,15 +548,14 @@ def steps_for_epochs(path: str | Path, seq_len: int, seed: int, packing: bool, e
 def build_sft_datasets(recipe) -> tuple[SFTDataset, SFTDataset | None]:
     """Train (and optional validation) datasets for ``data.kind: sft``."""
     from .model import attention_backend
-    from .tokenizer import check_vocab_fits
 
     d, t = recipe.data, recipe.train
+    check_sft_data(recipe)
     if d.packing and attention_backend(recipe) == "te":
         raise SFTDataError("data.packing=true needs train.attention=sdpa: the Transformer Engine path runs a "
                            "plain causal kernel and would ignore the block-diagonal mask (packed conversations "
                            "would attend to each other). Set train.attention=sdpa, or data.packing=false")
     train = SFTDataset(d.sft_path, t.seq_len, t.seed, d.packing, d.epochs)
-    check_vocab_fits(int(train.data.meta["vocab_size"]), recipe.model.vocab_size)
     valid = None
     if d.sft_valid_path:
         valid = SFTDataset(d.sft_valid_path, t.seq_len, t.seed + 1, d.packing, None)
@@ -505,6 +565,69 @@ def build_sft_datasets(recipe) -> tuple[SFTDataset, SFTDataset | None]:
             print(f"SFT: {train.total_samples()} rows over {d.epochs} epochs / global batch "
                   f"{recipe.layout.global_batch} = {t.steps} steps", flush=True)
     return train, valid
+
+
+def _too_long(path, longest: int, seq_len: int, prepared_for) -> SFTDataError:
+    return SFTDataError(
+        f"{path}: a conversation has {longest} tokens, more than train.seq_len + 1 = {seq_len + 1}: "
+        f"it was prepared with --seq-len {prepared_for}; re-run tools/prepare_sft.py with --seq-len {seq_len}")
+
+
+def check_sft_data(recipe) -> None:
+    """What ``data.check_data`` checks for ``data.kind: sft``, before anything is built: for
+    data.sft_path and data.sft_valid_path, the files of :func:`check_prepared`; conversations that
+    fit train.seq_len + 1; the tokenizer the data was prepared with fits model.vocab_size (its
+    pad/EOS id too) and, when the recipe names data.tokenizer, is that one (vocab size, EOS id and
+    the sha256 of its tokenizer.json, recorded by :func:`prepare`); the first conversation's ids lie
+    inside the vocabulary. Raises SFTDataError (a DataError)."""
+    from .tokenizer import check_vocab_fits, load_tokenizer, tokenizer_fingerprint
+
+    d, vocab, seq_len = recipe.data, recipe.model.vocab_size, recipe.train.seq_len
+    tok = fingerprint = None
+    if d.tokenizer is not None:
+        try:
+            tok = load_tokenizer(d.tokenizer)
+        except (OSError, ValueError) as err:
+            raise SFTDataError("data.tokenizer: " + " ".join(str(err).split()) +
+                               " Set data.tokenizer to the tokenizer the SFT data was prepared with.") from None
+        fingerprint = tokenizer_fingerprint(d.tokenizer)
+    for key, path in (("data.sft_path", d.sft_path), ("data.sft_valid_path", d.sft_valid_path)):
+        if not path:
+            continue
+        meta, offsets = check_prepared(path, key)
+        lengths = np.diff(offsets)
+        if int(lengths.min()) < 2:
+            raise SFTDataError(f"{Path(path) / 'offsets.npy'}: a conversation of {int(lengths.min())} tokens (offsets "
+                               f"must grow by at least 2): the file is damaged; re-run {_prepare_hint(path, meta)}")
+        longest = int(lengths.max())
+        if longest > seq_len + 1:
+            raise _too_long(path, longest, seq_len, meta.get("seq_len"))
+        made_with = f"{path} was prepared with tokenizer {meta.get('tokenizer')} ({meta['vocab_size']:,} tokens)"
+        try:
+            check_vocab_fits(int(meta["vocab_size"]), vocab)
+        except ValueError as err:
+            raise SFTDataError(f"{made_with}: {err}") from None
+        for what in ("pad_id", "eos_id"):
+            if meta.get(what) is not None and not 0 <= int(meta[what]) < vocab:
+                raise SFTDataError(f"{Path(path) / 'meta.json'}: {what} {meta[what]} is outside model.vocab_size="
+                                   f"{vocab}: set model.vocab_size to at least {int(meta[what]) + 1}")
+        if tok is not None:
+            recorded = meta.get("tokenizer_sha256")  # absent in directories prepared before it was recorded
+            differs = [f"it has {tok.vocab_size:,} tokens"] if meta["vocab_size"] != tok.vocab_size else []
+            if meta.get("eos_id") is not None and meta["eos_id"] != tok.eos_id:
+                differs.append(f"its EOS id is {tok.eos_id}, not {meta['eos_id']}")
+            if recorded and fingerprint and recorded != fingerprint:
+                differs.append("its tokenizer.json differs (sha256)")
+            if differs:
+                raise SFTDataError(f"{made_with}, not with data.tokenizer={d.tokenizer} ({'; '.join(differs)}): re-run "
+                                   f"tools/prepare_sft.py with --tokenizer {d.tokenizer}, or set data.tokenizer to "
+                                   "the tokenizer the data was prepared with")
+        first = np.fromfile(Path(path) / "tokens.bin", dtype=np.int32, count=min(int(offsets[1]), 1 << 20))
+        if first.size and (int(first.max()) >= int(meta["vocab_size"]) or int(first.min()) < 0):
+            bad = int(first.max()) if int(first.max()) >= int(meta["vocab_size"]) else int(first.min())
+            raise SFTDataError(f"{Path(path) / 'tokens.bin'}: its first conversation holds token id {bad}, outside the "
+                               f"{meta['vocab_size']:,} tokens meta.json records: the files are damaged or from "
+                               f"different runs; re-run {_prepare_hint(path, meta)}")
 
 
 def _is_main() -> bool:

@@ -6,6 +6,7 @@ object stays reachable as ``.hf`` for chat templates in SFT.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -70,16 +71,29 @@ def _hf_special(directory: Path, key: str) -> str | None:
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         f = directory / name
         if f.is_file():
-            value = _token_name(json.loads(f.read_text(encoding="utf-8")).get(key))
+            try:
+                config = json.loads(f.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ValueError(f"{f}: not valid JSON ({_one_line(err)}): a truncated or damaged copy? "
+                                 "copy the tokenizer again.") from None
+            value = _token_name(config.get(key)) if isinstance(config, dict) else None
             if value:
                 return value
     return None
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def _load_hf(directory: Path, eos_token: str | None) -> Tokenizer:
     from tokenizers import Tokenizer as RustTokenizer
 
-    tok = RustTokenizer.from_file(str(directory / "tokenizer.json"))
+    try:
+        tok = RustTokenizer.from_file(str(directory / "tokenizer.json"))
+    except Exception as err:  # the Rust library raises a bare Exception for unreadable JSON
+        raise ValueError(f"{directory / 'tokenizer.json'}: cannot be read as a Hugging Face tokenizer "
+                         f"({_one_line(err)}): a truncated or damaged copy? copy the tokenizer again.") from None
     # Raw documents are text: a literal "<|end_of_text|>" in a web page must not become a real EOS.
     # (Chat templates go through ``.hf``, which does match special tokens.)
     tok.encode_special_tokens = True
@@ -103,7 +117,11 @@ def _load_hf(directory: Path, eos_token: str | None) -> Tokenizer:
 def _load_sentencepiece(model_file: Path) -> Tokenizer:
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    except Exception as err:  # OSError or RuntimeError, depending on what is wrong with the file
+        raise ValueError(f"{model_file}: cannot be read as a sentencepiece model ({_one_line(err)}): "
+                         "a truncated or damaged copy? copy the tokenizer again.") from None
     if sp.eos_id() < 0:
         raise ValueError(f"{model_file}: the sentencepiece model has no EOS piece")
     return Tokenizer(str(model_file), sp.get_piece_size(), sp.eos_id(), sp.bos_id() if sp.bos_id() >= 0 else None,
@@ -115,6 +133,10 @@ def load_tokenizer(path: str | os.PathLike, eos_token: str | None = None) -> Tok
     directory holding only ``tokenizer.model``. ``eos_token`` overrides the configured EOS (e.g. to
     separate documents with ``<|end_of_text|>`` when an instruct config says ``<|eot_id|>``)."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such tokenizer (the path does not exist); expected a directory with "
+                                "tokenizer.json (Hugging Face) or a sentencepiece .model file. Nothing is downloaded: "
+                                "copy the tokenizer here first.")
     if p.is_dir() and (p / "tokenizer.json").is_file():
         return _load_hf(p, eos_token)
     if p.is_dir() and (p / "tokenizer.model").is_file():
@@ -127,12 +149,36 @@ def load_tokenizer(path: str | os.PathLike, eos_token: str | None = None) -> Tok
 
 def check_vocab_fits(tokenizer_vocab: int, model_vocab: int) -> None:
     """Token ids at or above the model's vocab would index past the embedding table (a CUDA
-    device-side assert deep in training, or silent garbage); refuse them before any work."""
+    device-side assert deep in training, an IndexError at step 1 on CPU, or silent training of
+    padding rows when the padded embedding happens to cover them); refuse them before any work."""
     if tokenizer_vocab > model_vocab:
         raise ValueError(
             f"tokenizer has {tokenizer_vocab:,} tokens but the model vocab is {model_vocab:,}: ids >= "
-            f"{model_vocab:,} would fall outside the embedding table. Fix: set model.vocab_size to at least "
-            f"{tokenizer_vocab:,} in the recipe, or preprocess with a tokenizer of at most {model_vocab:,} tokens.")
+            f"{model_vocab:,} would fall outside the model's vocabulary. Fix: set model.vocab_size to at least "
+            f"{tokenizer_vocab:,} (the tokenizer's size) in the recipe, or preprocess with a tokenizer of at "
+            f"most {model_vocab:,} tokens.")
+
+
+def tokenizer_file(path: str | os.PathLike) -> Path | None:
+    """The file that defines a tokenizer's ids (tokenizer.json or the sentencepiece model), if any."""
+    p = Path(path)
+    for candidate in (p / "tokenizer.json", p / "tokenizer.model", p):
+        if candidate.is_file() and (candidate.name == "tokenizer.json" or candidate.suffix == ".model"):
+            return candidate
+    return None
+
+
+def tokenizer_fingerprint(path: str | os.PathLike) -> str | None:
+    """sha256 of the file that defines the tokenizer's ids (a few ms even for Llama-3's 9 MB), so
+    data can record which tokenizer made it; None when there is no such file."""
+    f = tokenizer_file(path)
+    if f is None:
+        return None
+    digest = hashlib.sha256()
+    with open(f, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _iter_training_texts(files, text_key: str, max_bytes: int | None) -> Iterable[str]:

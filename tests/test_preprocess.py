@@ -170,7 +170,7 @@ def test_fail_mode_cli_exit_code_and_message(tmp_path, bpe):
     src = bad_file(tmp_path, BAD_CASES["malformed_json"][0])
     prefix = tmp_path / "ds"
     proc = run_tool("--input", src, "--output-prefix", prefix, "--tokenizer", bpe, "--workers", 2, "--no-progress")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert f"error: {src}:3: malformed JSON" in proc.stderr and "--on-error skip" in proc.stderr
     assert no_outputs(prefix)
 
@@ -223,7 +223,7 @@ def test_tokenizer_too_big_for_model(tmp_path, bpe):
     src = write_jsonl(tmp_path / "a.jsonl", [{"text": "bonjour"}])
     proc = run_tool("--input", src, "--output-prefix", tmp_path / "ds", "--tokenizer", bpe,
                     "--model-vocab-size", 300, "--workers", 1)
-    assert proc.returncode == 1 and "512 tokens" in proc.stderr and "300" in proc.stderr
+    assert proc.returncode == 2 and "512 tokens" in proc.stderr and "300" in proc.stderr
     assert no_outputs(tmp_path / "ds")
 
 

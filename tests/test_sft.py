@@ -357,7 +357,7 @@ def test_epochs_set_the_step_count(work):
     assert r.train.steps == math.ceil(rows / r.layout.global_batch)
     unpacked = recipe_for(work, "data.epochs=3", "data.packing=false")
     assert unpacked.train.steps == math.ceil(3 * work["n_train"] / unpacked.layout.global_batch)
-    assert recipe_for(work, "data.epochs=null", "train.steps=7").train.steps == 7
+    assert recipe_for(work, "data.epochs=null", "train.steps=12").train.steps == 12
     missing = load_recipe(SFT_TINY, ["data.sft_path=/nonexistent/sft"])  # validating without the data
     assert missing.train.steps == load_recipe(ROOT / "recipes" / "tiny.yaml").train.steps
     from megatron_ext.config import RecipeError

@@ -9,7 +9,8 @@ Rendered with the tokenizer's chat template (Llama-3 style default when it has n
 covers assistant turns and the <|eot_id|> that ends each. Writes tokens.bin, loss_mask.bin,
 offsets.npy and meta.json (with the summary) to --out; point a recipe's data.sft_path at it.
 Unusable records (no assistant turn, unknown role, bad JSON, too long with --overlong drop) are
-skipped and counted; --strict stops at the first one instead. Exit status 2 on errors.
+skipped and counted; --strict stops at the first one instead. Exit status 2 on errors (one line on
+stderr naming the file and the fix); inputs and --out are checked before anything is tokenized.
 """
 import argparse
 import sys
@@ -36,12 +37,12 @@ def main(argv=None) -> int:
     p.add_argument("--strict", action="store_true", help="fail on the first unusable record instead of skipping it")
     p.add_argument("--workers", type=int, default=1, help="encoding processes (same output for any number)")
     args = p.parse_args(argv)
-    template = Path(args.chat_template).read_text() if args.chat_template else None
     try:
+        template = Path(args.chat_template).read_text() if args.chat_template else None
         summary = prepare(args.inputs, args.tokenizer, args.out, args.seq_len, args.train_on, args.overlong,
                           template, args.strict, args.workers)
-    except (ConversationError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConversationError, ValueError, OSError) as err:  # OSError: an unreadable file, a full disk...
+        print("error: " + str(err).replace("\n", " "), file=sys.stderr)
         return 2
     print(f"prepared {args.out} (seq_len {args.seq_len}, train_on {args.train_on}, overlong {args.overlong})")
     for line in summary.lines():

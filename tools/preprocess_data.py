@@ -9,7 +9,8 @@
 `tokenize` is the default subcommand. Inputs: .jsonl (one JSON object per line, text under
 --text-key), .txt (one document per file, or per line with --txt-mode lines), .parquet (column
 --text-key); .jsonl.gz and .txt.gz too. Every document becomes tokens + EOS, in input order.
-Exit status: 0 done, 1 bad input or settings (message names file:line), 130 interrupted; on any
+Exit status: 0 done, 2 bad input or settings (one line on stderr naming the file, or file:line, and
+the fix), 130 interrupted. The output location is checked before anything is tokenized. On any
 failure no partial dataset appears under the output prefix (an earlier one there is left as it was).
 """
 from __future__ import annotations
@@ -76,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                              text_key=args.text_key, txt_mode=args.txt_mode, on_error=args.on_error,
                              model_vocab_size=args.model_vocab_size, eos_token=args.eos_token,
                              chunk_docs=args.chunk_docs, progress=not args.no_progress)
-    except (PreprocessError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (PreprocessError, ValueError, OSError) as e:  # OSError: an unreadable input, a full disk...
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: nothing written under the output prefix", file=sys.stderr)
         return 130
