@@ -247,10 +247,14 @@ class CheckpointConfig(_Strict):
 
 
 class HealthConfig(_Strict):
-    """What to do with a non-finite loss: skip the batch, and stop after too many in a row."""
+    """What to do with a non-finite loss or gradient norm: skip the batch, and stop after too many
+    in a row. ``hang_timeout_s``: a rank with no training step finished for that long dumps its
+    stacks and exits 86 (the job restarts from its last checkpoint); null: ten planned step
+    times, at least 300 s; 0: off (see watchdog.py)."""
 
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_consecutive_skips: int = 5
+    hang_timeout_s: Optional[float] = None
 
 
 class InjectionConfig(_Strict):
@@ -380,6 +384,9 @@ def settings_problems(r: Recipe) -> list[str]:
     if ck.keep_every < 0:
         out.append(f"checkpoint.keep_every={ck.keep_every} must be >= 0: also keep every N-th step for good "
                    "(0: none)")
+    if r.health.hang_timeout_s is not None and not r.health.hang_timeout_s >= 0:
+        out.append(f"health.hang_timeout_s={r.health.hang_timeout_s} must be >= 0 seconds (0 turns the hang "
+                   "watchdog off; null sets it from the planned step time)")
     if r.health.max_consecutive_skips < 1:
         out.append(f"health.max_consecutive_skips={r.health.max_consecutive_skips} must be >= 1: non-finite "
                    "losses in a row that are skipped before the run stops (health.on_nonfinite=stop stops "

@@ -11,14 +11,19 @@ one dict lookup. Points (``<step>`` is the step being saved or trained):
   ``<step>`` is the deleted checkpoint's);
 * ``nan_loss`` (the step's loss becomes NaN on every rank), ``nan_grad`` (one gradient element
   becomes NaN on the chosen rank; the loss stays finite);
-* ``sigterm`` and ``kill`` (SIGTERM / SIGKILL to this process once the step has been logged).
+* ``sigterm`` and ``kill`` (SIGTERM / SIGKILL to this process once the step has been logged),
+  ``hang`` (this process stops making progress once the step has been logged);
+* ``sigterm_at_start`` (``<step>`` 0: SIGTERM right after the stop handlers are installed, before
+  anything is imported) and ``sigterm_at_exit`` (``<step>`` 0: SIGTERM every millisecond from the
+  moment the exit code is decided until the process is gone).
 """
 from __future__ import annotations
 
 import os
 import signal
-
-import torch.distributed as dist
+import subprocess
+import sys
+import time
 
 
 def armed(point: str, step: int) -> bool:
@@ -28,7 +33,31 @@ def armed(point: str, step: int) -> bool:
     parts = spec.split(":")
     if parts[0] != point or int(parts[1]) != step:
         return False
-    return len(parts) < 3 or int(parts[2]) == dist.get_rank()
+    return len(parts) < 3 or int(parts[2]) == _rank()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def signal_self(point: str) -> None:
+    """``sigterm_at_start`` / ``sigterm_at_exit`` (see above)."""
+    if not armed(point, 0):
+        return
+    if point == "sigterm_at_start":
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    # From another process (this one's threads are stopped before CPython's final clean-up), with
+    # no inherited pipes (whoever reads our output must see EOF and reap us, or we never vanish).
+    subprocess.Popen([sys.executable, "-c", "import os, signal, sys, time\n"
+                      "while True:\n"
+                      "    try: os.kill(int(sys.argv[1]), signal.SIGTERM)\n"
+                      "    except ProcessLookupError: break\n"
+                      "    time.sleep(0.0005)", str(os.getpid())],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def maybe_kill(point: str, step: int) -> None:
@@ -40,3 +69,5 @@ def after_step(step: int) -> None:
     if armed("sigterm", step):
         os.kill(os.getpid(), signal.SIGTERM)
     maybe_kill("kill", step)
+    while armed("hang", step):
+        time.sleep(60)

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from . import checkpoint, inject
+    from . import checkpoint, faults, inject, stop
     from .engine import LaunchError
     from .train import NonFiniteLoss, train
 
@@ -54,5 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             inject.InjectionError) as err:
         return _refuse(str(err))
     finally:
+        stop.ignore()  # the exit code is decided: a late SIGTERM/USR1 must not turn it into 143
+        faults.signal_self("sigterm_at_exit")
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -10,22 +10,24 @@ import json
 import math
 import os
 import resource
-import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from . import checkpoint, faults, inject
+from . import checkpoint, faults, inject, stop
 from .checkpoint import TrainState
 from .config import Recipe, RecipeError, dump_recipe
 from .data import build_datasets, microbatches
 from .engine import Engine, init_distributed
 from .model import attention_backend, build_model, describe_attention
-from .plan import estimate_memory, flops_per_token
+from .plan import Hardware, estimate_memory, flops_per_token, step_time
+from .run_lock import RunInUse, RunLock
 from .schedule import lr_at
+from .watchdog import Watchdog
 
 # Dense bf16 peak of the accelerators we plan for, for MFU (override with GAPERON_PEAK_TFLOPS).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -81,17 +83,14 @@ class Logger:
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit or preemption) only raise a flag;
-    the loop acts on it at the next step boundary, once every rank has agreed. A second signal
-    during the save raises the same flag again and changes nothing."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit, on preemption, requeue and
+    scancel) are recorded from the first line of tools/train.py (see stop.py); the loop acts on
+    them at the next step boundary, once every rank has agreed. A second signal during the save
+    changes nothing."""
 
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum, frame):
-        self.received = signal.Signals(signum).name
+    @property
+    def received(self) -> str | None:
+        return stop.received()
 
     def agreed(self, device) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
@@ -99,14 +98,17 @@ class StopSignal:
         return flag.item() > 0
 
 
-def _plan_start(recipe: Recipe, info) -> checkpoint.Start:
-    """Rank 0 decides where the run starts (it alone stats the checkpoint's files); every rank
-    gets the same answer, or the same error, before anything is built."""
+def _plan_start(recipe: Recipe, info, lock: RunLock | None) -> checkpoint.Start:
+    """Rank 0 takes the run directory's lock and decides where the run starts (it alone stats the
+    checkpoint's files); every rank gets the same answer, or the same error, before anything is
+    built."""
     answer = [None]
     if info.is_main:
         try:
-            answer[0] = checkpoint.plan_start(recipe)
-        except (checkpoint.CheckpointError, RecipeError) as err:
+            took_over = lock.acquire()
+            start = checkpoint.plan_start(recipe)
+            answer[0] = replace(start, notes=((took_over,) if took_over else ()) + start.notes)
+        except (checkpoint.CheckpointError, RecipeError, RunInUse) as err:
             answer[0] = str(err)
     dist.broadcast_object_list(answer, src=0)
     if isinstance(answer[0], str):
@@ -132,13 +134,19 @@ def _start(engine, recipe: Recipe, start: checkpoint.Start, info) -> TrainState:
     return TrainState()
 
 
-def _stop(engine, recipe: Recipe, state: TrainState, out: Path, stop: "StopSignal", info) -> int:
-    """Save (unless this step is saved already) and exit so that SLURM requeues the job."""
-    already = state.saved_step == state.step
-    checkpoint.save(engine, recipe, state, out)
+def _stop(engine, recipe: Recipe, state: TrainState, first_step: int, out: Path,
+          stop_signal: StopSignal, info) -> int:
+    """Save (unless this step is saved already, or none was trained here) and exit so that SLURM
+    requeues the job."""
+    if state.step == first_step:
+        what = f"no step trained yet, nothing saved (the run resumes from step {state.saved_step or 0})"
+    elif state.saved_step == state.step:
+        what = f"step {state.step} was already saved"
+    else:
+        checkpoint.save(engine, recipe, state, out)
+        what = f"saved step {state.step}"
     if info.is_main:
-        what = f"step {state.step} was already saved" if already else f"saved step {state.step}"
-        print(f"{stop.received or 'stop signal'}: {what}; exiting with {checkpoint.REQUEUE_EXIT_CODE} so the "
+        print(f"{stop_signal.received or 'stop signal'}: {what}; exiting with {checkpoint.REQUEUE_EXIT_CODE} so the "
               "job is requeued", flush=True)
     return checkpoint.REQUEUE_EXIT_CODE
 
@@ -146,9 +154,18 @@ def _stop(engine, recipe: Recipe, state: TrainState, out: Path, stop: "StopSigna
 def train(recipe: Recipe) -> int:
     attention_backend(recipe)  # a kernel this machine lacks fails here, before any process group
     info = init_distributed(recipe)
-    stop = StopSignal()
+    lock = RunLock(recipe.train.output_dir) if info.is_main else None
+    try:
+        return _train(recipe, info, lock)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
+    stop_signal = StopSignal()
     out = Path(recipe.train.output_dir)
-    start = _plan_start(recipe, info)  # refuses a bad resume before anything is written
+    start = _plan_start(recipe, info, lock)  # refuses a second job or a bad resume before anything is written
     if info.is_main:
         checkpoint.preflight(recipe)
         checkpoint.clean_partial(out)
@@ -181,11 +198,14 @@ def train(recipe: Recipe) -> int:
     t, lay, ck = recipe.train, recipe.layout, recipe.checkpoint
     fpt, peak = flops_per_token(recipe), peak_tflops()
     consecutive_skips = 0
-    tick, tick_step = time.perf_counter(), state.step
+    tick, first_step = time.perf_counter(), state.step
+    tick_step = first_step
+    watchdog = Watchdog(hang_timeout(recipe), info.rank)
     while state.step < t.steps:
-        if stop.agreed(info.device):
+        if stop_signal.agreed(info.device):
             log.close()
-            return _stop(engine, recipe, state, out, stop, info)
+            with watchdog.idle():
+                return _stop(engine, recipe, state, first_step, out, stop_signal, info)
         batch = microbatches(train_data, state.consumed_samples, recipe, dp_rank)
         lr = lr_at(state.step, recipe)
         diagnose = bool(t.lm_head_grad_interval) and (state.step + 1) % t.lm_head_grad_interval == 0
@@ -193,6 +213,7 @@ def train(recipe: Recipe) -> int:
                                    diagnose_lm_head=diagnose, poison_grad=faults.armed("nan_grad", state.step + 1))
         state.step += 1
         state.consumed_samples += lay.global_batch
+        watchdog.beat()
         if result.skipped:
             state.skipped_steps += 1
             consecutive_skips += 1
@@ -220,19 +241,29 @@ def train(recipe: Recipe) -> int:
         if result.lm_head:
             log.log(state.step, result.lm_head)
         if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps) and valid_data:
-            losses = [engine.eval_loss(microbatches(valid_data, i * lay.global_batch, recipe, dp_rank))
-                      for i in range(t.eval_iters)]
+            with watchdog.idle():
+                losses = [engine.eval_loss(microbatches(valid_data, i * lay.global_batch, recipe, dp_rank))
+                          for i in range(t.eval_iters)]
             log.log(state.step, {"valid_loss": sum(losses) / len(losses)})
         if ck.interval and state.step % ck.interval == 0 and state.step < t.steps:
-            checkpoint.save(engine, recipe, state, out)
+            with watchdog.idle():
+                checkpoint.save(engine, recipe, state, out)
         faults.after_step(state.step)
-    if ck.save_at_end and state.saved_step != state.step:
-        path = checkpoint.save(engine, recipe, state, out)
-        if info.is_main:
-            print(f"saved {path}", flush=True)
-    log.close()
-    dist.barrier()
+    with watchdog.idle():
+        if ck.save_at_end and state.saved_step != state.step:
+            path = checkpoint.save(engine, recipe, state, out)
+            if info.is_main:
+                print(f"saved {path}", flush=True)
+        log.close()
+        dist.barrier()
     return 0
+
+
+def hang_timeout(recipe: Recipe) -> float:
+    """health.hang_timeout_s, or when unset ten planned step times on an H100 (at least 5 min)."""
+    if recipe.health.hang_timeout_s is not None:
+        return recipe.health.hang_timeout_s
+    return max(300.0, 10 * step_time(recipe, Hardware(gpus=recipe.layout.world_size)).step)
 
 
 class NonFiniteLoss(RuntimeError):

@@ -5,6 +5,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_ext import faults, stop  # noqa: E402  (first: stop signals are caught from here on)
+
+stop.install()
+faults.signal_self("sigterm_at_start")
+
 from megatron_ext.launch import main  # noqa: E402
 
 if __name__ == "__main__":
