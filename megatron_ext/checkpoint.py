@@ -3,16 +3,19 @@
 Why our own format rather than DeepSpeed's: DeepSpeed files are per (mp rank, dp rank) and tie a
 checkpoint to its layout (changing it needs the offline universal-checkpoint converter), and
 Megatron's dist_checkpointing cannot see inside DeepSpeed's ZeRO optimizer. We store, per
-canonical parameter name (see sharding.py), each TP shard of the fp32 master weight and of the two
-Adam moments, gathered over the ZeRO partitions with DeepSpeed's safe_get_full_* API. Loading merges
-the TP shards and re-shards for the new layout, so a checkpoint resumes at another DP size or ZeRO
-stage as well as at another TP/PP, and the HF converter reads the same files.
+canonical parameter name (see sharding.py), each TP shard of the master weight and of the two Adam
+moments as flat fragments, each written by the rank that owns it: under ZeRO-1/2 DeepSpeed's own
+partition (``param._hp_mapping``: no gather, no copy on the device), otherwise an even 1/dp of
+the replicated states. meta.json's index maps every (tensor, TP shard) to its fragments, so a
+reader takes exactly the element range it needs (safetensors slices are memory-mapped reads):
+see :class:`_ShardSource` for a resume, :meth:`CheckpointReader.get` for whole tensors (the HF
+converter, a TP change). A checkpoint resumes at any other TP/PP/DP/ZeRO.
 
 Directory ``<output_dir>/checkpoints``::
 
     step_00000100/
-        meta.json                     step, consumed samples, Adam step, layout, recipe, index
-        tp00_pp00_w000.safetensors    tensors written by DP rank 0 of (tp 0, pp 0) ...
+        meta.json                     step, consumed samples, Adam step, layout, recipe, files, index
+        tp00_pp00_w000.safetensors    the fragments owned by DP rank 0 of (tp 0, pp 0) ...
         rng/rank00000.pt              RNG states per rank (used when the layout is unchanged)
     latest                            the name of the newest complete checkpoint
 
@@ -33,11 +36,13 @@ The rules that make a checkpoint impossible to lose:
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +57,7 @@ from .faults import maybe_kill
 from .sharding import is_norm_gain, merge, shard, te_name
 
 REQUEUE_EXIT_CODE = 85  # the SLURM script requeues a job that exits with this after saving
-FORMAT_VERSION = 2  # 2: meta.json lists every file with its size
+FORMAT_VERSION = 3  # 2: meta.json lists every file with its size; 3: flat fragments, written by their owners
 STATE_KINDS = ("model", "exp_avg", "exp_avg_sq")
 
 
@@ -95,13 +100,20 @@ def read_meta(ckpt: Path) -> dict:
     return meta
 
 
+def index_files(meta: dict) -> set[str]:
+    """The tensor files a meta.json's index names (format 3: in each shard's parts)."""
+    if meta.get("format", 1) >= 3:
+        return {p[0] for shards in meta["index"].values() for s in shards for p in s["parts"]}
+    return {f for fs in meta["index"].values() for f in fs}
+
+
 def problem(ckpt: Path) -> str | None:
     """Why ``ckpt`` is not a complete checkpoint, or None. Costs one stat per file (rank 0 only)."""
     try:
         meta = read_meta(ckpt)
     except CheckpointError as err:
         return str(err)
-    files = meta.get("files") or {f: None for fs in meta["index"].values() for f in fs}
+    files = meta.get("files") or {f: None for f in index_files(meta)}
     for fname, size in files.items():
         try:
             actual = os.path.getsize(ckpt / fname)
@@ -278,8 +290,43 @@ def plan_start(recipe: Recipe) -> Start:
     return Start(parent=pfound.path, notes=tuple(pfound.notes))
 
 
+@dataclass
+class Part:
+    """Elements [start, start + numel) of one TP shard's flattened tensor, stored in ``file``
+    under ``key`` (format 3: a 1-D fragment; formats 1-2: the whole shard, N-D)."""
+
+    file: str
+    key: str
+    start: int
+    numel: int
+
+
+@dataclass
+class Shard:
+    shape: tuple[int, ...]
+    parts: list[Part]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+IO_BYTES = {"read": 0, "written": 0}  # this process's checkpoint I/O, for benchmarks/bench_checkpoint.py
+
+
+def report_io(rank: int) -> None:
+    """With GAPERON_IO_STATS=DIR, write this rank's checkpoint bytes read and written to DIR."""
+    where = os.environ.get("GAPERON_IO_STATS")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        (Path(where) / f"rank{rank:05d}.json").write_text(json.dumps({"rank": rank, **IO_BYTES}))
+
+
 class CheckpointReader:
-    """Canonical (full, TP-merged) tensors of a checkpoint, read lazily one at a time."""
+    """The tensors of a checkpoint. Each canonical tensor is stored as its TP shards, each shard as
+    flat fragments (whoever owned them wrote them, see :func:`save`); :meth:`read_range` reads
+    only the bytes of the elements asked for (safetensors slices are memory-mapped reads), and
+    :meth:`get` assembles a whole canonical tensor (the converter's and a TP change's view)."""
 
     def __init__(self, path: str | Path, quiet: bool = False, verified: bool = False):
         """``verified``: ``path`` is a checkpoint dir already checked by :func:`find` (on rank 0),
@@ -294,6 +341,7 @@ class CheckpointReader:
         self.notes = found.notes
         self.meta = read_meta(found.path)
         self._handles: dict[str, object] = {}
+        self._shards: dict[str, list[Shard]] = {}
 
     @property
     def recipe(self) -> Recipe:
@@ -321,18 +369,58 @@ class CheckpointReader:
                                       "is damaged; delete it to resume from an earlier one") from None
         return self._handles[fname]
 
-    def get(self, name: str, kind: str = "model") -> torch.Tensor:
-        key = f"{kind}/{name}"
-        if key not in self.meta["index"]:
-            raise CheckpointError(f"checkpoint {self.path} has no tensor {key}")
-        files = self.meta["index"][key]
+    def shards(self, key: str) -> list[Shard]:
+        """The TP shards of tensor ``key`` (``kind/name``), in TP-rank order."""
+        if key not in self._shards:
+            if key not in self.meta["index"]:
+                raise CheckpointError(f"checkpoint {self.path} has no tensor {key}")
+            entry = self.meta["index"][key]
+            if self.meta.get("format", 1) >= 3:
+                self._shards[key] = [Shard(tuple(s["shape"]), [Part(*p) for p in s["parts"]]) for s in entry]
+            else:  # one file per TP shard, the whole shard under the tensor's own key
+                shapes = [tuple(self._file(f).get_slice(key).get_shape()) for f in entry]
+                self._shards[key] = [Shard(s, [Part(f, key, 0, math.prod(s))]) for f, s in zip(entry, shapes)]
+        return self._shards[key]
+
+    def read_range(self, key: str, tp_rank: int, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of TP shard ``tp_rank`` of ``key``, flattened; only their bytes are read."""
+        out = []
         try:
-            return merge(name, [self._file(f).get_tensor(key) for f in files])
+            for p in self.shards(key)[tp_rank].parts:
+                a, b = max(lo, p.start), min(hi, p.start + p.numel)
+                if a >= b:
+                    continue
+                sl = self._file(p.file).get_slice(p.key)
+                shape = sl.get_shape()
+                if len(shape) == 1:
+                    piece = sl[a - p.start:b - p.start]
+                else:  # a whole N-D shard (formats 1-2): read the rows that hold [a, b)
+                    row = math.prod(shape[1:])
+                    r0, r1 = (a - p.start) // row, -(-(b - p.start) // row)
+                    piece = sl[r0:r1].reshape(-1)[a - p.start - r0 * row:b - p.start - r0 * row]
+                IO_BYTES["read"] += piece.numel() * piece.element_size()
+                out.append(piece)
         except CheckpointError:
             raise
         except Exception as err:
             raise CheckpointError(f"checkpoint {self.path}: cannot read {key} ({err}): the checkpoint is "
                                   "damaged; delete it to resume from an earlier one") from None
+        if sum(t.numel() for t in out) != hi - lo:
+            raise CheckpointError(f"checkpoint {self.path}: {key} shard {tp_rank} does not cover elements "
+                                  f"[{lo}, {hi}): the checkpoint is damaged")
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def read_shard(self, key: str, tp_rank: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """TP shard ``tp_rank`` of ``key`` in its shape, or only rows [a, b) of it."""
+        shape = self.shards(key)[tp_rank].shape
+        a, b = rows or (0, shape[0])
+        row = math.prod(shape[1:])
+        return self.read_range(key, tp_rank, a * row, b * row).reshape(b - a, *shape[1:])
+
+    def get(self, name: str, kind: str = "model") -> torch.Tensor:
+        """The canonical tensor: every TP shard read whole and merged."""
+        key = f"{kind}/{name}"
+        return merge(name, [self.read_shard(key, t) for t in range(len(self.shards(key)))])
 
 
 # ---- the optimizer's view of a parameter ------------------------------------------------------
@@ -462,8 +550,113 @@ def discard(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> Path:
-    """Write a checkpoint of the current step on every rank (a collective). Returns its path.
+_ABSENT = object()
+
+
+def even_range(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Rank ``rank``'s part of ``n`` elements split in ``size`` equal (ceil) chunks."""
+    chunk = -(-n // size)
+    return min(n, rank * chunk), min(n, (rank + 1) * chunk)
+
+
+def _owned(engine, param, dp_rank: int, dp_size: int) -> tuple[int, dict[str, torch.Tensor]]:
+    """The flat range of this rank's TP shard of ``param`` that this DP rank writes (its start),
+    and the master weight and Adam moments over it. Under ZeRO-1/2 that is DeepSpeed's own
+    partition (views of its flat buffers: no copy, no collective); without ZeRO the states are
+    replicated and each DP rank writes an even 1/dp of them; under ZeRO-3 the full states are
+    gathered first (a collective), then split the same way."""
+    mapping = getattr(param, "_hp_mapping", _ABSENT)
+    if mapping is None:  # none of this parameter lies in this rank's partition
+        return 0, {}
+    if mapping is not _ABSENT:
+        out = {"model": mapping.get_hp_fragment()}
+        for kind in ("exp_avg", "exp_avg_sq"):
+            try:
+                out[kind] = mapping.get_hp_fragment(kind)
+            except (KeyError, ValueError, TypeError):  # no optimizer state yet
+                pass
+        return mapping.lp_fragment_address.start, out
+    states = _get_states(engine, param)
+    lo, hi = even_range(states["model"].numel(), dp_rank, dp_size)
+    return lo, {k: t.reshape(-1)[lo:hi] for k, t in states.items() if t is not None}
+
+
+_HOST_BUFFERS: dict[str, torch.Tensor] = {}  # pinned host copies, reused from one save to the next
+
+
+def _to_host(key: str, t: torch.Tensor, dtype) -> torch.Tensor:
+    """A host copy of ``t`` that training can no longer change (its bytes are written later)."""
+    t = t.detach().to(dtype or t.dtype)
+    if t.device.type == "cpu":
+        return t.clone() if t.is_contiguous() else t.contiguous()
+    buf = _HOST_BUFFERS.get(key)
+    if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+        buf = _HOST_BUFFERS[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return buf.copy_(t, non_blocking=True)
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are being written (by a background thread when asynchronous) and
+    which :meth:`finish` commits once every rank's files are durable."""
+
+    path: Path
+    meta_state: TrainState  # step, samples and skips as of the save (training goes on meanwhile)
+    adam_step: int
+    recipe: Recipe
+    fname: str
+    entries: list
+    nonfinite: list
+    sizes: dict
+    thread: "threading.Thread | None" = None
+    error: str | None = None
+
+    @property
+    def written(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def finish(self, state: TrainState | None = None) -> Path:
+        """Wait for this rank's files, then commit (a collective: every rank calls it)."""
+        if self.thread is not None:
+            self.thread.join()
+        root, tmp = self.path.parent, self.path.with_name(f".tmp-{self.path.name}")
+        rank = dist.get_rank()
+        gathered = [None] * dist.get_world_size() if rank == 0 else None
+        # Only rank 0 needs every rank's fragment list (to write the index): a gather, not an all-gather.
+        dist.gather_object((self.error, self.nonfinite, self.fname, self.entries, self.sizes), gathered, dst=0)
+        outcome = [None]
+        if rank == 0:
+            outcome[0] = _commit(gathered, tmp, self.path, root, self.path.name, self.recipe, self.meta_state,
+                                 self.adam_step)
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise CheckpointError(outcome[0])
+        if state is not None:
+            state.saved_step = self.meta_state.step
+        return self.path
+
+
+def _write_files(pending: PendingSave, tmp: Path, fragments: dict, rng: dict, step: int) -> None:
+    try:
+        maybe_kill("kill_during_save", step)
+        if fragments:
+            pending.sizes[pending.fname] = _write_file(tmp / pending.fname, lambda p: save_file(fragments, str(p)))
+        rng_name = f"rng/rank{dist.get_rank():05d}.pt"
+        pending.sizes[rng_name] = _write_file(tmp / rng_name, lambda p: torch.save(rng, p))
+        IO_BYTES["written"] += sum(pending.sizes.values())
+    except OSError as err:
+        pending.error = str(err)
+
+
+def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path, background: bool = False
+         ) -> PendingSave | Path:
+    """Write a checkpoint of the current step on every rank (a collective).
+
+    Synchronous: returns its path once committed. ``background``: returns a :class:`PendingSave`
+    as soon as this rank's share is copied to host memory; a thread writes and fsyncs the files,
+    and ``finish()`` commits (the trainer calls it at the first step boundary where every rank's
+    files are written, and before the next save, a stop or the end). Either way nothing is
+    visible until every rank's files are durable, and ``latest`` moves last.
 
     A step this run has already saved (``state.saved_step``: a stop signal on a checkpoint step,
     a restart stopped before its first step) is not written again: the directory ``latest``
@@ -480,9 +673,6 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> P
     rank = dist.get_rank()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    fname = f"tp{tp_rank:02d}_pp{pp_rank:02d}_w{dp_rank:03d}.safetensors"
-    rng_name = f"rng/rank{rank:05d}.pt"
-
     error = None
     try:
         if rank == 0:
@@ -496,78 +686,90 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> P
     relink_optimizer_states(engine)
     # bf16-pure holds every state in bf16 (DeepSpeed's getters hand them back as fp32): store bf16.
     store_dtype = torch.bfloat16 if recipe.train.precision == "bf16-pure" else None
-    tensors, order, nonfinite = {}, 0, []
+    fragments, entries, nonfinite = {}, [], []
     for chunk in engine.chunks:
         names = canonical_names(chunk)
         for module_name, param in chunk.named_parameters():
-            states = _get_states(engine, param)  # collective under ZeRO: every DP rank calls
-            if order % dp_size == dp_rank:  # spread the writing over the DP ranks
-                for kind, t in states.items():
-                    if t is not None:
-                        key = f"{kind}/{names[module_name]}"
-                        tensors[key] = t.detach().to("cpu", store_dtype).contiguous()
-                        if not torch.isfinite(tensors[key]).all():
-                            nonfinite.append(key)
-            order += 1
-    sizes = {}
-    try:
-        maybe_kill("kill_during_save", state.step)
-        if tensors and not nonfinite:
-            sizes[fname] = _write_file(tmp / fname, lambda p: save_file(tensors, str(p)))
-        if not nonfinite:
-            sizes[rng_name] = _write_file(tmp / rng_name, lambda p: torch.save(_rng_state(), p))
-    except OSError as err:
-        error = err
-    keys = {k: (tp_rank, fname) for k in tensors}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (error is None, nonfinite, keys, sizes))
-    bad = sorted(k for _, nf, _, _ in gathered for k in nf)
-    if bad or not all(ok for ok, *_ in gathered):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if bad:
-            raise CheckpointError(f"not saving step {state.step}: {len(bad)} tensors hold NaN/inf (first: "
-                                  f"{bad[0]}); the weights are poisoned. {_kept(root)}")
-        raise CheckpointError(_write_failure(root, error or "another rank failed to write"))
+            pname = names[module_name]
+            start, owned = _owned(engine, param, dp_rank, dp_size)  # collective only under ZeRO-3
+            shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+            for kind, t in owned.items():
+                if t.numel() == 0:
+                    continue
+                fkey = f"{kind}/{pname}@{start}"
+                fragments[fkey] = _to_host(fkey, t, store_dtype)
+                entries.append((f"{kind}/{pname}", tp_rank, shape, fkey, start, t.numel()))
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
+    nonfinite = [k.split("@")[0] for k, t in fragments.items() if not torch.isfinite(t).all()]
+    pending = PendingSave(final, TrainState(state.step, state.consumed_samples, state.skipped_steps),
+                          _adam_step(engine), recipe, f"tp{tp_rank:02d}_pp{pp_rank:02d}_w{dp_rank:03d}.safetensors",
+                          entries, nonfinite, {})
+    if nonfinite:  # nothing is written; finish() refuses the commit on every rank
+        return pending if background else pending.finish(state)
+    args = (pending, tmp, fragments, _rng_state(), state.step)
+    if background:
+        pending.thread = threading.Thread(target=_write_files, args=args, name="checkpoint-writer", daemon=True)
+        pending.thread.start()
+        return pending
+    _write_files(*args)
+    return pending.finish(state)
 
-    if rank == 0:
-        try:
-            index: dict[str, dict] = {}
-            files: dict[str, int] = {}
-            for _, _, k, sz in gathered:
-                files.update(sz)
-                for key, (t, f) in k.items():
-                    index.setdefault(key, {})[t] = f
-            lay = recipe.layout
-            meta = {"format": FORMAT_VERSION, "step": state.step, "consumed_samples": state.consumed_samples,
-                    "skipped_steps": state.skipped_steps, "adam_step": _adam_step(engine),
-                    "layout": {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp,
-                               "zero_stage": lay.zero_stage, "world_size": dist.get_world_size()},
-                    "precision": recipe.train.precision, "norm_gain_scale": recipe.train.stored_gain_scale,
-                    "recipe": dump_recipe(recipe), "files": dict(sorted(files.items())),
-                    "index": {k: [v[t] for t in sorted(v)] for k, v in sorted(index.items())}}
-            _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
-            _fsync_dir(tmp / "rng")
-            _fsync_dir(tmp)
-            if final.exists():
-                # Not the checkpoint ``latest`` names (that one is never re-saved, see above): a
-                # step of an abandoned future (the run was rolled back past it). Replace it.
-                discard(final)
-            maybe_kill("kill_before_commit", state.step)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            maybe_kill("kill_before_latest", state.step)
-            (root / "latest.tmp").write_text(name + "\n")
-            os.replace(root / "latest.tmp", root / "latest")
-            _fsync_dir(root)
-            maybe_kill("kill_before_rotate", state.step)
-            rotate(root, recipe, final)
-        except OSError as err:
-            error = err
-    if not _all_ok(error is None):
-        raise CheckpointError(_write_failure(root, error))
-    state.saved_step = state.step
-    return final
+
+def _commit(gathered, tmp: Path, final: Path, root: Path, name: str, recipe: Recipe, state: TrainState,
+            adam_step: int) -> str | None:
+    """Rank 0: check what every rank wrote, write meta.json, move the checkpoint into place and
+    point ``latest`` at it. Returns None, or why the checkpoint was not committed."""
+    errors = [e for e, *_ in gathered if e]
+    bad = sorted(k for _, nf, *_ in gathered for k in nf)
+    if errors or bad:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if bad:
+            return (f"not saving step {state.step}: {len(bad)} tensors hold NaN/inf (first: {bad[0]}); the "
+                    f"weights are poisoned. {_kept(root)}")
+        return _write_failure(root, errors[0])
+    index: dict[str, dict[int, dict]] = {}
+    files: dict[str, int] = {}
+    for _, _, fname, entries, sizes in gathered:
+        files.update(sizes)
+        for key, tp, shape, fkey, start, numel in entries:
+            shard_entry = index.setdefault(key, {}).setdefault(tp, {"shape": list(shape), "parts": []})
+            shard_entry["parts"].append([fname, fkey, start, numel])
+    for key, by_tp in index.items():  # every shard must be tiled by its fragments, exactly
+        for tp, entry in by_tp.items():
+            entry["parts"].sort(key=lambda p: p[2])
+            ends = [0] + [p[2] + p[3] for p in entry["parts"]]
+            if [p[2] for p in entry["parts"]] != ends[:-1] or ends[-1] != math.prod(entry["shape"]):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return f"internal error: the fragments of {key} (tp {tp}) do not tile it; nothing was saved"
+    lay = recipe.layout
+    meta = {"format": FORMAT_VERSION, "step": state.step, "consumed_samples": state.consumed_samples,
+            "skipped_steps": state.skipped_steps, "adam_step": adam_step,
+            "layout": {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp,
+                       "zero_stage": lay.zero_stage, "world_size": dist.get_world_size()},
+            "precision": recipe.train.precision, "norm_gain_scale": recipe.train.stored_gain_scale,
+            "recipe": dump_recipe(recipe), "files": dict(sorted(files.items())),
+            "index": {k: [v[t] for t in sorted(v)] for k, v in sorted(index.items())}}
+    try:
+        _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+        _fsync_dir(tmp / "rng")
+        _fsync_dir(tmp)
+        if final.exists():
+            # Not the checkpoint ``latest`` names (that one is never re-saved, see save): a step of
+            # an abandoned future (the run was rolled back past it). Replace it.
+            discard(final)
+        maybe_kill("kill_before_commit", state.step)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        maybe_kill("kill_before_latest", state.step)
+        (root / "latest.tmp").write_text(name + "\n")
+        os.replace(root / "latest.tmp", root / "latest")
+        _fsync_dir(root)
+        maybe_kill("kill_before_rotate", state.step)
+        rotate(root, recipe, final)
+    except OSError as err:
+        return _write_failure(root, err)
+    return None
 
 
 def _kept(root: Path) -> str:
@@ -662,43 +864,106 @@ def _set_adam_step(engine, step: int) -> None:
         st["step"] = torch.full_like(st["step"], step) if torch.is_tensor(st["step"]) else step
 
 
+def _gather_flat(piece: torch.Tensor, n: int, group, size: int) -> torch.Tensor:
+    """Every DP rank's even_range piece of an n-element tensor -> the whole tensor, on every rank."""
+    chunk = -(-n // size)
+    padded = torch.zeros(chunk, dtype=piece.dtype, device=piece.device)
+    padded[:piece.numel()] = piece
+    out = torch.empty(chunk * size, dtype=piece.dtype, device=piece.device)
+    dist.all_gather_into_tensor(out, padded, group=group)
+    return out[:n]
+
+
+class _ShardSource:
+    """This rank's TP shard of each stored tensor, read with as few bytes as the layouts allow.
+
+    Same TP degree as the checkpoint: each DP rank reads an even 1/dp of a shard that every DP
+    rank needs whole (the weights; the Adam moments without ZeRO) and the DP group all-gathers
+    it, and a ZeRO partition reads just its own elements. A changed TP degree re-slices from the
+    merged canonical tensor, which reads the whole pipeline stage (a layout change, not a resume)."""
+
+    def __init__(self, reader: CheckpointReader, device):
+        from megatron.core import parallel_state as ps
+
+        self.reader, self.device = reader, device
+        self.tp, self.tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.group = ps.get_data_parallel_group()
+        self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+
+    def same_tp(self, key: str) -> bool:
+        return len(self.reader.shards(key)) == self.tp
+
+    def whole(self, key: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        if not self.same_tp(key):
+            kind = key.split("/", 1)[0]
+            return shard(name, self.reader.get(name, kind), self.tp_rank, self.tp).reshape(-1).to(self.device)
+        stored = self.reader.shards(key)[self.tp_rank].shape
+        if math.prod(stored) != n:
+            raise CheckpointError(f"{name}: checkpoint shape {stored} does not match the model's {shape}")
+        lo, hi = even_range(n, self.dp_rank, self.dp)
+        piece = self.reader.read_range(key, self.tp_rank, lo, hi).to(self.device)
+        return _gather_flat(piece, n, self.group, self.dp) if self.dp > 1 else piece
+
+    def part(self, key: str, name: str, shape: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
+        if not self.same_tp(key):
+            return self.whole(key, name, shape)[lo:hi]
+        return self.reader.read_range(key, self.tp_rank, lo, hi).to(self.device)
+
+
 def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
     """Load weights (and Adam states) from a checkpoint written at any layout; ``path`` is one
-    :func:`plan_start` chose."""
+    :func:`plan_start` chose. See :class:`_ShardSource` for what each rank reads."""
     from .model import canonical_names
 
     reader = CheckpointReader(path, verified=True)
     gain_ratio = float(reader.meta.get("norm_gain_scale", 1.0)) / engine.recipe.train.stored_gain_scale
-    from megatron.core import parallel_state as ps
-
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    kinds = STATE_KINDS if with_optimizer else ("model",)
+    moments = ("exp_avg", "exp_avg_sq") if with_optimizer else ()
     if with_optimizer:
         ensure_optimizer_states(engine)
     relink_optimizer_states(engine)
+    source = None
     for chunk in engine.chunks:
         names = canonical_names(chunk)
         for module_name, param in chunk.named_parameters():
+            source = source or _ShardSource(reader, param.device)
             name = names[module_name]
             if not reader.has(name) and reader.has(te_name(name)):
                 name = te_name(name)  # written before checkpoints always used local-spec names
             if not reader.has(name):
                 raise CheckpointError(f"checkpoint {reader.path} has no weights for {name}: it was "
                                       "saved from a different model shape")
-            values = {}
-            for kind in kinds:
-                if kind != "model" and not reader.has(name, kind):
+            for kind in moments:
+                if not reader.has(name, kind):
                     raise CheckpointError(f"checkpoint {reader.path} has no optimizer state for "
                                           f"{name}; load it with checkpoint.init_mode=model")
-                full = reader.get(name, kind)
-                values[kind] = shard(name, full, tp_rank, tp).to(param.device)
+            want = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+            weight = source.whole(f"model/{name}", name, want)
+            if weight.numel() != math.prod(want):
+                raise CheckpointError(f"{name}: checkpoint shape does not match the model's {want}")
+            mapping = getattr(param, "_hp_mapping", _ABSENT)
+            if mapping is _ABSENT:  # no ZeRO partition (or ZeRO-3): every state whole
+                values = {"model": weight.view(want)}
+                values.update({k: source.whole(f"{k}/{name}", name, want).view(want) for k in moments})
+                if is_norm_gain(name) and gain_ratio != 1.0:
+                    _rescale_gain(values, gain_ratio)
+                _set_states(engine, param, values)
+                continue
+            values = {"model": weight}
             if is_norm_gain(name) and gain_ratio != 1.0:
                 _rescale_gain(values, gain_ratio)
-            want = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
-            if tuple(values["model"].shape) != want:
-                raise CheckpointError(f"{name}: checkpoint shape {tuple(values['model'].shape)} does "
-                                      f"not match the model's {want}")
-            _set_states(engine, param, values)
+            param.data.copy_(values["model"].view(want).to(param.dtype))
+            if mapping is None:
+                continue  # none of this parameter lies in this rank's ZeRO partition
+            a = mapping.lp_fragment_address
+            lo, hi = a.start, a.start + a.numel
+            frag = {"model": weight[lo:hi]}
+            frag.update({k: source.part(f"{k}/{name}", name, want, lo, hi) for k in moments})
+            if is_norm_gain(name) and gain_ratio != 1.0:
+                _rescale_gain(frag, gain_ratio)
+            for kind, t in frag.items():
+                target = mapping.get_hp_fragment(None if kind == "model" else kind)
+                target.data.copy_(t.to(target.dtype))
     if with_optimizer:
         _set_adam_step(engine, reader.meta["adam_step"])
     return reader

@@ -29,6 +29,33 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=False)
 
 
+class RopeScalingConfig(_Strict):
+    """Llama-3.1's RoPE frequency scaling (HF ``rope_type: llama3``). Rotary wavelengths shorter
+    than ``original_max_position_embeddings / high_freq_factor`` are kept, those longer than
+    ``original_max_position_embeddings / low_freq_factor`` are stretched ``factor`` times, and the
+    band between is interpolated smoothly. Llama-3.1: factor 8, low 1, high 4, original 8192;
+    Llama-3.2 1B/3B: factor 32. See model.llama3_inv_freq."""
+
+    type: Literal["llama3"] = "llama3"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    @model_validator(mode="after")
+    def _check(self) -> "RopeScalingConfig":
+        if not (math.isfinite(self.factor) and self.factor >= 1.0):
+            raise RecipeError(f"model.rope_scaling.factor={self.factor} must be a finite number >= 1 "
+                              "(Llama-3.1 uses 8, Llama-3.2 1B/3B 32)")
+        if not (0 < self.low_freq_factor < self.high_freq_factor and math.isfinite(self.high_freq_factor)):
+            raise RecipeError(f"model.rope_scaling: low_freq_factor={self.low_freq_factor} and high_freq_factor="
+                              f"{self.high_freq_factor} must satisfy 0 < low < high (Llama-3.1 uses 1 and 4)")
+        if self.original_max_position_embeddings < 1:
+            raise RecipeError(f"model.rope_scaling.original_max_position_embeddings="
+                              f"{self.original_max_position_embeddings} must be >= 1 (Llama-3.1 uses 8192)")
+        return self
+
+
 class ModelConfig(_Strict):
     """Llama-3 shapes. ``vocab_size`` is the tokenizer's; the embedding is padded to a multiple of
     ``vocab_pad_multiple`` (fixed, so the padded size never depends on the TP degree)."""
@@ -44,6 +71,7 @@ class ModelConfig(_Strict):
     vocab_pad_multiple: int = 128
     max_position_embeddings: int = 4096
     rope_theta: float = 500000.0
+    rope_scaling: Optional[RopeScalingConfig] = None  # null: plain RoPE (Gaperon); llama3: Llama-3.1/3.2
     norm_eps: float = 1e-5
     qk_layernorm: bool = False
     init_std: float = 0.02
@@ -236,12 +264,16 @@ class CheckpointConfig(_Strict):
     ``init_from`` (a checkpoint dir or a run's checkpoints dir) starts this phase from a parent:
     ``model`` loads weights only (fresh optimizer), ``model+optimizer`` keeps the Adam states too.
     Either way step, schedule and consumed samples restart for the new phase.
+    ``async_save``: training pauses only to copy each rank's share to host memory; a background
+    thread writes it, and the checkpoint is committed (``latest`` moved) at the first step
+    boundary where every rank has written its files.
     """
 
     interval: int = 0  # save every N steps (0: only at the end and on signals)
     keep_last: int = 2
     keep_every: int = 0  # also keep every M-th step forever (0: none)
     save_at_end: bool = True
+    async_save: Optional[bool] = None  # write in a background thread (null: on GPU yes, on CPU no)
     init_from: Optional[str] = None
     init_mode: Literal["model", "model+optimizer"] = "model"
 

@@ -27,8 +27,15 @@ Mapping (canonical Megatron name, see sharding.py -> HF name)::
     output_layer.weight [Vp, h]                  -> lm_head.weight [V, h] (padding rows cut)
 
 Megatron's rotary embedding (non-interleaved) is HF's ``rotate_half`` convention, so q/k rows need
-no permutation; :func:`verify` checks that on every export. Megatron's ``qk_layernorm`` has no
-LlamaConfig equivalent and is refused.
+no permutation; :func:`verify` checks that on every export. ``model.qk_layernorm`` (Megatron's
+per-head RMSNorm on q and k, applied before RoPE, one gain of size head_dim shared by the heads)
+is exactly Qwen3's ``q_norm`` / ``k_norm``: such models export to ``Qwen3ForCausalLM``::
+
+    decoder.layers.i.self_attention.q_layernorm.weight -> model.layers.i.self_attn.q_norm.weight
+    decoder.layers.i.self_attention.k_layernorm.weight -> model.layers.i.self_attn.k_norm.weight
+
+``model.rope_scaling`` (Llama-3.1's llama3 scaling) is config.json's ``rope_scaling`` /
+``rope_parameters`` with ``rope_type: llama3``; other rope types are refused.
 
 Streaming: both directions plan every output file (names, dtypes, shapes) from the recipe before
 reading a byte, then read one layer at a time and append each tensor to its file as it is made
@@ -173,6 +180,8 @@ def hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
                     _hf_layer(i, "self_attn.k_proj.weight"): (ng * d, h),
                     _hf_layer(i, "self_attn.v_proj.weight"): (ng * d, h),
                     _hf_layer(i, "self_attn.o_proj.weight"): (h, nq * d),
+                    **({_hf_layer(i, "self_attn.q_norm.weight"): (d,), _hf_layer(i, "self_attn.k_norm.weight"): (d,)}
+                       if m.qk_layernorm else {}),
                     _hf_layer(i, "post_attention_layernorm.weight"): (h,),
                     _hf_layer(i, "mlp.gate_proj.weight"): (f, h),
                     _hf_layer(i, "mlp.up_proj.weight"): (f, h),
@@ -184,6 +193,9 @@ def hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 _SIMPLE_TO_HF = {"input_layernorm.weight": "input_layernorm.weight",
                  "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+                 # QK-norm (Qwen3): per-head RMSNorm over head_dim, one gain shared by all heads
+                 "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+                 "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
                  "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
                  "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
 _GLOBAL_TO_HF = {EMBED: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight", OUTPUT: "lm_head.weight"}
@@ -225,8 +237,6 @@ def canonical_to_hf(name: str, tensor: torch.Tensor, m: ModelConfig,
     if name in VOCAB_TENSORS:
         return [(out_names[0], tensor[: m.vocab_size])]
     if is_norm_gain(name):
-        if name.endswith(("q_layernorm.weight", "k_layernorm.weight")):
-            raise ConvertError(f"{name}: QK-norm has no Llama equivalent")
         return [(out_names[0], tensor * norm_gain_multiplier if norm_gain_multiplier != 1.0 else tensor)]
     if name.endswith("linear_qkv.weight"):
         g = _qkv_view(tensor, m)
@@ -282,18 +292,13 @@ def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id:
     (``rope_theta``, ``rope_scaling``, ``torch_dtype``): each version reads its own and accepts the
     other's, so vLLM and older stacks load the export too."""
     m = recipe.model
-    if m.qk_layernorm:
-        raise ConvertError(
-            "this checkpoint's model uses QK-norm (model.qk_layernorm=true, Megatron's per-head RMSNorm "
-            "on queries and keys), which a Hugging Face LlamaConfig cannot express: a Llama export would "
-            "silently drop those weights and compute a different function. Export is refused; keep the "
-            "checkpoint in our format (or train with model.qk_layernorm=false for a Llama release).")
     try:  # the version without importing transformers (seconds)
         from importlib.metadata import version as _version
         version = _version("transformers")
     except Exception:  # pragma: no cover - transformers is a requirement
         version = None
     theta = float(m.rope_theta)
+    scaling = hf_rope_scaling(m)
     cfg = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -309,8 +314,9 @@ def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id:
         "hidden_act": "silu",
         "initializer_range": m.init_std,
         "rope_theta": theta,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "rope_scaling": scaling,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta} if scaling is None
+        else {**scaling, "rope_theta": theta},
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -323,9 +329,60 @@ def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id:
         "torch_dtype": _HF_DTYPE_NAME[dtype],
         "dtype": _HF_DTYPE_NAME[dtype],
     }
+    if m.qk_layernorm:  # Llama blocks + per-head QK-norm before RoPE = Qwen3's architecture exactly
+        for key in ("mlp_bias", "pretraining_tp"):
+            cfg.pop(key)
+        cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
+                   sliding_window=None, max_window_layers=m.num_layers,
+                   layer_types=["full_attention"] * m.num_layers)
     if version:
         cfg["transformers_version"] = version
     return cfg
+
+
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def hf_rope_scaling(m: ModelConfig) -> dict | None:
+    """config.json's ``rope_scaling`` for ``model.rope_scaling`` (Llama-3.1's layout), or None."""
+    rs = m.rope_scaling
+    if rs is None:
+        return None
+    return {"rope_type": rs.type, "factor": float(rs.factor), "low_freq_factor": float(rs.low_freq_factor),
+            "high_freq_factor": float(rs.high_freq_factor),
+            "original_max_position_embeddings": int(rs.original_max_position_embeddings)}
+
+
+def rope_scaling_from_hf(cfg: dict, problems: list[str]) -> dict | None:
+    """``model.rope_scaling`` from config.json: transformers 4's ``rope_scaling`` or 5's
+    ``rope_parameters`` (either may hold the llama3 values). Appends what cannot be represented
+    to ``problems``."""
+    found = []
+    for key in ("rope_scaling", "rope_parameters"):
+        d = cfg.get(key)
+        if isinstance(d, dict):
+            kind = d.get("rope_type", d.get("type", "default"))
+            if kind != "default":
+                found.append((key, kind, d))
+        elif d is not None:
+            problems.append(f"{key} is {d!r}; expected a dict or null")
+    if not found:
+        return None
+    key, kind, d = found[0]
+    if kind != "llama3":
+        problems.append(f"{key} has rope_type {kind!r}; only 'default' (no scaling) and 'llama3' "
+                        "(Llama-3.1/3.2 frequency scaling) convert")
+        return None
+    missing = [k for k in _LLAMA3_KEYS if not isinstance(d.get(k), (int, float)) or isinstance(d.get(k), bool)]
+    if missing:
+        problems.append(f"{key} (rope_type 'llama3') lacks {', '.join(missing)}: llama3 scaling needs "
+                        f"{', '.join(_LLAMA3_KEYS)}")
+        return None
+    out = {"type": "llama3", **{k: d[k] for k in _LLAMA3_KEYS}}
+    for other_key, other_kind, other in found[1:]:
+        if other_kind != kind or any(other.get(k) != d[k] for k in _LLAMA3_KEYS):
+            problems.append(f"rope_scaling and rope_parameters disagree ({d!r} vs {other!r})")
+    return out
 
 
 def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: int = 1) -> Recipe:
@@ -333,8 +390,13 @@ def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: i
     tp x pp, everything else default. Refuses configs our Llama blocks cannot represent."""
     problems = []
     mtype = cfg.get("model_type")
-    if mtype != "llama":
-        problems.append(f"model_type is {mtype!r}; only 'llama' (LlamaForCausalLM) converts")
+    if mtype not in ("llama", "qwen3"):
+        problems.append(f"model_type is {mtype!r}; only 'llama' (LlamaForCausalLM) and 'qwen3' "
+                        "(Qwen3ForCausalLM: Llama blocks with per-head QK-norm) convert")
+    if mtype == "qwen3" and (cfg.get("use_sliding_window") or any(
+            t != "full_attention" for t in cfg.get("layer_types") or [])):
+        problems.append("use_sliding_window / layer_types ask for sliding-window attention; our attention "
+                        "is full causal attention in every layer")
     if cfg.get("tie_word_embeddings", False):
         problems.append("tie_word_embeddings is true; our models keep separate input embedding and "
                         "output head (untie them first: save lm_head as a copy of embed_tokens and set "
@@ -346,13 +408,8 @@ def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: i
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         problems.append(f"hidden_act is {act!r}; our MLP is SwiGLU (silu)")
-    if cfg.get("rope_scaling"):
-        problems.append(f"rope_scaling is {cfg['rope_scaling']!r}; our rotary embedding has no scaling "
-                        "(only rope_scaling null converts)")
+    rope_scaling = rope_scaling_from_hf(cfg, problems)
     rp = cfg.get("rope_parameters") or {}
-    if isinstance(rp, dict) and rp.get("rope_type", "default") != "default" and not cfg.get("rope_scaling"):
-        problems.append(f"rope_parameters has rope_type {rp.get('rope_type')!r}; only 'default' (no "
-                        "scaling) converts")
     theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0)) if isinstance(rp, dict) else cfg.get("rope_theta", 10000.0)
     if float(theta) != int(float(theta)):
         problems.append(f"rope_theta {theta} is not an integer; Megatron's rotary base is an integer")
@@ -371,8 +428,8 @@ def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: i
                   "num_attention_heads": heads, "num_kv_heads": cfg.get("num_key_value_heads") or heads,
                   "head_dim": head_dim, "ffn_hidden_size": cfg["intermediate_size"],
                   "vocab_size": cfg["vocab_size"], "max_position_embeddings": maxpos,
-                  "rope_theta": float(theta), "norm_eps": cfg.get("rms_norm_eps", 1e-6),
-                  "qk_layernorm": False, "init_std": cfg.get("initializer_range", 0.02)},
+                  "rope_theta": float(theta), "rope_scaling": rope_scaling, "norm_eps": cfg.get("rms_norm_eps", 1e-6),
+                  "qk_layernorm": mtype == "qwen3", "init_std": cfg.get("initializer_range", 0.02)},
         "layout": {"tp": tp, "pp": pp, "vpp": 1, "dp": 1, "zero_stage": 1},
         "train": {"seq_len": min(maxpos, 4096)},
     }
@@ -579,26 +636,16 @@ def check_checkpoint(reader, m: ModelConfig) -> dict[str, str]:
         raise ConvertError(f"checkpoint {reader.path} has tensors its recipe's model ({_describe(m)}) does "
                            f"not: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}; the recipe in "
                            "meta.json does not describe these weights")
-    shapes: dict[str, dict] = {}
     for n, src in where.items():
-        files = reader.meta["index"][f"model/{src}"]
-        tp = len(files)
+        shards = reader.shards(f"model/{src}")
+        tp = len(shards)
         expect = shard_shape(n, want[n], tp)
-        for r, f in enumerate(files):
-            if f not in shapes:
-                shapes[f] = _st_shapes(reader.path / f)
-            got = shapes[f].get(f"model/{src}")
-            if got is None:
-                from .checkpoint import CheckpointError
-                raise CheckpointError(f"checkpoint {reader.path}: {f} does not hold model/{src} although "
-                                      "meta.json says it does; the checkpoint is damaged")
-            if got[0] != expect:
+        for r, sh in enumerate(shards):
+            if sh.shape != expect:
                 raise ConvertError(
-                    f"model/{src}: tensor-parallel shard {r} of {tp} in {f} has shape {got[0]}, but the "
+                    f"model/{src}: tensor-parallel shard {r} of {tp} has shape {sh.shape}, but the "
                     f"recipe's model ({_describe(m)}) needs {expect} (full {want[n]}): the checkpoint "
                     "was not written by this recipe's model")
-            if got[1] not in _ST_DTYPE:
-                raise ConvertError(f"model/{src} in {f} has dtype {got[1]}; expected a float type")
     return where
 
 
@@ -614,19 +661,16 @@ def _rows_block(h: int, itemsize: int = 4) -> int:
 
 def iter_ckpt_rows(reader, src: str, stop: int, kind: str = "model") -> Iterator[torch.Tensor]:
     """Rows [0, stop) of a row-split canonical tensor (the vocab matrices), in blocks, read from
-    each TP shard file in turn. Reopens the file per block so only that block stays mapped."""
-    files = reader.meta["index"][f"{kind}/{src}"]
+    each TP shard in turn (only the block's bytes are read)."""
     key, row = f"{kind}/{src}", 0
-    for f in files:
-        with _open_st(reader.path / f) as h:
-            n, width = h.get_slice(key).get_shape()[:2]
+    for r, sh in enumerate(reader.shards(key)):
+        n, width = sh.shape[:2]
         block = _rows_block(width)
         for a in range(0, n, block):
             b = min(a + block, n, a + stop - row)
             if b <= a:
                 break
-            with _open_st(reader.path / f) as h:
-                yield h.get_slice(key)[a:b]
+            yield reader.read_shard(key, r, rows=(a, b))
             row += b - a
         if row >= stop:
             return
@@ -649,24 +693,21 @@ def merge_into(name: str, out: torch.Tensor, part: torch.Tensor, tp_rank: int, t
 
 
 def read_merged(reader, src: str, dtype: torch.dtype, kind: str = "model") -> torch.Tensor:
-    """The canonical tensor ``src`` (TP-merged, as ``CheckpointReader.get``) in ``dtype``, read
-    straight from each rank's memory-mapped shard into the output: one pass over the bytes, and
-    no mapping outlives the call."""
+    """The canonical tensor ``src`` (TP-merged, as ``CheckpointReader.get``) in ``dtype``, one TP
+    shard at a time into the output (no merged fp32 copy first)."""
     key = f"{kind}/{src}"
-    files = reader.meta["index"][key]
-    tp = len(files)
+    shards = reader.shards(key)
+    tp, dim = len(shards), split_dim(src)
     out = None
-    for r, f in enumerate(files if split_dim(src) is not None else files[:1]):
-        with _open_st(reader.path / f) as h:
-            part = h.get_tensor(key)
-            if out is None:
-                shape = list(part.shape)
-                dim = split_dim(src)
-                if dim is not None:
-                    shape[dim] *= tp
-                out = torch.empty(shape, dtype=dtype)
-            merge_into(src, out, part, r, tp)
-            del part
+    for r in range(tp if dim is not None else 1):
+        part = reader.read_shard(key, r)
+        if out is None:
+            shape = list(part.shape)
+            if dim is not None:
+                shape[dim] *= tp
+            out = torch.empty(shape, dtype=dtype)
+        merge_into(src, out, part, r, tp)
+        del part
     return out
 
 
@@ -682,12 +723,100 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
+# Tokens that end an assistant turn in the chat formats we know (Llama-3 <|eot_id|> and, for tool
+# calls, <|eom_id|>; ChatML <|im_end|>; <|end_of_turn|> / Gemma's <end_of_turn>). generate() and
+# vLLM stop at any id of generation_config.json's eos_token_id, so every one the vocab has goes there.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_turn|>", "<end_of_turn>")
+
+
 @dataclass
 class TokenizerInfo:
     files: list[Path]
     vocab_size: int
     bos_id: int | None
     eos_id: int | None
+    end_of_turn_ids: list[int] = None  # END_OF_TURN_TOKENS the vocab has, in that order
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Every id that ends generation: EOS first, then the end-of-turn tokens."""
+        out = [] if self.eos_id is None else [self.eos_id]
+        return out + [i for i in self.end_of_turn_ids or [] if i not in out]
+
+
+def _token_ids(path: Path, tokens) -> list[int]:
+    """Ids of those of ``tokens`` the tokenizer at ``path`` has (HF tokenizer.json or sentencepiece)."""
+    from .tokenizer import tokenizer_file
+
+    f = tokenizer_file(path)
+    if f is None:
+        return []
+    if f.name == "tokenizer.json":
+        from tokenizers import Tokenizer as RustTokenizer
+
+        tok = RustTokenizer.from_file(str(f))
+        ids = [tok.token_to_id(t) for t in tokens]
+    else:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(f))
+        ids = [sp.piece_to_id(t) for t in tokens]
+        ids = [i if 0 <= i < sp.get_piece_size() and sp.id_to_piece(i) == t else None for i, t in zip(ids, tokens)]
+    return [i for i in ids if i is not None]
+
+
+def _strip_bos(processor, bos_id: int) -> bool:
+    """Remove BOS from a tokenizer.json post_processor (TemplateProcessing, possibly inside a
+    Sequence), in place. True if anything was removed."""
+    if not isinstance(processor, dict):
+        return False
+    if processor.get("type") == "Sequence":
+        return any([_strip_bos(p, bos_id) for p in processor.get("processors", [])])
+    if processor.get("type") != "TemplateProcessing":
+        return False
+    specials = processor.get("special_tokens", {})
+    bos = {name for name, v in specials.items() if v.get("ids") == [bos_id]}
+    if not bos:
+        return False
+    changed = False
+    for key in ("single", "pair"):
+        kept = [p for p in processor.get(key, []) if p.get("SpecialToken", {}).get("id") not in bos]
+        changed |= len(kept) != len(processor.get(key, []))
+        processor[key] = kept
+    for name in bos:
+        specials.pop(name)
+    return changed
+
+
+def export_tokenizer_files(tok: TokenizerInfo, dst: Path, model_max_length: int) -> list[str]:
+    """Copy the tokenizer into ``dst`` as the model was trained with it; returns the names written.
+
+    * No automatic BOS: pretraining documents are ``encode(text) + [EOS]`` with no BOS
+      (preprocess.py) and SFT conversations get theirs from the chat template (``bos_token``),
+      rendered without special tokens (sft.py). So ``tokenizer(text)`` must add none either:
+      BOS is removed from tokenizer.json's post-processor and ``add_bos_token`` is false;
+      ``apply_chat_template`` still starts with exactly one BOS.
+    * ``model_max_length`` is the model's context, not the tokenizer's training config's.
+    Every other byte of the files is copied as is."""
+    names = []
+    for f in tok.files:
+        name = "tokenizer.model" if f.suffix == ".model" else f.name
+        if name == "tokenizer.json" and tok.bos_id is not None:
+            data = json.loads(f.read_text(encoding="utf-8"))
+            if _strip_bos(data.get("post_processor"), tok.bos_id):
+                (dst / name).write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+                names.append(name)
+                continue
+        if name == "tokenizer_config.json":
+            continue
+        shutil.copyfile(f, dst / name)
+        names.append(name)
+    src_cfg = next((f for f in tok.files if f.name == "tokenizer_config.json"), None)
+    cfg = json.loads(src_cfg.read_text(encoding="utf-8")) if src_cfg else {}
+    cfg.update(model_max_length=int(model_max_length), add_bos_token=False, add_eos_token=False)
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
+                                               encoding="utf-8")
+    return names + ["tokenizer_config.json"]
 
 
 def inspect_tokenizer(path: str | Path, model_vocab: int) -> TokenizerInfo:
@@ -706,7 +835,8 @@ def inspect_tokenizer(path: str | Path, model_vocab: int) -> TokenizerInfo:
         files = [p]
     else:
         files = [p / n for n in TOKENIZER_FILES if (p / n).is_file()]
-    return TokenizerInfo(files, tok.vocab_size, tok.bos_id, tok.eos_id)
+    eot = [i for i in _token_ids(p, END_OF_TURN_TOKENS) if i < model_vocab]
+    return TokenizerInfo(files, tok.vocab_size, tok.bos_id, tok.eos_id, eot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -760,8 +890,6 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
     recipe = reader.recipe
     m = recipe.model
     gain = norm_gain_multiplier(reader.meta, recipe) if norm_gain_multiplier_ is None else norm_gain_multiplier_
-    if m.qk_layernorm:
-        hf_config(recipe)  # raises the QK-norm refusal before any file is read
     where = check_checkpoint(reader, m)
     tok_path = tokenizer if tokenizer is not None else recipe.data.tokenizer
     tok = None
@@ -813,15 +941,13 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
             {"metadata": {"total_size": total, "total_parameters": sum(math.prod(e[2]) for e in entries)},
              "weight_map": weight_map}, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"]}
+        stop = tok.stop_ids if tok else []
+        gen = {"bos_token_id": config["bos_token_id"],
+               "eos_token_id": stop if len(stop) > 1 else config["eos_token_id"]}
         if "transformers_version" in config:
             gen["transformers_version"] = config["transformers_version"]
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        tok_names = []
-        for f in tok.files if tok else []:
-            name = "tokenizer.model" if f.suffix == ".model" else f.name
-            shutil.copyfile(f, tmp / name)
-            tok_names.append(name)
+        tok_names = export_tokenizer_files(tok, tmp, m.max_position_embeddings) if tok else []
         stale = sorted(p.name for p in Path(out).glob("model-*-of-*.safetensors") if p.name not in shard_names)
         staging.commit(shard_names + tok_names + ["config.json", "generation_config.json",
                                                   "model.safetensors.index.json"])
@@ -938,8 +1064,6 @@ def verify(ckpt: str | Path, hf_dir: str | Path, layers: int | None = None, voca
     reader = _reader(ckpt)
     recipe, files = reader.recipe, _HFFiles(hf_dir)
     m = recipe.model
-    if m.qk_layernorm:
-        raise ConvertError("the checkpoint's model uses QK-norm, which has no Llama equivalent")
     where = check_checkpoint(reader, m)
     hf_cfg = json.loads((Path(hf_dir) / "config.json").read_text())
     for key, ours in (("hidden_size", m.hidden_size), ("num_hidden_layers", m.num_layers),
@@ -1062,7 +1186,11 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
     for n, s in full_shapes.items():
         for r in range(tp):
             plan[(r, stage_of(n, m, pp))].append((f"model/{stored[n]}", torch.float32, shard_shape(n, s, tp)))
-    index = {f"model/{stored[n]}": [fname[(r, stage_of(n, m, pp))] for r in range(tp)] for n in full_shapes}
+    # Each TP shard stored whole, as one part (checkpoint.Part) starting at element 0.
+    index = {f"model/{stored[n]}": [{"shape": list(shard_shape(n, s, tp)),
+                                     "parts": [[fname[(r, stage_of(n, m, pp))], f"model/{stored[n]}", 0,
+                                                math.prod(shard_shape(n, s, tp))]]} for r in range(tp)]
+             for n, s in full_shapes.items()}
     block_rows = _rows_block(m.hidden_size)
 
     with _Staging(out, overwrite) as staging:
@@ -1091,6 +1219,7 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
                            "world_size": tp * pp},
                 "precision": recipe.train.precision, "recipe": dump_recipe(recipe),
                 NORM_GAIN_META_KEY: 1.0,  # HF gains are the true gains; loading rescales them
+                "files": {fname[k]: (staging.tmp / fname[k]).stat().st_size for k in sorted(fname)},
                 "index": dict(sorted(index.items())), **(extra_meta or {})}
         (staging.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         staging.commit([fname[k] for k in sorted(fname)] + ["meta.json"])

@@ -260,6 +260,45 @@ def block_spec(recipe: Recipe, config: TransformerConfig, vp_stage: int | None) 
     return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=final)
 
 
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama-3.1's scaling of RoPE inverse frequencies (HF ``rope_type: llama3``), for any values.
+
+    With L = original_max_position_embeddings and wavelength w = 2 pi / f: f is kept where
+    w < L / high_freq_factor, divided by ``factor`` where w > L / low_freq_factor, and in between
+    blended as f * ((1 - a) / factor + a) with a = (L / w - low) / (high - low), which runs from 0
+    at the long-wavelength edge to 1 at the short one."""
+    wavelen = 2 * math.pi / inv_freq
+    ratio = original_max_position_embeddings / wavelen  # periods of this frequency in the old context
+    alpha = ((ratio - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
+    blended = inv_freq / factor * (1 - alpha) + inv_freq * alpha
+    keep = wavelen < original_max_position_embeddings / high_freq_factor
+    stretch = wavelen > original_max_position_embeddings / low_freq_factor
+    return torch.where(keep, inv_freq, torch.where(stretch, inv_freq / factor, blended))
+
+
+def apply_rope_scaling(chunk: GPTModel, recipe: Recipe) -> None:
+    """Replace the chunk's rotary inverse frequencies by their ``model.rope_scaling`` version.
+
+    The one place RoPE scaling enters the model. Megatron-Core 0.16.1's RotaryEmbedding scales
+    only with Llama-3.1's fixed low/high/original values (its ``rope_scaling`` flag), so it is
+    built unscaled and its ``inv_freq`` (a plain attribute, read by every forward) is swapped here,
+    before any forward has filled the embedding's cache."""
+    rs = recipe.model.rope_scaling
+    rotary = getattr(chunk, "rotary_pos_emb", None)
+    if rs is None or rotary is None:
+        return
+    if rs.type != "llama3":  # pragma: no cover - the schema admits only llama3
+        raise RecipeError(f"model.rope_scaling.type={rs.type!r} is not supported")
+    base = rotary.inv_freq
+    scaled = llama3_inv_freq(base.float(), rs.factor, rs.low_freq_factor, rs.high_freq_factor,
+                             rs.original_max_position_embeddings)
+    rotary.inv_freq = scaled.to(device=base.device, dtype=base.dtype)
+    clear = getattr(type(rotary).forward, "cache_clear", None)  # lru_cache'd per (module, length)
+    if clear is not None:
+        clear()  # nothing computed unscaled may survive
+
+
 def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised."""
     config = transformer_config(recipe, on_gpu)
@@ -279,6 +318,7 @@ def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
             rotary_base=int(recipe.model.rope_theta),
             **kw,
         )
+        apply_rope_scaling(chunk, recipe)
         if on_gpu:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)

@@ -178,6 +178,49 @@ def stage_params(recipe: Recipe, pp_rank: int) -> int:
     return n
 
 
+# Bytes per parameter a checkpoint holds (checkpoint.py): the weights the optimizer updates (fp32
+# master copy, or the bf16 weights themselves in bf16-pure) and AdamW's two moments.
+CHECKPOINT_BYTES_PER_PARAM = {"fp32": 12, "bf16-mixed": 12, "bf16-pure": 6}
+FS_BANDWIDTH_GBS = 2.0  # per rank, to a parallel file system; a stated assumption, not a measurement
+
+
+@dataclass
+class CheckpointIO:
+    """What one checkpoint moves, under checkpoint.py's rules: every rank writes the elements it
+    owns (its ZeRO partition, or an even 1/dp of replicated states) and, resuming at the same TP
+    degree, reads as many: 1/dp of each weight shard (the DP group all-gathers the rest) and its
+    own partition of the Adam moments. Bytes are those of the busiest rank."""
+
+    total: int          # bytes of the whole checkpoint
+    ideal: float        # total / world size
+    write: float        # bytes written by the busiest rank
+    read: float         # bytes read by the busiest rank at a resume (same TP degree)
+    read_before: float  # what the busiest rank read before (every TP shard of its stage, whole)
+    save_s: float       # write / bandwidth
+    load_s: float
+
+    @property
+    def ratio(self) -> float:
+        return max(self.write, self.read) / self.ideal
+
+
+def checkpoint_io(recipe: Recipe, bandwidth_gbs: float = FS_BANDWIDTH_GBS) -> CheckpointIO:
+    lay = recipe.layout
+    per_param = CHECKPOINT_BYTES_PER_PARAM[recipe.train.precision]
+    stages = [stage_params(recipe, r) for r in range(lay.pp)]  # per GPU: its TP shard of the stage
+    total = sum(stages) * lay.tp * per_param
+    busiest = max(stages) * per_param / lay.dp
+    return CheckpointIO(total=total, ideal=total / lay.world_size, write=busiest, read=busiest,
+                        read_before=max(stages) * lay.tp * per_param, save_s=busiest / (bandwidth_gbs * 1e9),
+                        load_s=busiest / (bandwidth_gbs * 1e9))
+
+
+def checkpoint_save_seconds(recipe: Recipe, bandwidth_gbs: float) -> float:
+    """Seconds one checkpoint save takes on the busiest rank (see :class:`CheckpointIO`). A lower
+    bound: no metadata, no file system contention."""
+    return checkpoint_io(recipe, bandwidth_gbs).save_s
+
+
 # ----------------------------------------------------------------------------- memory
 
 def model_state_bytes(recipe: Recipe, pp_rank: int) -> dict[str, int]:
@@ -491,6 +534,7 @@ def format_plan(plan: Plan, title: str = "") -> str:
     acts = {rc: activation_bytes(r, rank, rc) for rc in ("none", "selective", "full")}
     per_mb = {rc: layer_activation_bytes(r, rc) * (m.num_layers // lay.pp) for rc in acts}
     steps_days = r.train.steps * tm.step / 86400
+    ck = checkpoint_io(r)
     lines = [
         f"plan {title} ({m.name}, {prec}, seq {r.train.seq_len}) on {hw.gpus} GPUs x "
         f"{hw.gpu_memory / GiB:.1f} GiB, {hw.gpu_tflops:g} TFLOP/s peak, MFU {hw.mfu:.0%}",
@@ -523,6 +567,8 @@ def format_plan(plan: Plan, title: str = "") -> str:
         f"{tm.tokens_per_s:,.0f} tokens/s ({tm.tokens_per_s / hw.gpus:,.0f}/GPU), MFU {tm.mfu:.1%}",
         f"  train.steps={r.train.steps} ({r.train.steps * lay.global_batch * r.train.seq_len / 1e12:.2f}T "
         f"tokens): {steps_days:.1f} days",
+        f"checkpoint  {ck.total / 1e9:.1f} GB; per rank {ck.write / 1e9:.2f} GB written and read "
+        f"({ck.ratio:.2f}x ideal); save/load ~{ck.save_s:.1f} s at {FS_BANDWIDTH_GBS:g} GB/s per rank",
     ]
     return "\n".join(lines)
 

@@ -21,7 +21,11 @@ LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "
                "RESIZING", "STAGE_OUT", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
 
 
-class RunInUse(RuntimeError):
+class RunDirError(RuntimeError):
+    """The run directory cannot be used; the message says why and what to do."""
+
+
+class RunInUse(RunDirError):
     """Another live job trains into this run directory."""
 
 
@@ -77,13 +81,17 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> str | None:
-        """Take the lock; returns a note when a stale lock was taken over. Raises RunInUse."""
-        if not self.dir.exists():
-            self.dir.mkdir(parents=True)
-            self.created_dir = True
+        """Take the lock; returns a note when a stale lock was taken over. Raises RunDirError."""
         me = _me()
         tmp = self.dir / f".{LOCK_NAME}.{me['host']}.{me['pid']}"
-        tmp.write_text(json.dumps(me))
+        try:
+            if not self.dir.exists():
+                self.dir.mkdir(parents=True)
+                self.created_dir = True
+            tmp.write_text(json.dumps(me))
+        except OSError as err:
+            raise RunDirError(f"output directory {self.dir} is not writable ({err}): choose "
+                              "train.output_dir= on a writable filesystem") from None
         note = None
         try:
             try:

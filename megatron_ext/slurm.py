@@ -6,7 +6,9 @@ first ``sbatch``: a typo must not leave half a chain queued.
 
 Each job runs one srun task per GPU (the ranks read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID),
 gets ``--signal=USR1@N`` before its time limit, and requeues itself with ``scontrol requeue`` when
-the ranks exit with REQUEUE_EXIT_CODE after saving (see slurm/train.sbatch.tmpl). A job trains a
+the ranks exit with REQUEUE_EXIT_CODE after saving, unless a user's plain scancel asked it to stop
+or SLURM requeued it already; after a crash it requeues up to ``max_crash_restarts`` times (see
+slurm/train.sbatch.tmpl for every case). A job trains a
 frozen copy of its recipe, written next to its logs at submission, so a requeue days later
 trains what was submitted even if the recipe file has changed since.
 """
@@ -85,7 +87,12 @@ class ClusterProfile(BaseModel):
     exclusive: bool = False
     constraint: Optional[str] = None
     signal_seconds: int = 120
-    max_requeues: int = 10
+    max_requeues: int = 10  # requeues after a save (time limit, scancel --signal=USR1)
+    max_crash_restarts: int = 3  # requeues after a crash or hang, counted apart from max_requeues
+    exclude_failed_nodes: bool = True  # keep a crash restart off the node that failed, where SLURM
+    #                                    names one and the partition has nodes enough without it
+    fs_bandwidth_gbs: float = 2.0  # checkpoint write speed per rank (GB/s): submit warns when the
+    #                                save would not fit in signal_seconds or the cluster's KillWait
     setup: str = ""  # shell lines before srun: modules, venv activation
     python: Optional[str] = None  # default: the interpreter running tools/submit.py
     env: dict[str, str] = {}
@@ -111,6 +118,11 @@ class ClusterProfile(BaseModel):
             raise SubmitError(f"gpus_per_node={self.gpus_per_node} must be >= 1: srun tasks (GPUs) per node")
         if self.max_requeues < 0:
             raise SubmitError(f"max_requeues={self.max_requeues} must be >= 0 (0: never requeue)")
+        if self.max_crash_restarts < 0:
+            raise SubmitError(f"max_crash_restarts={self.max_crash_restarts} must be >= 0 (0: a crash ends the job)")
+        if not self.fs_bandwidth_gbs > 0:
+            raise SubmitError(f"fs_bandwidth_gbs={self.fs_bandwidth_gbs} must be > 0: checkpoint write speed "
+                              "per rank in GB/s")
         problem = signal_problem(self.signal_seconds, self.time)
         if problem:
             raise SubmitError(problem)
@@ -390,6 +402,8 @@ def render(job: Job, profile: ClusterProfile, stamp: str = "STAMP", time_limit: 
         "requeue_exit_code": str(REQUEUE_EXIT_CODE),
         "max_requeues": str(p.max_requeues if max_requeues is None else max_requeues)
                         if job.requeue else "0",
+        "max_crash_restarts": str(p.max_crash_restarts) if job.requeue else "0",
+        "exclude_failed_nodes": "1" if p.exclude_failed_nodes else "0",
         "setup": p.setup.strip(),
         "env": "\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items()),
         "srun_args": " ".join(shlex.quote(a) for a in srun_args),
@@ -421,16 +435,54 @@ def check_limits(profile: ClusterProfile, time_limit: Optional[str] = None,
             raise SubmitError(f"profile {profile.name}: {problem}")
 
 
+def cluster_kill_wait() -> Optional[int]:
+    """The cluster's KillWait (seconds between SIGTERM and SIGKILL), None when scontrol cannot tell."""
+    if shutil.which("scontrol") is None:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"^KillWait\s*=\s*(\d+)", out, re.M)
+    return int(m.group(1)) if m else None
+
+
+def save_budget_warnings(jobs: list[Job], profile: ClusterProfile, kill_wait: Optional[int]) -> list[str]:
+    """One line per problem: a job whose checkpoint save (estimated from the model size and the profile's
+    fs_bandwidth_gbs) would not fit in signal_seconds (the time-limit warning) or in KillWait
+    (all a plain scancel, an admin requeue or a preemption leaves between SIGTERM and SIGKILL)."""
+    from .plan import checkpoint_save_seconds  # the planner: parameter counts per rank
+
+    out = []
+    for job in jobs:
+        if job.recipe is None or not job.requeue:
+            continue
+        est = checkpoint_save_seconds(job.recipe, profile.fs_bandwidth_gbs)
+        what = (f"job {job.name}: one checkpoint save takes ~{est:.0f} s ({job.recipe.model.name} at "
+                f"{profile.fs_bandwidth_gbs:g} GB/s per rank, profile fs_bandwidth_gbs)")
+        if est > profile.signal_seconds:
+            out.append(f"{what}, longer than signal_seconds={profile.signal_seconds}: the time-limit save "
+                       "may be killed; raise signal_seconds (to the save time + 60 s)")
+        if kill_wait is not None and est > kill_wait:
+            out.append(f"{what}, longer than the cluster's KillWait={kill_wait} s: a save after scancel, an "
+                       "admin requeue or a preemption may be killed (the run then resumes from the previous "
+                       "checkpoint); ask for a longer KillWait or save more often (checkpoint.interval)")
+    return out
+
+
 def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
                 time_limit: Optional[str] = None,
                 dependency: Optional[str] = None, max_requeues: Optional[int] = None,
-                echo=print) -> list[str]:
+                echo=print, warn=lambda line: print(f"submit: warning: {line}", file=sys.stderr)) -> list[str]:
     """Submit (or with ``dry_run`` print) the jobs in order; returns their ids.
 
     A later sbatch failure cancels the jobs this call already queued, so a chain is all or nothing.
+    Save-budget warnings (see :func:`save_budget_warnings`) go to ``warn``, one line each.
     """
     check_limits(profile, time_limit, max_requeues)
     sbatch = None if dry_run else sbatch_path()
+    for line in save_budget_warnings(jobs, profile, None if dry_run else cluster_kill_wait()):
+        warn(line)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ids: list[str] = []
     for job in jobs:

@@ -25,7 +25,7 @@ from .data import build_datasets, microbatches
 from .engine import Engine, init_distributed
 from .model import attention_backend, build_model, describe_attention
 from .plan import Hardware, estimate_memory, flops_per_token, step_time
-from .run_lock import RunInUse, RunLock
+from .run_lock import RunDirError, RunLock
 from .schedule import lr_at
 from .watchdog import Watchdog
 
@@ -92,10 +92,13 @@ class StopSignal:
     def received(self) -> str | None:
         return stop.received()
 
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
+    def agreed(self, device, pending: checkpoint.PendingSave | None = None) -> tuple[bool, bool]:
+        """(a stop signal reached some rank, every rank has written its files of ``pending``):
+        one small all-reduce per step answers both."""
+        flags = torch.tensor([1.0 if self.received else 0.0, 0.0 if pending is None or pending.written else 1.0],
+                             device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return flags[0].item() > 0, flags[1].item() == 0
 
 
 def _plan_start(recipe: Recipe, info, lock: RunLock | None) -> checkpoint.Start:
@@ -108,7 +111,7 @@ def _plan_start(recipe: Recipe, info, lock: RunLock | None) -> checkpoint.Start:
             took_over = lock.acquire()
             start = checkpoint.plan_start(recipe)
             answer[0] = replace(start, notes=((took_over,) if took_over else ()) + start.notes)
-        except (checkpoint.CheckpointError, RecipeError, RunInUse) as err:
+        except (checkpoint.CheckpointError, RecipeError, RunDirError) as err:
             answer[0] = str(err)
     dist.broadcast_object_list(answer, src=0)
     if isinstance(answer[0], str):
@@ -146,8 +149,8 @@ def _stop(engine, recipe: Recipe, state: TrainState, first_step: int, out: Path,
         checkpoint.save(engine, recipe, state, out)
         what = f"saved step {state.step}"
     if info.is_main:
-        print(f"{stop_signal.received or 'stop signal'}: {what}; exiting with {checkpoint.REQUEUE_EXIT_CODE} so the "
-              "job is requeued", flush=True)
+        print(f"{stop_signal.received or 'stop signal'}: {what}; exiting with {checkpoint.REQUEUE_EXIT_CODE}: the job "
+              "script requeues the job (not after a plain scancel)", flush=True)
     return checkpoint.REQUEUE_EXIT_CODE
 
 
@@ -158,6 +161,7 @@ def train(recipe: Recipe) -> int:
     try:
         return _train(recipe, info, lock)
     finally:
+        checkpoint.report_io(info.rank)
         if lock:
             lock.release()
 
@@ -201,8 +205,14 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     tick, first_step = time.perf_counter(), state.step
     tick_step = first_step
     watchdog = Watchdog(hang_timeout(recipe), info.rank)
+    background = ck.async_save if ck.async_save is not None else info.on_gpu
+    pending: checkpoint.PendingSave | None = None  # a background save not committed yet
     while state.step < t.steps:
-        if stop_signal.agreed(info.device):
+        stop_now, written = stop_signal.agreed(info.device, pending)
+        if written or stop_now:
+            with watchdog.idle():
+                pending = _settle(pending, state)
+        if stop_now:
             log.close()
             with watchdog.idle():
                 return _stop(engine, recipe, state, first_step, out, stop_signal, info)
@@ -221,6 +231,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
             log.log(state.step, {"skipped": 1, "loss": result.loss, "grad_norm": result.grad_norm,
                                  "skipped_total": state.skipped_steps})
             if recipe.health.on_nonfinite == "stop" or consecutive_skips >= recipe.health.max_consecutive_skips:
+                pending = _settle(pending, state)
                 last = checkpoint.resolve(checkpoint.checkpoints_dir(out))
                 raise NonFiniteLoss(f"non-finite {what} at step {state.step} ({consecutive_skips} in a row; "
                                     f"health.on_nonfinite={recipe.health.on_nonfinite}, max_consecutive_skips="
@@ -247,9 +258,14 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
             log.log(state.step, {"valid_loss": sum(losses) / len(losses)})
         if ck.interval and state.step % ck.interval == 0 and state.step < t.steps:
             with watchdog.idle():
-                checkpoint.save(engine, recipe, state, out)
+                tick_save = time.perf_counter()
+                pending = _settle(pending, state)
+                saved = checkpoint.save(engine, recipe, state, out, background=background)
+                pending = saved if isinstance(saved, checkpoint.PendingSave) else None
+                log.log(state.step, {"checkpoint_blocking_s": time.perf_counter() - tick_save})
         faults.after_step(state.step)
     with watchdog.idle():
+        pending = _settle(pending, state)
         if ck.save_at_end and state.saved_step != state.step:
             path = checkpoint.save(engine, recipe, state, out)
             if info.is_main:
@@ -257,6 +273,13 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
         log.close()
         dist.barrier()
     return 0
+
+
+def _settle(pending: checkpoint.PendingSave | None, state: TrainState) -> None:
+    """Commit a background save (waiting for this rank's writer first); a collective."""
+    if pending is not None:
+        pending.finish(state)
+    return None
 
 
 def hang_timeout(recipe: Recipe) -> float:

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# A real one-node SLURM on this machine, for tests and for trying tools/submit.py before a cluster.
+# A real two-node SLURM on this machine, for tests and for trying tools/submit.py before a cluster.
 #
-#   slurm/local_cluster.sh          install (apt) if needed, configure, start; wait for `srun -n2 hostname`
+#   slurm/local_cluster.sh          install (apt) if needed, configure, start; wait until both
+#                                   `srun -n2 hostname` and `srun -N2 -n2 hostname` work
 #   slurm/local_cluster.sh --stop   stop the daemons this script started
 #
 # Idempotent: when the cluster already answers it returns at once; a changed slurm.conf restarts
 # the daemons. The daemons are started directly (no systemd: CI containers have none) and found
-# again through their pid files. The node is this host, `hostname`, with CPUs=$(nproc), so jobs
-# asking for more tasks than cores stay pending rather than failing.
+# again through their pid files.
+#
+# Two nodes, n1 and n2, both on this host: Debian's slurm-wlm is built with MULTIPLE_SLURMD, so
+# one slurmd per node runs here (`slurmd -N n1`, `slurmd -N n2`), each on its own port with its
+# own spool dir, pid and log (%n in the paths). Each node has CPUs=$(nproc), so a one-node job
+# of two tasks still fits one node, and a two-node job (`--nodes 2 --gpus-per-node 1`) tests the
+# multi-node paths: n1/n2 are not resolvable host names (NodeAddr=127.0.0.1 is what the job
+# script's MASTER_ADDR uses), like clusters whose node names are not DNS names.
 set -euo pipefail
 
 if [ "$(id -u)" != 0 ]; then
@@ -19,7 +26,9 @@ CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
 LOG_DIR=/var/log/slurm
 CTLD_PID=/run/slurmctld.pid
-SLURMD_PID=/run/slurmd.pid
+NODES="n1 n2"
+SLURMD_PID=/run/slurmd-%n.pid  # %n: the node name (slurmd -N NAME)
+OLD_SLURMD_PID=/run/slurmd.pid  # the single slurmd of an earlier one-node version of this script
 MUNGE_PID=/run/munge/munged.pid
 WAIT_S=${LOCAL_CLUSTER_WAIT_S:-120}
 t0=$(date +%s)
@@ -34,18 +43,21 @@ stop() {  # stop one daemon by its pid file, never by name
     fi
     rm -f "$1"
 }
-works() { timeout 20 srun -n2 hostname >/dev/null 2>&1; }
+pidfile() { echo "${SLURMD_PID//%n/$1}"; }
+slurmds_running() { local n; for n in $NODES; do running "$(pidfile "$n")" || return 1; done; }
+stop_slurmds() { local n; for n in $NODES; do stop "$(pidfile "$n")"; done; stop "$OLD_SLURMD_PID"; }
+works() { timeout 20 srun -n2 hostname >/dev/null 2>&1 && timeout 20 srun -N2 -n2 hostname >/dev/null 2>&1; }
 
 if [ "${1:-}" = "--stop" ]; then
-    stop "$SLURMD_PID"; stop "$CTLD_PID"; stop "$MUNGE_PID"
+    stop_slurmds; stop "$CTLD_PID"; stop "$MUNGE_PID"
     say "stopped"
     exit 0
 fi
 
-# The configuration this script wants: this host is the controller and the only node.
+# The configuration this script wants: this host is the controller and runs both nodes.
 # (An unquoted heredoc: no backticks or command substitutions in its comments.)
 new_conf=$(cat <<EOF
-# Written by gaperon-recipes slurm/local_cluster.sh: a one-node test cluster.
+# Written by gaperon-recipes slurm/local_cluster.sh: a two-node test cluster on one host.
 ClusterName=gaperon-local
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -54,12 +66,16 @@ AuthType=auth/munge
 # A requeued job may start again only after the credential lifetime (default 120 s): keep tests fast.
 AuthInfo=cred_expire=10
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=$CTLD_PID
 SlurmdPidFile=$SLURMD_PID
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdLogFile=$LOG_DIR/slurmd-%n.log
 SchedulerType=sched/backfill
+# A requeued job is held until the credential lifetime has passed (its BeginTime), and then only a
+# scheduling pass starts it (every 30 s for backfill, 60 s for the main loop by default): every
+# second here, so a restart follows about 11 s after the requeue.
+SchedulerParameters=bf_interval=1,sched_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ProctrackType=proctrack/linuxproc
@@ -72,13 +88,14 @@ AccountingStorageType=accounting_storage/none
 MinJobAge=3600
 KillWait=30
 InactiveLimit=0
-NodeName=$HOST CPUs=$(nproc) State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=7-00:00:00 State=UP
+# Both nodes are this host (NodeHostname), reached at 127.0.0.1 (NodeAddr), one slurmd port each.
+NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=6921-6922 CPUs=$(nproc) State=UNKNOWN
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=7-00:00:00 State=UP
 EOF
 )
 
-if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$new_conf" ] && running "$CTLD_PID" && running "$SLURMD_PID" && works; then
-    say "already up ($HOST): srun -n2 hostname works"
+if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$new_conf" ] && running "$CTLD_PID" && slurmds_running && works; then
+    say "already up (n1, n2 on $HOST): srun -n2 and srun -N2 -n2 work"
     exit 0
 fi
 
@@ -104,28 +121,41 @@ if ! running "$MUNGE_PID"; then
 fi
 
 # 3. slurm.conf.
-mkdir -p "$CONF_DIR" "$LOG_DIR" /var/spool/slurmctld /var/spool/slurmd
+mkdir -p "$CONF_DIR" "$LOG_DIR" /var/spool/slurmctld
+for n in $NODES; do mkdir -p "/var/spool/slurmd/$n"; done
 if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$new_conf" ]; then
     say "writing $CONF"
     printf '%s\n' "$new_conf" > "$CONF"
-    stop "$SLURMD_PID"; stop "$CTLD_PID"  # pick the new configuration up
+    stop_slurmds; stop "$CTLD_PID"  # pick the new configuration up
 fi
+stop "$OLD_SLURMD_PID"  # a one-node slurmd left by an earlier version would hold no node now
 
 # 4. Daemons (they fork into the background and write their pid files).
 running "$CTLD_PID" || slurmctld
-running "$SLURMD_PID" || slurmd
+for n in $NODES; do
+    running "$(pidfile "$n")" || slurmd -N "$n"
+done
 
-# 5. Ready when a two-task step runs. A restarted node may come back DOWN: resume it.
+# 5. Ready when a two-task step runs on one node and on two. A restarted node may come back DOWN
+#    (or drained, e.g. by a test that excluded it): resume it.
 for _ in $(seq "$WAIT_S"); do
     if scontrol ping >/dev/null 2>&1; then
-        state=$(sinfo -h -n "$HOST" -o %T 2>/dev/null || true)
-        case "$state" in
-            down*|drain*) scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true ;;
-            idle*|mix*|alloc*) works && { say "up in $(( $(date +%s) - t0 )) s: srun -n2 hostname works on $HOST"; exit 0; } ;;
-        esac
+        ready=1
+        for n in $NODES; do
+            state=$(sinfo -h -n "$n" -o %T 2>/dev/null || true)
+            case "$state" in
+                down*|drain*|fail*) scontrol update NodeName="$n" State=RESUME >/dev/null 2>&1 || true; ready=0 ;;
+                idle*|mix*|alloc*) ;;
+                *) ready=0 ;;
+            esac
+        done
+        if [ "$ready" = 1 ] && works; then
+            say "up in $(( $(date +%s) - t0 )) s: srun -n2 and srun -N2 -n2 hostname work (n1, n2 on $HOST)"
+            exit 0
+        fi
     fi
     sleep 1
 done
-say "not ready after ${WAIT_S} s; see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd.log"
+say "not ready after ${WAIT_S} s; see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd-n1.log, slurmd-n2.log"
 sinfo -N -l 2>&1 || true
 exit 1

@@ -229,3 +229,19 @@ def test_to_hf_refuses_damaged_checkpoints_and_unwritable_output(tmp_path, train
     err = capsys.readouterr().err.strip()
     assert "meta.json is unreadable" in err and err.count("\n") == 0
     assert not (tmp_path / "hf").exists()
+
+
+def test_background_save_killed_mid_write_keeps_the_previous_checkpoint(tmp_path, reference):
+    """checkpoint.async_save: the writer thread is killed with its files half written; latest still
+    names the previous checkpoint, and the resumed run (also asynchronous) equals the reference."""
+    out = tmp_path / "run"
+    p = run(out, "checkpoint.async_save=true", fault="kill_during_save:6", check=False)
+    assert p.returncode != 0
+    assert latest(out) == "step_00000004" and (out / "checkpoints" / ".tmp-step_00000006").is_dir()
+    p = run(out, "checkpoint.async_save=true")
+    assert "at step 4" in p.stdout
+    assert latest(out) == f"step_{STEPS:08d}"
+    assert_no_fake_complete(out)
+    assert per_step(out) == reference
+    blocking = [r for r in per_step(out, "checkpoint_blocking_s").values()]
+    assert blocking and all(b >= 0 for b in blocking)

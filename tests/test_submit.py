@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -60,9 +61,9 @@ def test_dry_run_4_nodes_of_8_gpus(fake_sbatch, tmp_path):
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --signal=USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append",
                  "#SBATCH --partition=gpu", "#SBATCH --exclusive", "MAX_REQUEUES=5", "REQUEUE_EXIT_CODE=85",
-                 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                 "MAX_CRASH_RESTARTS=3", "EXCLUDE_FAILED_NODES=1",
+                 'MASTER_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                  "export MASTER_PORT=$(( 10000 + SLURM_JOB_ID % 20000 ))",
-                 'if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ]; then', 'if [ "$RESTARTS" -lt "$MAX_REQUEUES" ]; then',
                  'scontrol requeue "$SLURM_JOB_ID"', "RESTARTS=${SLURM_RESTART_COUNT:-0}",
                  "export CUDA_DEVICE_MAX_CONNECTIONS=1"]:
         assert line in out, f"missing {line!r}"
@@ -84,41 +85,138 @@ def test_every_sbatch_directive_precedes_the_first_command():
     assert not [x for x in lines[first_cmd:] if x.startswith("#SBATCH")]
 
 
-def run_rendered(tmp_path, srun_rc: int, restarts: int | None, max_requeues: int = 3):
-    """Run a rendered script under bash with fake srun/scontrol; returns (rc, output, calls)."""
+FAKE_SCONTROL = """#!/bin/bash
+# A fake scontrol: node-a/node-b at NODE_ADDR, the job's state from FAKE_STATE/FAKE_REASON/
+# FAKE_RESTARTS, every other call logged (requeue fails when FAKE_REQUEUE_FAILS is set).
+case "$1 $2" in
+    "show hostnames") if [ -n "${3:-}" ] && [ "$3" != "$SLURM_JOB_NODELIST" ]; then echo "$3" | tr , '\\n';
+                      else printf "node-a\\nnode-b\\n"; fi ;;
+    "show hostlist") echo "$3" ;;
+    "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=${NODE_ADDR:-127.0.0.1} NodeHostName=$3" ;;
+    "show job") echo "JobId=$SLURM_JOB_ID JobState=${FAKE_STATE:-RUNNING} Reason=${FAKE_REASON:-None} Requeue=1 Restarts=${FAKE_RESTARTS:-${SLURM_RESTART_COUNT:-0}} ExcNodeList=(null)" ;;
+    *) echo "scontrol $*" >> "$CALLS"; [ "$1" = requeue ] && [ -n "${FAKE_REQUEUE_FAILS:-}" ] && { echo "Job is pending execution" >&2; exit 1; }; exit 0 ;;
+esac
+"""
+
+
+def run_rendered(tmp_path, srun_rc: int, restarts: int | None, max_requeues: int = 3, term: bool = False,
+                 srun_err: str = "", **fake):
+    """Run a rendered script under bash with fake srun/scontrol/sinfo; returns (rc, output, calls).
+
+    ``term``: srun sends SIGTERM to the batch shell (as a plain scancel or a requeue by SLURM does);
+    ``srun_err``: what srun prints on stderr (its "srun: error: NODE: task N: ..." lines);
+    ``fake``: FAKE_STATE / FAKE_REASON / FAKE_RESTARTS / NODE_ADDR / FAKE_REQUEUE_FAILS for scontrol."""
     profile = slurm.ClusterProfile(name="fake", gpus_per_node=8, max_requeues=max_requeues)
     job = slurm.plan_jobs(TINY, WORLD32, profile, nodes=4)[0]
-    tmp_path.mkdir(parents=True, exist_ok=True)
+    job.log_dir = tmp_path / "logs"
+    job.log_dir.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "job.sbatch"
     script.write_text(slurm.render(job, profile))
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir(exist_ok=True)
+    log.write_text("")
+    err = "".join(f"echo {shlex.quote(x)} >&2\n" for x in srun_err.splitlines())
     (bin_dir / "srun").write_text(f'#!/bin/bash\necho "srun $* MASTER=$MASTER_ADDR:$MASTER_PORT" >> {log}\n'
-                                  f"exit {srun_rc}\n")
-    (bin_dir / "scontrol").write_text(f'#!/bin/bash\nif [ "$1 $2" = "show hostnames" ]; then '
-                                      f'printf "node-a\\nnode-b\\n"; else echo "scontrol $*" >> {log}; fi\n')
+                                  + ("kill -TERM $PPID\n" if term else "") + err + f"exit {srun_rc}\n")
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "sinfo").write_text('#!/bin/bash\nprintf "node-a\\nnode-b\\nnode-c\\nnode-d\\nnode-e\\n"\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "node-[a-b]"}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "4321", "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_PARTITION": "gpu", "CALLS": str(log),
+           **{k: str(v) for k, v in fake.items()}}
     if restarts is not None:
         env["SLURM_RESTART_COUNT"] = str(restarts)
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
-    return proc.returncode, proc.stdout + proc.stderr, log.read_text().splitlines()
+    out_file = job.log_dir / f"{job.name}-4321.out"  # like sbatch --output=%x-%j.out --open-mode=append
+    start = out_file.stat().st_size if out_file.exists() else 0
+    with out_file.open("a") as f:
+        proc = subprocess.run(["bash", str(script)], env=env, stdout=f, stderr=subprocess.STDOUT, timeout=30)
+    return proc.returncode, out_file.read_text()[start:], log.read_text().splitlines()
 
 
 def test_script_requeues_after_a_save_and_only_then(tmp_path):
     rc, out, calls = run_rendered(tmp_path, srun_rc=85, restarts=None)
     assert rc == 0 and calls[-1] == "scontrol requeue 4321", out
-    assert "MASTER=node-a:14321" in calls[0] and "--kill-on-bad-exit=0" in calls[0]
+    assert "MASTER=127.0.0.1:14321" in calls[0] and "--kill-on-bad-exit=0" in calls[0]
     assert "restart 1 of 3" in out
 
     rc, out, calls = run_rendered(tmp_path / "max", srun_rc=85, restarts=3)
-    assert rc == 85 and not any("requeue" in c for c in calls), out
+    assert rc == 85 and not any(c.startswith("scontrol requeue") for c in calls), out
     assert "3 requeues are used up" in out
 
-    for code in (0, 1):  # success ends the job; a crash is not requeued (it would crash again)
+    for code in (0, 2):  # success ends the job; bad input is never retried
         rc, out, calls = run_rendered(tmp_path / f"rc{code}", srun_rc=code, restarts=1)
-        assert rc == code and not any("requeue" in c for c in calls), out
+        assert rc == code and not any(c.startswith("scontrol requeue") for c in calls), out
+
+
+def test_script_plain_scancel_stops_after_the_save(tmp_path):
+    """SIGTERM on the batch shell with no time limit and no requeue by SLURM: a user's scancel."""
+    rc, out, calls = run_rendered(tmp_path, srun_rc=85, restarts=0, term=True, FAKE_STATE="COMPLETING")
+    assert rc == 85 and not any(c.startswith("scontrol requeue") for c in calls), out
+    assert "cancelled (scancel" in out and "the ranks saved a checkpoint, or had nothing new to save (exit 85); not requeued" in out
+    # the same SIGTERM at the time limit (Reason=TimeLimit) saves and requeues
+    rc, out, calls = run_rendered(tmp_path / "tl", srun_rc=85, restarts=0, term=True, FAKE_STATE="COMPLETING",
+                                  FAKE_REASON="TimeLimit")
+    assert rc == 0 and calls[-1] == "scontrol requeue 4321" and "time limit reached" in out, out
+
+
+def test_script_does_not_requeue_what_slurm_requeued(tmp_path):
+    """An admin's scontrol requeue: SIGTERM, the ranks save, Restarts went up; no second requeue, and
+    never "resubmit by hand" (that would start a second job on the same output dir)."""
+    rc, out, calls = run_rendered(tmp_path, srun_rc=85, restarts=0, term=True, FAKE_STATE="COMPLETING",
+                                  FAKE_RESTARTS=1)
+    assert rc == 0 and not any(c.startswith("scontrol requeue") for c in calls), out
+    assert "SLURM requeued this job itself" in out and "resubmit" not in out
+    # requeued between the decision and our scontrol requeue: the failure is explained, not "resubmit"
+    rc, out, calls = run_rendered(tmp_path / "race", srun_rc=85, restarts=0, FAKE_REQUEUE_FAILS=1,
+                                  FAKE_STATE="RUNNING")
+    assert rc == 85 and "resubmit by hand" in out, out  # a genuine failure still says what to do
+    rc, out, calls = run_rendered(tmp_path / "race2", srun_rc=85, restarts=0, FAKE_REQUEUE_FAILS=1,
+                                  FAKE_STATE="PENDING")
+    assert rc == 0 and "resubmit" not in out and "requeued" in out, out
+
+
+def test_script_crash_restarts_are_counted_and_exclude_the_failed_node(tmp_path):
+    err = "srun: error: node-b: task 9: Killed\nsrun: error: node-a: task 0: Exited with exit code 1"
+    rc, out, calls = run_rendered(tmp_path, srun_rc=137, restarts=0, srun_err=err)
+    assert rc == 0 and calls[1] == "scontrol requeue 4321", out
+    assert "crash restart 1 of 3: srun exit 137 (a rank was killed by signal 9), first failure on node node-b" in out
+    assert calls[2] == "scontrol update jobid=4321 ExcNodeList=node-b", calls
+    assert (tmp_path / "logs" / "tiny-4321.crash-restarts").read_text().strip() == "1"
+    # a hang (every rank exits 86): restarted, no node blamed
+    rc, out, calls = run_rendered(tmp_path, srun_rc=86, restarts=1,
+                                  srun_err="srun: error: node-a: tasks 0-7: Exited with exit code 86")
+    assert rc == 0 and "crash restart 2 of 3: srun exit 86 (hang watchdog" in out and len(calls) == 2, out
+    # requeues after a save do not use crash restarts up, and the reverse
+    rc, out, calls = run_rendered(tmp_path, srun_rc=85, restarts=2)
+    assert rc == 0 and "restart 1 of 3" in out, out
+    (tmp_path / "logs" / "tiny-4321.crash-restarts").write_text("3\n")
+    rc, out, calls = run_rendered(tmp_path, srun_rc=1, restarts=4)
+    assert rc == 1 and "3 crash restarts are used up" in out and len(calls) == 1, out
+
+
+def test_script_fails_fast_when_master_addr_does_not_resolve(tmp_path):
+    rc, out, calls = run_rendered(tmp_path, srun_rc=0, restarts=0, NODE_ADDR="no-such-node.invalid")
+    assert rc == 2 and calls == [], out
+    assert "MASTER_ADDR=no-such-node.invalid (NodeAddr of node node-a) does not resolve" in out
+
+
+def test_save_budget_warnings_are_one_line_each(fake_sbatch, tmp_path):
+    """A save slower than signal_seconds or the cluster's KillWait is a warning, not an error."""
+    profile = slurm.ClusterProfile(name="slow-fs", gpus_per_node=8, signal_seconds=60, fs_bandwidth_gbs=0.01)
+    jobs = slurm.plan_jobs(ROOT / "recipes" / "8b.yaml", [], profile)
+    lines = slurm.save_budget_warnings(jobs, profile, kill_wait=30)
+    assert len(lines) == 2 and all("\n" not in x for x in lines), lines
+    assert "longer than signal_seconds=60" in lines[0] and "KillWait=30 s" in lines[1], lines
+    fast = slurm.ClusterProfile(name="fast-fs", gpus_per_node=8, signal_seconds=300)
+    assert slurm.save_budget_warnings(slurm.plan_jobs(ROOT / "recipes" / "8b.yaml", [], fast), fast, 30) == []
+    yaml_path = tmp_path / "slow.yaml"
+    yaml_path.write_text("gpus_per_node: 8\nsignal_seconds: 60\nfs_bandwidth_gbs: 0.01\n")
+    env, _ = fake_sbatch
+    proc = submit(ROOT / "recipes" / "8b.yaml", "--cluster", yaml_path, f"train.output_dir={tmp_path}/r", "--dry-run",
+                  env=env)
+    assert proc.returncode == 0 and proc.stderr.count("submit: warning: ") == 1, proc.stderr
+    assert "longer than signal_seconds=60" in proc.stderr
 
 
 def test_requeue_exit_code_matches_the_training_loop():
@@ -329,9 +427,13 @@ def test_real_job_runs_one_task_per_rank(cluster, tmp_path):
     info = wait_job(job_id, 300, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
-    host, port = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip(), 10000 + int(job_id) % 20000
+    # MASTER_ADDR is the first node's NodeAddr (node names need not resolve)
+    first = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], capture_output=True,
+                           text=True).stdout.split()[0]
+    node = subprocess.run(["scontrol", "show", "node", first], capture_output=True, text=True).stdout
+    addr, port = re.search(r"NodeAddr=(\S+)", node).group(1), 10000 + int(job_id) % 20000
     for rank in (0, 1):
-        assert f"rank {rank} of 2 local {rank} master {host}:{port} device cpu" in text, text
+        assert f"rank {rank} of 2 local {rank} master {addr}:{port} device cpu" in text, text
 
 
 REQUEUE_PAYLOAD = """

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Checkpoint I/O per rank: measured on real CPU runs, and planned for the cluster recipes.
+
+(a) real 4-rank runs of the tiny recipe at (tp, pp, dp, zero) in (1,1,4,1), (2,1,2,1), (2,2,1,1),
+    (1,1,4,2): one run saves, a second resumes from it; every rank counts the checkpoint bytes it
+    read and wrote (checkpoint.IO_BYTES, written out with GAPERON_IO_STATS). The figure is the
+    busiest rank over the ideal, ideal = checkpoint bytes / world size.
+(b) the same rules computed without data (plan.checkpoint_io) for the 1.5b / 8b / 24b recipes at
+    their own cluster layouts, with the time at a stated file-system bandwidth per rank, and what
+    the busiest rank read before ranks read only their share (every TP shard of its stage, whole).
+(c) the training time a save blocks (``checkpoint_blocking_s`` in metrics.jsonl), synchronous vs
+    ``checkpoint.async_save=true``, at the same layout, on a wider model (hidden 512, ~40 MB).
+
+    python benchmarks/bench_checkpoint.py            # all parts (~5 min on 2 CPU cores)
+    python benchmarks/bench_checkpoint.py --plan     # (b) only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from megatron_ext.config import load_recipe  # noqa: E402
+from megatron_ext.plan import FS_BANDWIDTH_GBS, checkpoint_io  # noqa: E402
+
+LAYOUTS = [(1, 1, 4, 1), (2, 1, 2, 1), (2, 2, 1, 1), (1, 1, 4, 2)]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(out: Path, stats: Path, layout, steps: int, *extra: str) -> None:
+    tp, pp, dp, zero = layout
+    env = {**os.environ, "GAPERON_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "GAPERON_IO_STATS": str(stats)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={tp * pp * dp}",
+           f"--master-port={_port()}", str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / "tiny.yaml"),
+           f"layout.tp={tp}", f"layout.pp={pp}", f"layout.dp={dp}", f"layout.zero_stage={zero}",
+           "train.precision=fp32", "train.tensorboard=false", f"train.steps={steps}", f"train.output_dir={out}",
+           *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+
+
+def _per_rank(stats: Path, key: str) -> list[int]:
+    return [json.loads(p.read_text())[key] for p in sorted(stats.glob("rank*.json"))]
+
+
+def measured() -> None:
+    print("(a) measured, tiny recipe, fp32, 4 CPU ranks: bytes per rank (busiest / ideal)")
+    print(f"| tp,pp,dp,zero | checkpoint bytes | ideal/rank | max written | ratio | max read | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for layout in LAYOUTS:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run"
+            _run(out, Path(tmp) / "save", layout, steps=2)
+            _run(out, Path(tmp) / "load", layout, steps=3)  # resumes from step 2, then trains one more
+            ckpt = out / "checkpoints" / "step_00000002"
+            total = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
+            ideal = total / 4
+            wrote = max(_per_rank(Path(tmp) / "save", "written"))
+            read = max(_per_rank(Path(tmp) / "load", "read"))
+            print(f"| {','.join(map(str, layout))} | {total:,} | {ideal:,.0f} | {wrote:,} | {wrote / ideal:.2f} "
+                  f"| {read:,} | {read / ideal:.2f} |", flush=True)
+
+
+def planned() -> None:
+    print(f"(b) planned (plan.checkpoint_io), at {FS_BANDWIDTH_GBS:g} GB/s per rank")
+    print("| recipe | layout | world | checkpoint | per rank (write = read) | ratio | save/load s | "
+          "read per rank before | before / ideal |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size in ("1.5b", "8b", "24b"):
+        r = load_recipe(ROOT / "recipes" / f"{size}.yaml")
+        lay, io = r.layout, checkpoint_io(r)
+        print(f"| {size} | tp{lay.tp} pp{lay.pp} dp{lay.dp} zero{lay.zero_stage} | {lay.world_size} | "
+              f"{io.total / 1e9:.1f} GB | {io.write / 1e9:.2f} GB | {io.ratio:.2f} | {io.save_s:.1f} | "
+              f"{io.read_before / 1e9:.1f} GB | {io.read_before / io.ideal:.0f} |")
+
+
+def stall() -> None:
+    wide = ["model.hidden_size=512", "model.ffn_hidden_size=2048", "model.num_attention_heads=8",
+            "checkpoint.interval=2", "checkpoint.keep_last=1"]
+    print("(c) training time blocked per save, hidden 512 (~3.4M params, 40 MB per checkpoint), 2 ranks dp2 ZeRO-1")
+    print("| save | median blocking s | saves |")
+    print("|---|---|---|")
+    medians = {}
+    for mode in ("false", "true"):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run"
+            _run(out, Path(tmp) / "io", (1, 1, 2, 1), 9, *wide, f"checkpoint.async_save={mode}")
+            rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            blocked = sorted(r["checkpoint_blocking_s"] for r in rows if "checkpoint_blocking_s" in r)
+            medians[mode] = blocked[len(blocked) // 2]
+            print(f"| {'async' if mode == 'true' else 'sync'} | {medians[mode]:.4f} | {len(blocked)} |", flush=True)
+    print(f"async / sync blocking: {medians['true'] / medians['false']:.3f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", action="store_true", help="only the planned part (b)")
+    args = ap.parse_args()
+    planned()
+    if not args.plan:
+        print()
+        measured()
+        print()
+        stall()

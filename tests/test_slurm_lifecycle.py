@@ -1,0 +1,240 @@
+"""Every way a SLURM job ends does the right thing, on the real cluster of slurm/local_cluster.sh
+(two nodes, n1 and n2, on this host; skipped, saying why, when there is none).
+
+| what happens                                | expected                                                  |
+|---------------------------------------------|-----------------------------------------------------------|
+| plain scancel mid-run                       | checkpoint saved, stops, not requeued (CANCELLED)         |
+| scancel --signal=TERM, then scontrol requeue| saved, requeued (once each), resumed, identical losses    |
+| SIGKILL of one rank (GAPERON_FAULT=kill)    | crash restart 1 of 3 off the failed node, identical losses|
+| a rank hangs (GAPERON_FAULT=hang)           | stacks dumped, exit 86, crash restart, identical losses   |
+| 2 nodes x 1 task, one rank killed           | rendezvous at NodeAddr, crash restart, identical losses   |
+| a live job holds the run dir (run.lock)     | exit 2 naming the holder, not requeued (FAILED)           |
+
+Losses are compared with one uninterrupted run of the same recipe (module fixture). A fault
+applies to the first allocation only: the test profile's setup line unsets GAPERON_FAULT when
+SLURM_RESTART_COUNT > 0, so the restarted job trains on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY
+from megatron_ext import slurm
+from test_submit import TERMINAL, _cluster_problem, job_info
+
+pytestmark = pytest.mark.slurm
+
+SUBMIT = ROOT / "tools" / "submit.py"
+STEPS = 80
+TRAIN = [f"train.steps={STEPS}", "train.tensorboard=false", "train.precision=fp32", "train.log_interval=1",
+         "checkpoint.interval=10", "layout.dp=2"]
+CLEAR_FAULT = '[ "${SLURM_RESTART_COUNT:-0}" -eq 0 ] || unset GAPERON_FAULT  # a fault hits the first allocation only'
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> Path:
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(problem)
+    nodes = subprocess.run(["sinfo", "-h", "-p", "debug", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+    if len(set(nodes)) < 2:
+        pytest.skip(f"the test cluster has {len(set(nodes))} node(s), these tests need 2: rerun slurm/local_cluster.sh")
+    path = tmp_path_factory.mktemp("profile") / "lifecycle.yaml"
+    local = yaml.safe_load((slurm.PROFILES_DIR / "local.yaml").read_text())
+    path.write_text(yaml.safe_dump({**local, "setup": CLEAR_FAULT}))
+    return path
+
+
+def per_step(out: Path) -> dict[int, float]:
+    """conftest.per_step, tolerant of a line being written while it is read."""
+    rows = {}
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in r:
+            rows[r["step"]] = r["loss"]
+    return rows
+
+
+def submit(out: Path, profile: Path, *args, fault: str | None = None) -> tuple[str, Path]:
+    env = {k: v for k, v in os.environ.items() if k != "GAPERON_FAULT"}
+    if fault:
+        env["GAPERON_FAULT"] = fault  # sbatch exports the submitting environment to the job
+    proc = subprocess.run([sys.executable, str(SUBMIT), str(TINY), "--cluster", str(profile), *TRAIN,
+                           f"train.output_dir={out}", *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job_id = re.search(r"job (\d+)", proc.stdout).group(1)
+    return job_id, out / "slurm" / f"{out.name}-{job_id}.out"
+
+
+def wait_for(what: str, cond, job_id: str, log: Path, timeout: float = 240, poll: float = 0.25):
+    """Poll ``cond()`` until it is truthy; on timeout cancel the job and fail with its log."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    subprocess.run(["scancel", job_id])
+    pytest.fail(f"job {job_id}: {what} not seen after {timeout} s ({job_info(job_id).get('JobState')}); log:\n"
+                + (log.read_text()[-5000:] if log.exists() else "(none)"))
+
+
+def wait_end(job_id: str, log: Path, restarts: int | None = None, timeout: float = 300) -> dict[str, str]:
+    """The job's final ``scontrol show job`` fields (after ``restarts`` requeues, if given)."""
+    def done():
+        info = job_info(job_id)
+        if info.get("JobState") in TERMINAL and (restarts is None or info.get("Restarts") == str(restarts)):
+            return info
+    return wait_for("the end", done, job_id, log, timeout, poll=1.0)
+
+
+def text(log: Path) -> str:
+    return log.read_text() if log.exists() else ""
+
+
+def saved_step(log_text: str, signal_name: str) -> int:
+    m = re.search(rf"{signal_name}: (?:saved step|step) (\d+)", log_text)
+    assert m, log_text[-4000:]
+    return int(m.group(1))
+
+
+def assert_same_losses(got: dict, ref: dict, upto: int | None = None):
+    steps = [s for s in ref if upto is None or s <= upto]
+    assert sorted(s for s in got if upto is None or s <= upto) == sorted(steps), (sorted(got), upto)
+    diff = {s: (got[s], ref[s]) for s in steps if got[s] != ref[s]}
+    assert not diff, f"losses differ from the uninterrupted run at steps {sorted(diff)}: {diff}"
+
+
+def timed(label: str, t0: float) -> None:
+    print(f"\n[lifecycle] {label}: {time.time() - t0:.1f} s", flush=True)
+
+
+@pytest.fixture(scope="module")
+def reference(profile, tmp_path_factory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("ref") / "tiny"
+    t0 = time.time()
+    job_id, log = submit(out, profile)
+    info = wait_end(job_id, log)
+    timed("uninterrupted run", t0)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text(log)[-4000:]
+    ref = per_step(out)
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    return ref
+
+
+def test_plain_scancel_saves_and_stops(reference, profile, tmp_path):
+    out = tmp_path / "tiny"
+    job_id, log = submit(out, profile)
+    wait_for("step 8", lambda: len(per_step(out)) >= 8, job_id, log)
+    subprocess.run(["scancel", job_id], check=True)
+    info = wait_end(job_id, log)
+    t = text(log)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", t[-4000:]
+    assert "batch shell got SIGTERM" in t and "cancelled (scancel" in t and "not requeued" in t, t[-4000:]
+    assert "requeueing" not in t and t.count("start on") == 1, t[-4000:]
+    step = saved_step(t, "SIGTERM")
+    assert 8 <= step < STEPS and (out / "checkpoints" / f"step_{step:08d}").is_dir(), t[-4000:]
+    assert_same_losses(per_step(out), reference, upto=step)
+    time.sleep(3)  # still not requeued a moment later
+    assert job_info(job_id).get("JobState") == "CANCELLED"
+
+
+def test_scancel_signal_term_then_admin_requeue_resume_exactly(reference, profile, tmp_path):
+    """A user's `scancel --signal=TERM` (ranks only): save, requeue from the script. Then an admin's
+    `scontrol requeue`: save, and SLURM's own requeue is the only one (no 'resubmit by hand')."""
+    out = tmp_path / "tiny"
+    job_id, log = submit(out, profile)
+    wait_for("step 8", lambda: len(per_step(out)) >= 8, job_id, log)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    t0 = time.time()
+    wait_for("resume 1", lambda: text(log).count("resumed from") >= 1, job_id, log)
+    timed("scancel --signal=TERM to resumed training", t0)
+    first = saved_step(text(log), "SIGTERM")
+    wait_for(f"step {first + 8}", lambda: max(per_step(out), default=0) >= first + 8, job_id, log)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    t0 = time.time()
+    wait_for("resume 2", lambda: text(log).count("resumed from") >= 2, job_id, log)
+    timed("scontrol requeue to resumed training", t0)
+    info = wait_end(job_id, log, restarts=2)
+    t = text(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", t[-4000:]
+    assert "requeueing, restart 1 of 3" in t and "SLURM requeued this job itself" in t, t[-4000:]
+    assert "resubmit" not in t and "cancelled" not in t and t.count("start on") == 3, t[-4000:]
+    steps = [int(s) for s in re.findall(r"SIGTERM: (?:saved step|step) (\d+)", t)]
+    assert len(steps) == 2 and first < steps[1] < STEPS, steps
+    assert f"at step {steps[0]}" in t and f"at step {steps[1]}" in t
+    assert_same_losses(per_step(out), reference)
+
+
+def crash_restart(reference, profile, out: Path, fault: str, *args, resume_step: int) -> str:
+    job_id, log = submit(out, profile, *args, fault=fault)
+    wait_for("the crash", lambda: "crash restart 1 of 3" in text(log), job_id, log)
+    t0 = time.time()
+    wait_for("resume", lambda: "resumed from" in text(log), job_id, log)
+    timed(f"{fault}: crash restart to resumed training", t0)
+    info = wait_end(job_id, log, restarts=1)
+    t = text(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", t[-4000:]
+    assert f"at step {resume_step}" in t and t.count("start on") == 2, t[-4000:]
+    assert (out / "slurm" / f"{out.name}-{job_id}.crash-restarts").read_text().strip() == "1"
+    assert_same_losses(per_step(out), reference)
+    return t
+
+
+def test_killed_rank_is_restarted_off_its_node(reference, profile, tmp_path):
+    t = crash_restart(reference, profile, tmp_path / "tiny", "kill:25:1", resume_step=20)
+    assert re.search(r"crash restart 1 of 3: srun exit \d+ .*first failure on node n[12]", t), t[-4000:]
+    node = re.search(r"first failure on node (n[12])", t).group(1)
+    assert f"excluded node {node} from the restart" in t, t[-4000:]
+    starts = re.findall(r"start on (n\d)", t)
+    assert starts[0] == node and starts[1] != node, starts
+
+
+def test_hung_rank_dumps_stacks_and_is_restarted(reference, profile, tmp_path):
+    t = crash_restart(reference, profile, tmp_path / "tiny", "hang:25:1", "health.hang_timeout_s=10",
+                      resume_step=20)
+    assert "crash restart 1 of 3: srun exit 86 (hang watchdog" in t, t[-4000:]
+    assert "no training step finished for 10 s" in t and "Thread" in t, t[-4000:]  # the stacks
+
+
+def test_two_nodes_rendezvous_by_address_and_restart(reference, profile, tmp_path):
+    t = crash_restart(reference, profile, tmp_path / "tiny", "kill:25:1", "--nodes", 2, "--gpus-per-node", 1,
+                      resume_step=20)
+    assert "MASTER_ADDR=127.0.0.1 (node n1)" in t, t[-4000:]
+    assert re.findall(r"start on (\S+)", t) == ["n[1-2]", "n[1-2]"], t[-4000:]
+    assert "not excluding node" in t and "would be left for a job of 2" in t, t[-4000:]
+
+
+def test_second_job_on_a_live_run_dir_is_refused(profile, tmp_path):
+    """run.lock held by a live job: exit 2 naming it, and exit 2 is never retried."""
+    holder = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-n1", "-o", "/dev/null", "--wrap", "sleep 120"],
+                            capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        wait_for("the holder", lambda: job_info(holder).get("JobState") == "RUNNING", holder, Path("/dev/null"), 60)
+        out = tmp_path / "tiny"
+        out.mkdir()
+        (out / "run.lock").write_text(json.dumps({"job_id": holder, "host": os.uname().nodename, "pid": os.getpid(),
+                                                  "since": "now"}))
+        job_id, log = submit(out, profile)
+        info = wait_end(job_id, log)
+        t = text(log)
+        assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", t[-4000:]
+        assert f"is in use by job {holder}" in t and "bad input (exit 2): not requeued" in t, t[-4000:]
+    finally:
+        subprocess.run(["scancel", holder])
