@@ -9,7 +9,7 @@
     their own cluster layouts, with the time at a stated file-system bandwidth per rank, and what
     the busiest rank read before ranks read only their share (every TP shard of its stage, whole).
 (c) the training time a save blocks (``checkpoint_blocking_s`` in metrics.jsonl), synchronous vs
-    ``checkpoint.async_save=true``, at the same layout, on a wider model (hidden 512, ~40 MB).
+    ``checkpoint.async_save=true``, at the same layout, on a wider model (hidden 1024, ~160 MB).
 
     python benchmarks/bench_checkpoint.py            # all parts (~5 min on 2 CPU cores)
     python benchmarks/bench_checkpoint.py --plan     # (b) only
@@ -89,16 +89,16 @@ def planned() -> None:
 
 
 def stall() -> None:
-    wide = ["model.hidden_size=512", "model.ffn_hidden_size=2048", "model.num_attention_heads=8",
-            "checkpoint.interval=2", "checkpoint.keep_last=1"]
-    print("(c) training time blocked per save, hidden 512 (~3.4M params, 40 MB per checkpoint), 2 ranks dp2 ZeRO-1")
+    wide = ["model.hidden_size=1024", "model.ffn_hidden_size=4096", "model.num_attention_heads=8",
+            "checkpoint.interval=4", "checkpoint.keep_last=1"]
+    print("(c) training time blocked per save, hidden 1024 (~13M params, 160 MB per checkpoint), 2 ranks dp2 ZeRO-1")
     print("| save | median blocking s | saves |")
     print("|---|---|---|")
     medians = {}
     for mode in ("false", "true"):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run"
-            _run(out, Path(tmp) / "io", (1, 1, 2, 1), 9, *wide, f"checkpoint.async_save={mode}")
+            _run(out, Path(tmp) / "io", (1, 1, 2, 1), 13, *wide, f"checkpoint.async_save={mode}")
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             blocked = sorted(r["checkpoint_blocking_s"] for r in rows if "checkpoint_blocking_s" in r)
             medians[mode] = blocked[len(blocked) // 2]

@@ -542,12 +542,24 @@ def _write_file(path: Path, write) -> int:
 
 def discard(path: Path) -> None:
     """Delete a checkpoint directory so that no kill can leave a ``step_*`` that looks complete:
-    rename it out of the ``step_*`` namespace first (atomic), then remove the files."""
+    rename it out of the ``step_*`` namespace first (atomic), then remove the files in the
+    background (what a kill leaves, clean_partial removes at the next start)."""
     doomed = path.with_name(f".deleting-{path.name}")
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
     maybe_kill("kill_during_rotate", step_of(path))
-    shutil.rmtree(doomed, ignore_errors=True)
+    deleter = threading.Thread(target=shutil.rmtree, args=(doomed, True), name="checkpoint-rotate", daemon=True)
+    deleter.start()
+    _DELETIONS.append(deleter)
+
+
+_DELETIONS: list[threading.Thread] = []
+
+
+def wait_for_deletions() -> None:
+    """Let rotated checkpoints finish disappearing (at exit: nothing left behind)."""
+    while _DELETIONS:
+        _DELETIONS.pop().join()
 
 
 _ABSENT = object()
@@ -637,6 +649,11 @@ class PendingSave:
 
 
 def _write_files(pending: PendingSave, tmp: Path, fragments: dict, rng: dict, step: int) -> None:
+    """This rank's share of a checkpoint to disk, unless it is not finite (then nothing is
+    written, and the commit refuses). Runs in the writer thread for a background save."""
+    pending.nonfinite = [k.split("@")[0] for k, t in fragments.items() if not torch.isfinite(t).all()]
+    if pending.nonfinite:
+        return
     try:
         maybe_kill("kill_during_save", step)
         if fragments:
@@ -686,7 +703,7 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path, back
     relink_optimizer_states(engine)
     # bf16-pure holds every state in bf16 (DeepSpeed's getters hand them back as fp32): store bf16.
     store_dtype = torch.bfloat16 if recipe.train.precision == "bf16-pure" else None
-    fragments, entries, nonfinite = {}, [], []
+    fragments, entries = {}, []
     for chunk in engine.chunks:
         names = canonical_names(chunk)
         for module_name, param in chunk.named_parameters():
@@ -701,12 +718,9 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path, back
                 entries.append((f"{kind}/{pname}", tp_rank, shape, fkey, start, t.numel()))
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
-    nonfinite = [k.split("@")[0] for k, t in fragments.items() if not torch.isfinite(t).all()]
     pending = PendingSave(final, TrainState(state.step, state.consumed_samples, state.skipped_steps),
                           _adam_step(engine), recipe, f"tp{tp_rank:02d}_pp{pp_rank:02d}_w{dp_rank:03d}.safetensors",
-                          entries, nonfinite, {})
-    if nonfinite:  # nothing is written; finish() refuses the commit on every rank
-        return pending if background else pending.finish(state)
+                          entries, [], {})
     args = (pending, tmp, fragments, _rng_state(), state.step)
     if background:
         pending.thread = threading.Thread(target=_write_files, args=args, name="checkpoint-writer", daemon=True)

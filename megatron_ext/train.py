@@ -98,7 +98,8 @@ class StopSignal:
         flags = torch.tensor([1.0 if self.received else 0.0, 0.0 if pending is None or pending.written else 1.0],
                              device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return flags[0].item() > 0, flags[1].item() == 0
+        stop_flag, unwritten = flags.tolist()  # one host sync
+        return stop_flag > 0, unwritten == 0
 
 
 def _plan_start(recipe: Recipe, info, lock: RunLock | None) -> checkpoint.Start:
@@ -161,6 +162,7 @@ def train(recipe: Recipe) -> int:
     try:
         return _train(recipe, info, lock)
     finally:
+        checkpoint.wait_for_deletions()
         checkpoint.report_io(info.rank)
         if lock:
             lock.release()

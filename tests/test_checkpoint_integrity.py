@@ -27,8 +27,8 @@ COMMON = [f"train.steps={STEPS}", "train.precision=fp32", "train.tensorboard=fal
           "checkpoint.keep_last=2"]
 
 
-def run(out, *extra, fault=None, nproc=1, layout=None, check=True):
-    env = cpu_env(**({"GAPERON_FAULT": fault} if fault else {}))
+def run(out, *extra, fault=None, nproc=1, layout=None, check=True, env_extra=None):
+    env = cpu_env(**({"GAPERON_FAULT": fault} if fault else {}), **(env_extra or {}))
     return launch(nproc, [str(TINY), *COMMON, *layout_overrides(**(layout or {})), f"train.output_dir={out}",
                           *extra], env=env, check=check)
 
@@ -245,3 +245,17 @@ def test_background_save_killed_mid_write_keeps_the_previous_checkpoint(tmp_path
     assert per_step(out) == reference
     blocking = [r for r in per_step(out, "checkpoint_blocking_s").values()]
     assert blocking and all(b >= 0 for b in blocking)
+
+
+def test_each_rank_reads_and_writes_only_its_share(tmp_path):
+    """dp 2 x ZeRO-1 and tp 2: bytes each rank wrote at a save and read at a resume (counted by the
+    reader and writer themselves), against the ideal: the checkpoint's bytes / world size."""
+    out, stats = tmp_path / "run", tmp_path / "io"
+    layout = dict(tp=2, dp=2, zero=1)
+    run(out, "train.steps=2", nproc=4, layout=layout, env_extra={"GAPERON_IO_STATS": stats / "save"})
+    run(out, "train.steps=3", nproc=4, layout=layout, env_extra={"GAPERON_IO_STATS": stats / "load"})
+    ckpt = out / "checkpoints" / "step_00000002"
+    ideal = sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file() and f.name != "meta.json") / 4
+    for phase, key in (("save", "written"), ("load", "read")):
+        per_rank = [json.loads(p.read_text())[key] for p in sorted((stats / phase).glob("rank*.json"))]
+        assert len(per_rank) == 4 and max(per_rank) <= 1.25 * ideal, (phase, per_rank, ideal)
