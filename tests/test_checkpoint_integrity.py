@@ -259,3 +259,44 @@ def test_each_rank_reads_and_writes_only_its_share(tmp_path):
     for phase, key in (("save", "written"), ("load", "read")):
         per_rank = [json.loads(p.read_text())[key] for p in sorted((stats / phase).glob("rank*.json"))]
         assert len(per_rank) == 4 and max(per_rank) <= 1.25 * ideal, (phase, per_rank, ideal)
+
+
+def _as_format_2(src: Path, dst: Path) -> None:
+    """Rewrite a checkpoint as format 2 wrote it: one file per (tp, pp) rank holding whole TP
+    shards, the index listing one file per TP rank."""
+    from safetensors.torch import save_file
+
+    reader = checkpoint.CheckpointReader(src)
+    dst.mkdir(parents=True)
+    shutil.copytree(src / "rng", dst / "rng")
+    files: dict[str, dict] = {}
+    index = {}
+    for key in reader.meta["index"]:
+        names = []
+        for t in range(len(reader.shards(key))):
+            fname = f"tp{t:02d}_pp00_w000.safetensors"
+            files.setdefault(fname, {})[key] = reader.read_shard(key, t).contiguous()
+            names.append(fname)
+        index[key] = names
+    for fname, tensors in files.items():
+        save_file(tensors, str(dst / fname))
+    meta = {**reader.meta, "format": 2, "index": index,
+            "files": {f.relative_to(dst).as_posix(): f.stat().st_size for f in dst.rglob("*") if f.is_file()}}
+    (dst / "meta.json").write_text(json.dumps(meta))
+
+
+def test_format_2_checkpoints_still_resume_exactly(tmp_path, trained):
+    new, old = tmp_path / "new", tmp_path / "old"
+    shutil.copytree(trained, new)
+    old.mkdir()
+    _as_format_2(trained / "checkpoints" / "step_00000004", old / "checkpoints" / "step_00000004")
+    (old / "checkpoints" / "latest").write_text("step_00000004\n")
+    a = checkpoint.CheckpointReader(new)
+    b = checkpoint.CheckpointReader(old)
+    for key in a.meta["index"]:
+        kind, name = key.split("/", 1)
+        assert torch.equal(a.get(name, kind), b.get(name, kind)), key
+    run(new, "train.steps=6")
+    p = run(old, "train.steps=6")
+    assert "at step 4" in p.stdout
+    assert per_step(old) == {s: v for s, v in per_step(new).items() if s > 4}
