@@ -328,17 +328,16 @@ class CheckpointReader:
     only the bytes of the elements asked for (safetensors slices are memory-mapped reads), and
     :meth:`get` assembles a whole canonical tensor (the converter's and a TP change's view)."""
 
-    def __init__(self, path: str | Path, quiet: bool = False, verified: bool = False):
+    def __init__(self, path: str | Path, verified: bool = False):
         """``verified``: ``path`` is a checkpoint dir already checked by :func:`find` (on rank 0),
         so the other ranks do not stat every file again."""
         found = Found(Path(path), []) if verified else find(path)
         if found.path is None:
             raise CheckpointError(f"no complete checkpoint at {path} (no meta.json, no complete step_*)"
                                   + (f": {'; '.join(found.notes)}" if found.notes else ""))
-        if found.notes and not quiet:
+        if found.notes:
             print("checkpoint: " + "; ".join(found.notes), file=sys.stderr, flush=True)
         self.path = found.path
-        self.notes = found.notes
         self.meta = read_meta(found.path)
         self._handles: dict[str, object] = {}
         self._shards: dict[str, list[Shard]] = {}
@@ -665,26 +664,44 @@ def _write_files(pending: PendingSave, tmp: Path, fragments: dict, rng: dict, st
         pending.error = str(err)
 
 
-def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path, background: bool = False
-         ) -> PendingSave | Path:
-    """Write a checkpoint of the current step on every rank (a collective).
-
-    Synchronous: returns its path once committed. ``background``: returns a :class:`PendingSave`
-    as soon as this rank's share is copied to host memory; a thread writes and fsyncs the files,
-    and ``finish()`` commits (the trainer calls it at the first step boundary where every rank's
-    files are written, and before the next save, a stop or the end). Either way nothing is
-    visible until every rank's files are durable, and ``latest`` moves last.
+def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> Path:
+    """Write a checkpoint of the current step on every rank (a collective); returns its path once
+    committed. Nothing is visible until every rank's files are durable, and ``latest`` moves last.
 
     A step this run has already saved (``state.saved_step``: a stop signal on a checkpoint step,
     a restart stopped before its first step) is not written again: the directory ``latest``
     names is never replaced in place."""
+    staged = _stage(engine, recipe, state, output_dir)
+    if staged is None:
+        return checkpoints_dir(output_dir) / f"step_{state.step:08d}"
+    _write_files(*staged)
+    return staged[0].finish(state)
+
+
+def save_in_background(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> PendingSave | None:
+    """:func:`save`, but returning as soon as this rank's share is copied to host memory: a thread
+    writes and fsyncs the files, and ``finish()`` commits (the trainer calls it at the first step
+    boundary where every rank's files are written, and before the next save, a stop or the end).
+    None when the step is already saved."""
+    staged = _stage(engine, recipe, state, output_dir)
+    if staged is None:
+        return None
+    pending = staged[0]
+    pending.thread = threading.Thread(target=_write_files, args=staged, name="checkpoint-writer", daemon=True)
+    pending.thread.start()
+    return pending
+
+
+def _stage(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> tuple | None:
+    """Prepare the ``.tmp-`` directory and copy this rank's share to host memory (collective):
+    the arguments of :func:`_write_files`, or None when this step is already saved."""
     from .model import canonical_names
 
     root = checkpoints_dir(output_dir)
     name = f"step_{state.step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
     if state.saved_step == state.step:
-        return final
+        return None
     from megatron.core import parallel_state as ps  # here, not at import: the converter never needs it
 
     rank = dist.get_rank()
@@ -721,13 +738,7 @@ def save(engine, recipe: Recipe, state: TrainState, output_dir: str | Path, back
     pending = PendingSave(final, TrainState(state.step, state.consumed_samples, state.skipped_steps),
                           _adam_step(engine), recipe, f"tp{tp_rank:02d}_pp{pp_rank:02d}_w{dp_rank:03d}.safetensors",
                           entries, [], {})
-    args = (pending, tmp, fragments, _rng_state(), state.step)
-    if background:
-        pending.thread = threading.Thread(target=_write_files, args=args, name="checkpoint-writer", daemon=True)
-        pending.thread.start()
-        return pending
-    _write_files(*args)
-    return pending.finish(state)
+    return pending, tmp, fragments, _rng_state(), state.step
 
 
 def _commit(gathered, tmp: Path, final: Path, root: Path, name: str, recipe: Recipe, state: TrainState,
@@ -936,11 +947,10 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
     if with_optimizer:
         ensure_optimizer_states(engine)
     relink_optimizer_states(engine)
-    source = None
+    source = _ShardSource(reader, engine.info.device)
     for chunk in engine.chunks:
         names = canonical_names(chunk)
         for module_name, param in chunk.named_parameters():
-            source = source or _ShardSource(reader, param.device)
             name = names[module_name]
             if not reader.has(name) and reader.has(te_name(name)):
                 name = te_name(name)  # written before checkpoints always used local-spec names

@@ -664,15 +664,18 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def validation_message(err: ValidationError, root: str = "recipe", schema: str = "megatron_ext/config.py",
+                       own_error: type = RecipeError, who_sets: str = "the recipe (or its base)") -> str:
+    """Pydantic's errors as one line: the dotted key, its value and what is wrong; our own
+    checks' messages (``own_error`` raised in a validator) as they are."""
     lines = []
     for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "recipe"
+        where = ".".join(str(x) for x in e["loc"]) or root
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key '{where}': check its spelling against megatron_ext/config.py")
+            lines.append(f"unknown key '{where}': check its spelling against {schema}")
         elif e["type"] == "missing":
-            lines.append(f"missing key '{where}': the recipe (or its base) must set it")
-        elif e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), RecipeError):
+            lines.append(f"missing key '{where}': {who_sets} must set it")
+        elif e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), own_error):
             lines.append(str(e["ctx"]["error"]))
         else:
             value = repr(e.get("input"))
@@ -688,7 +691,7 @@ def recipe_from_tree(tree: dict, written: bool = False) -> Recipe:
     try:
         return Recipe.model_validate(tree, context={"written": written})
     except ValidationError as err:
-        raise RecipeError(_format_validation_error(err)) from None
+        raise RecipeError(validation_message(err)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -28,7 +28,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from .config import (Recipe, RecipeError, _deep_merge, apply_overrides, base_chain, derive_sft_steps,
-                     dump_recipe, parse_yaml, read_yaml_tree, recipe_from_tree)
+                     dump_recipe, parse_yaml, read_yaml_tree, recipe_from_tree, validation_message)
 
 REQUEUE_EXIT_CODE = 85  # = megatron_ext.checkpoint.REQUEUE_EXIT_CODE (kept here to import no torch)
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,19 +142,6 @@ def signal_problem(signal_seconds: int, time_limit: str, source: str = "time") -
     return None
 
 
-def _one_line(err: ValidationError) -> str:
-    out = []
-    for e in err.errors():
-        where = ".".join(str(x) for x in e["loc"]) or "profile"
-        if e["type"] == "extra_forbidden":
-            out.append(f"unknown key '{where}': check its spelling against ClusterProfile in megatron_ext/slurm.py")
-        elif e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), SubmitError):
-            out.append(str(e["ctx"]["error"]))
-        else:
-            out.append(f"{where}={e.get('input')!r}: {e['msg']}")
-    return "; ".join(out)
-
-
 def known_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
 
@@ -175,7 +162,8 @@ def load_profile(name: str) -> ClusterProfile:
     try:
         return ClusterProfile.model_validate({"name": path.stem, **raw})
     except ValidationError as err:
-        raise SubmitError(f"cluster profile {path} is invalid: {_one_line(err)}") from None
+        why = validation_message(err, "profile", "ClusterProfile in megatron_ext/slurm.py", SubmitError, "the profile")
+        raise SubmitError(f"cluster profile {path} is invalid: {why}") from None
 
 
 @dataclass

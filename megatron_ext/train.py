@@ -82,24 +82,16 @@ class Logger:
                 self.tb.close()
 
 
-class StopSignal:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit, on preemption, requeue and
-    scancel) are recorded from the first line of tools/train.py (see stop.py); the loop acts on
-    them at the next step boundary, once every rank has agreed. A second signal during the save
-    changes nothing."""
-
-    @property
-    def received(self) -> str | None:
-        return stop.received()
-
-    def agreed(self, device, pending: checkpoint.PendingSave | None = None) -> tuple[bool, bool]:
-        """(a stop signal reached some rank, every rank has written its files of ``pending``):
-        one small all-reduce per step answers both."""
-        flags = torch.tensor([1.0 if self.received else 0.0, 0.0 if pending is None or pending.written else 1.0],
-                             device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        stop_flag, unwritten = flags.tolist()  # one host sync
-        return stop_flag > 0, unwritten == 0
+def _agree(device, pending: checkpoint.PendingSave | None) -> tuple[bool, bool]:
+    """At a step boundary: (a stop signal reached some rank, every rank has written its files of
+    ``pending``); one small all-reduce answers both. SIGTERM / SIGUSR1 (what SLURM sends before a
+    time limit, on preemption, requeue and scancel) are recorded from the first line of
+    tools/train.py (stop.py); a second signal during the save changes nothing."""
+    flags = torch.tensor([1.0 if stop.received() else 0.0, 0.0 if pending is None or pending.written else 1.0],
+                         device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    stop_flag, unwritten = flags.tolist()  # one host sync
+    return stop_flag > 0, unwritten == 0
 
 
 def _plan_start(recipe: Recipe, info, lock: RunLock | None) -> checkpoint.Start:
@@ -138,8 +130,7 @@ def _start(engine, recipe: Recipe, start: checkpoint.Start, info) -> TrainState:
     return TrainState()
 
 
-def _stop(engine, recipe: Recipe, state: TrainState, first_step: int, out: Path,
-          stop_signal: StopSignal, info) -> int:
+def _stop(engine, recipe: Recipe, state: TrainState, first_step: int, out: Path, info) -> int:
     """Save (unless this step is saved already, or none was trained here) and exit so that SLURM
     requeues the job."""
     if state.step == first_step:
@@ -150,7 +141,7 @@ def _stop(engine, recipe: Recipe, state: TrainState, first_step: int, out: Path,
         checkpoint.save(engine, recipe, state, out)
         what = f"saved step {state.step}"
     if info.is_main:
-        print(f"{stop_signal.received or 'stop signal'}: {what}; exiting with {checkpoint.REQUEUE_EXIT_CODE}: the job "
+        print(f"{stop.received() or 'stop signal'}: {what}; exiting with {checkpoint.REQUEUE_EXIT_CODE}: the job "
               "script requeues the job (not after a plain scancel)", flush=True)
     return checkpoint.REQUEUE_EXIT_CODE
 
@@ -169,7 +160,6 @@ def train(recipe: Recipe) -> int:
 
 
 def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
-    stop_signal = StopSignal()
     out = Path(recipe.train.output_dir)
     start = _plan_start(recipe, info, lock)  # refuses a second job or a bad resume before anything is written
     if info.is_main:
@@ -210,14 +200,14 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     background = ck.async_save if ck.async_save is not None else info.on_gpu
     pending: checkpoint.PendingSave | None = None  # a background save not committed yet
     while state.step < t.steps:
-        stop_now, written = stop_signal.agreed(info.device, pending)
+        stop_now, written = _agree(info.device, pending)
         if written or stop_now:
             with watchdog.idle():
                 pending = _settle(pending, state)
         if stop_now:
             log.close()
             with watchdog.idle():
-                return _stop(engine, recipe, state, first_step, out, stop_signal, info)
+                return _stop(engine, recipe, state, first_step, out, info)
         batch = microbatches(train_data, state.consumed_samples, recipe, dp_rank)
         lr = lr_at(state.step, recipe)
         diagnose = bool(t.lm_head_grad_interval) and (state.step + 1) % t.lm_head_grad_interval == 0
@@ -262,8 +252,10 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
             with watchdog.idle():
                 tick_save = time.perf_counter()
                 pending = _settle(pending, state)
-                saved = checkpoint.save(engine, recipe, state, out, background=background)
-                pending = saved if isinstance(saved, checkpoint.PendingSave) else None
+                if background:
+                    pending = checkpoint.save_in_background(engine, recipe, state, out)
+                else:
+                    checkpoint.save(engine, recipe, state, out)
                 log.log(state.step, {"checkpoint_blocking_s": time.perf_counter() - tick_save})
         faults.after_step(state.step)
     with watchdog.idle():
