@@ -238,19 +238,6 @@ def attention_mask(mb: dict) -> torch.Tensor | None:
     return ~allowed.unsqueeze(1)
 
 
-def _poison_one_gradient(chunk: torch.nn.Module):
-    """Make one element of the first parameter's gradient NaN during this step's backward
-    (a tensor hook runs before DeepSpeed's accumulation and reduction hooks see the gradient)."""
-    param = next(p for p in chunk.parameters() if p.requires_grad)
-
-    def hook(grad):
-        grad = grad.clone()
-        grad.view(-1)[0] = float("nan")
-        return grad
-
-    return param.register_hook(hook)
-
-
 class Engine:
     """One optimizer step per call of :meth:`train_step`, on this rank's microbatches."""
 
@@ -352,17 +339,14 @@ class Engine:
             total += r["loss_sum"].to(torch.float64)
         return total
 
-    def train_step(self, microbatches: list[dict], lr: float, poison: bool = False,
-                   diagnose_lm_head: bool = False, poison_grad: bool = False) -> StepResult:
+    def train_step(self, microbatches: list[dict], lr: float, diagnose_lm_head: bool = False) -> StepResult:
         """Forward/backward every microbatch, then one update, unless the loss or the global
         gradient norm is not finite (both are all-reduced, so every rank skips together: the
-        loss here, the norm inside DeepSpeed's step or :meth:`_guarded_step`). ``poison`` /
-        ``poison_grad`` make the loss / one gradient element NaN, for the fault-tolerance tests;
+        loss here, the norm inside DeepSpeed's step or :meth:`_guarded_step`).
         ``diagnose_lm_head`` measures :class:`LMHeadProbe`."""
         self.module.train()
         self.set_lr(lr)
         probe = LMHeadProbe(self.chunks, self.recipe.layout.sequence_parallel) if diagnose_lm_head else None
-        poisoned = _poison_one_gradient(self.chunks[0]) if poison_grad else None
         tokens = self._global_tokens(microbatches)
         scale = ps.get_data_parallel_world_size() / tokens.clamp(min=1).item()
         if self.pp > 1:
@@ -376,10 +360,6 @@ class Engine:
                 scaled, _, extra = self._loss_func(mb["loss_mask"], scale, token_losses)
                 self.ds.backward(scaled, scale_wrt_gas=False)
                 loss_sum += extra["loss_sum"].to(torch.float64)
-        if poison:
-            loss_sum = loss_sum * float("nan")
-        if poisoned is not None:
-            poisoned.remove()
         loss = self._loss_and_metrics(loss_sum, tokens)
         lm_head = probe.close(self.info.device) if probe else None
         if not math.isfinite(loss):

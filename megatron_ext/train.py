@@ -183,6 +183,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     chunks = build_model(recipe, info.on_gpu)
     engine = Engine(recipe, chunks, info)
     state = _start(engine, recipe, start, info)
+    faults.install(chunks, lambda: state.step + 1)  # test-only NaN points; none in production
     train_data, valid_data = build_datasets(recipe)
     inject.write_record(train_data, recipe, state, write=info.is_main)  # refuses a changed plan
     log = Logger(recipe, out, info.is_main)
@@ -211,8 +212,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
         batch = microbatches(train_data, state.consumed_samples, recipe, dp_rank)
         lr = lr_at(state.step, recipe)
         diagnose = bool(t.lm_head_grad_interval) and (state.step + 1) % t.lm_head_grad_interval == 0
-        result = engine.train_step(batch, lr, poison=faults.armed("nan_loss", state.step + 1),
-                                   diagnose_lm_head=diagnose, poison_grad=faults.armed("nan_grad", state.step + 1))
+        result = engine.train_step(batch, lr, diagnose_lm_head=diagnose)
         state.step += 1
         state.consumed_samples += lay.global_batch
         watchdog.beat()
