@@ -32,6 +32,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from . import quiet
 from .config import Recipe
 from .device import backend, setup_device
 
@@ -83,7 +84,8 @@ def init_distributed(recipe: Recipe) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend(), rank=rank, world_size=world,
                                 timeout=timedelta(minutes=int(os.environ.get("GAPERON_DIST_TIMEOUT_MIN", 30))))
-    deepspeed.init_distributed(dist_backend=backend(), verbose=False)
+    with quiet.known_prints_dropped():  # DeepSpeed prints that it built its CPU shm op, per rank
+        deepspeed.init_distributed(dist_backend=backend(), verbose=False)
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=lay.tp,
