@@ -9,8 +9,8 @@ one dict lookup. Points (``<step>`` is the step being saved or trained):
   ``kill_before_rotate`` (``latest`` updated, old checkpoints not yet rotated),
   ``kill_during_rotate`` (a rotated checkpoint renamed to ``.deleting-``, its files not yet removed;
   ``<step>`` is the deleted checkpoint's);
-* ``nan_loss`` (the logits, hence the loss and every gradient, become NaN in that step's forward
-  on the last pipeline stage), ``nan_grad`` (one gradient element becomes NaN on the chosen rank;
+* ``nan_loss`` (the final hidden states, hence the loss and every gradient, become NaN in that
+  step's forward on the last pipeline stage), ``nan_grad`` (one gradient element becomes NaN on the chosen rank;
   the loss stays finite); both are module/tensor hooks that :func:`install` adds to the model at
   start-up, only when armed, so the training step itself has no fault parameters;
 * ``sigterm`` and ``kill`` (SIGTERM / SIGKILL to this process once the step has been logged),
@@ -51,16 +51,16 @@ def install(chunks, step_in_progress: Callable[[], int]) -> None:
 
     point = os.environ.get("GAPERON_FAULT", "").split(":")[0]
     if point == "nan_loss":
-        def poison_logits(module, args, output):
+        def poison_hidden(module, args, output):
             if torch.is_grad_enabled() and armed("nan_loss", step_in_progress()):
-                logits = output[0] if isinstance(output, tuple) else output
-                logits = logits * float("nan")
-                return (logits, *output[1:]) if isinstance(output, tuple) else logits
+                hidden = output[0] if isinstance(output, tuple) else output
+                hidden = hidden * float("nan")
+                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
             return None
 
-        for chunk in chunks:
+        for chunk in chunks:  # the final norm's output: the logits follow it on either loss path
             if getattr(chunk, "post_process", False):
-                chunk.output_layer.register_forward_hook(poison_logits)
+                chunk.decoder.final_layernorm.register_forward_hook(poison_hidden)
     elif point == "nan_grad":
         # A tensor hook runs before DeepSpeed's accumulation and reduction hooks see the gradient.
         def poison_grad(grad):

@@ -284,13 +284,19 @@ def last_stage_bytes(recipe: Recipe, transient: bool = True) -> int:
 
     Megatron's vocab-parallel cross entropy saves an fp32 softmax (4 bytes per logit); while it is
     computed, and again in backward, an e-byte copy of the logits is alive too (``transient``).
+    With ``train.loss_chunk_tokens`` only one chunk of logits is ever alive.
     """
     m, lay, t = recipe.model, recipe.layout, recipe.train
     tokens, e = t.seq_len * lay.micro_batch, ACTIVATION_BYTES[t.precision]
     sp = lay.tp if lay.sequence_parallel else 1
     h = m.hidden_size
     norm = 2 * h * e if attention_kind(recipe) == "te" else 2 * h * 4 + h * e  # + output-layer input
-    logits = tokens * (m.padded_vocab_size // lay.tp) * (4 + (e if transient else 0))
+    vocab = m.padded_vocab_size // lay.tp
+    if t.loss_chunk_tokens:  # lm_loss.py: a log-sum-exp per token and the whole (SP-gathered) input saved;
+        chunk = min(t.loss_chunk_tokens, tokens)  # one chunk's logits (e-byte, fp32, fp32 exp) alive at a time
+        gathered_input = tokens * h * e - tokens * h * e // sp
+        return tokens * norm // sp + gathered_input + tokens * 4 + (chunk * vocab * (e + 8) if transient else 0)
+    logits = tokens * vocab * (4 + (e if transient else 0))
     return tokens * norm // sp + logits
 
 

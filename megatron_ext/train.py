@@ -21,7 +21,7 @@ from megatron.core import parallel_state as ps
 from . import checkpoint, faults, inject, stop
 from .checkpoint import TrainState
 from .config import Recipe, RecipeError, dump_recipe
-from .data import build_datasets, microbatches
+from .data import Prefetcher, build_datasets, microbatches
 from .engine import Engine, init_distributed
 from .model import attention_backend, build_model, describe_attention
 from .plan import Hardware, estimate_memory, flops_per_token, step_time
@@ -248,6 +248,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     tick_step = first_step
     watchdog = Watchdog(hang_timeout(recipe), info.rank)
     progress = Progress(recipe)
+    batches = Prefetcher(train_data, recipe, dp_rank, pin=info.on_gpu)
     background = ck.async_save if ck.async_save is not None else info.on_gpu
     pending: checkpoint.PendingSave | None = None  # a background save not committed yet
     while state.step < t.steps:
@@ -256,10 +257,11 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
             with watchdog.idle():
                 pending = _settle(pending, state)
         if stop_now:
+            batches.close()
             log.close()
             with watchdog.idle():
                 return _stop(engine, recipe, state, first_step, out, info)
-        batch = microbatches(train_data, state.consumed_samples, recipe, dp_rank)
+        batch = batches.get(state.consumed_samples)
         lr = lr_at(state.step, recipe)
         diagnose = bool(t.lm_head_grad_interval) and (state.step + 1) % t.lm_head_grad_interval == 0
         result = engine.train_step(batch, lr, diagnose_lm_head=diagnose)
@@ -309,6 +311,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
                     checkpoint.save(engine, recipe, state, out)
                 log.log(state.step, {"checkpoint_blocking_s": time.perf_counter() - tick_save})
         faults.after_step(state.step)
+    batches.close()
     with watchdog.idle():
         pending = _settle(pending, state)
         if ck.save_at_end and state.saved_step != state.step:
