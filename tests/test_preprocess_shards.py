@@ -288,3 +288,21 @@ def test_fast_encoder_falls_back_when_not_the_same_pipeline(bpe, inputs, tmp_pat
     hf = pp.preprocess([inputs[0]], str(tmp_path / "h"), str(bpe), on_error="skip", encoder="hf", progress=False)
     assert (fast.encoder, hf.encoder) == ("fast", "hf")
     assert files_of(tmp_path / "f") == files_of(tmp_path / "h")
+
+
+def test_plan_reads_token_counts_for_epochs_per_blend_component(unsharded, tmp_path, capsys):
+    from megatron_ext.config import load_recipe
+    from megatron_ext.plan import blend_epochs
+    from tools.plan import main as plan_main
+
+    one, ref = unsharded
+    blend = json.dumps([[3, str(one)], [1, str(tmp_path / "missing")]])
+    over = ["data.kind=indexed", f"data.blend={blend}", 'data.split="90,10,0"', "train.steps=10",
+            "layout.global_batch=8", "train.seq_len=64"]
+    rows = blend_epochs(load_recipe(ROOT / "recipes" / "tiny.yaml", over))
+    assert rows[0]["tokens"] == ref.tokens and rows[1]["tokens"] is None
+    assert rows[0]["drawn"] == 10 * 8 * 64 * 0.75
+    assert abs(rows[0]["epochs"] - 10 * 8 * 64 * 0.75 / (ref.tokens * 0.9)) < 1e-9
+    plan_main([str(ROOT / "recipes" / "tiny.yaml"), *over, "--epochs"])
+    out = capsys.readouterr().out
+    assert f"{rows[0]['epochs']:,.2f} epochs" in out and "dataset not found" in out
