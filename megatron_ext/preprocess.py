@@ -225,11 +225,12 @@ def _worker_deaths(procs) -> str:
     return how or "it died"
 
 
-def _ordered_results(chunks, text_key, workers, init_args, output_prefix):
+def _ordered_results(chunks, text_key, workers, init_args, output_prefix, local: dict):
     """Yield (chunk, (results, differs)) in chunk order. At most 2 chunks per worker are in flight,
-    so memory stays bounded whatever the input size. A worker that dies is one WorkerLost error."""
+    so memory stays bounded whatever the input size. A worker that dies is one WorkerLost error.
+    ``local``: the tokenizer and fast encoder already loaded, used when there is no pool."""
     if workers <= 1:
-        _init_worker(*init_args)
+        _WORKER.update(local)
         for chunk in chunks:
             yield chunk, _tokenize_chunk(chunk[0].fmt, text_key, chunk[2])
         return
@@ -338,11 +339,11 @@ def _good_documents(piece: Piece, first: int, results: list, on_error: str, summ
 
 
 def _choose_encoder(tok, encoder: str, chunks, text_key: str):
-    """('fast' or 'hf', why not fast, the chunks to process). The fast encoder is checked here on
+    """(the fast encode function or None, why not fast, the chunks to process). It is checked here on
     the adversarial texts and the first chunk's documents; ``encoder='fast'`` makes a failed check
     an error."""
     if encoder == "hf":
-        return "hf", None, chunks
+        return None, None, chunks
     first = next(chunks, None)
     sample = []
     if first is not None:
@@ -361,7 +362,7 @@ def _choose_encoder(tok, encoder: str, chunks, text_key: str):
             yield first
         yield from chunks
 
-    return ("fast" if fast else "hf"), why, again()
+    return fast, why, again()
 
 
 # ------------------------------------------------------------------------------------- sidecars
@@ -495,11 +496,12 @@ def preprocess(inputs, output_prefix: str, tokenizer: str, workers: int = 1, tex
     with stop_signals():
         try:      # megatron.core's ~10 s import, and the workers' first chunks overlap that import
             chunks = _chunks(pieces, text_key, chunk_docs, chunk_bytes)
-            summary.encoder, why_not, chunks = _choose_encoder(tok, encoder, chunks, text_key)
+            fast, why_not, chunks = _choose_encoder(tok, encoder, chunks, text_key)
+            summary.encoder = "fast" if fast else "hf"
             if why_not and progress:
                 print(f"note: Hugging Face tokenizers encode (the fast encoder is not used: {why_not})")
-            init = (str(tokenizer), eos_token, summary.encoder == "fast")
-            with closing(_ordered_results(chunks, text_key, workers, init, final)) as ordered:
+            init = (str(tokenizer), eos_token, fast is not None)
+            with closing(_ordered_results(chunks, text_key, workers, init, final, {"tok": tok, "fast": fast})) as ordered:
                 for (piece, first, payloads), (results, differs) in ordered:
                     if differs is not None:
                         raise PreprocessError(

@@ -208,7 +208,7 @@ def test_interrupted_run_leaves_nothing_under_the_final_name(tmp_path, bpe, docs
     monkeypatch.setattr(real, "encode", flaky_encode)
     monkeypatch.setattr(pp, "load_tokenizer", lambda *a, **k: real)
     with pytest.raises(RuntimeError, match="midway"):
-        pp.preprocess([src], str(prefix), str(bpe), workers=1, chunk_docs=2, progress=False)
+        pp.preprocess([src], str(prefix), str(bpe), workers=1, chunk_docs=2, encoder="hf", progress=False)
     assert calls["n"] == 7 and no_outputs(prefix)
 
     # a run that fails over an existing dataset leaves the old one whole
