@@ -244,6 +244,23 @@ def test_sigterm_lost_worker_and_killed_parent_end_cleanly(long_input, bpe, tmp_
     assert not temps() and not summary.resumed and pp.part_problem(part, None) is None
 
 
+def test_sigusr1_in_process_ends_like_ctrl_c(long_input, bpe, tmp_path, capsys):
+    """SIGUSR1 (a time-limit warning) mid-run: exit 138, the one line, nothing under the prefix, and
+    the previous handler back in place."""
+    import threading
+
+    before = signal.getsignal(signal.SIGUSR1)
+    timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGUSR1))
+    timer.start()
+    try:
+        code = main(["--input", str(long_input), "--output-prefix", str(tmp_path / "ds"), "--tokenizer", str(bpe),
+                     "--workers", "1", "--encoder", "hf", "--shard", "0/1", "--no-progress"])
+    finally:
+        timer.cancel()
+    assert code == 138 and "stopped by SIGUSR1: nothing written" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()) and signal.getsignal(signal.SIGUSR1) is before
+
+
 # ------------------------------------------------------------------------------ fast encoder
 
 def _random_texts(n: int, seed: int = 0) -> list[str]:
