@@ -399,9 +399,6 @@ def read_idx_header(path: str) -> tuple[int, int, int]:
     return code, n_seq, n_doc
 
 
-DTYPE_SIZE = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron.core DType codes -> bytes
-
-
 def dataset_tokens(prefix: str) -> int:
     """Tokens in an indexed dataset (the sum of its sequence lengths), read from its .idx alone."""
     _, n_seq, _ = read_idx_header(prefix + ".idx")
