@@ -73,11 +73,11 @@ def _last(rows: list[dict], key: str) -> dict | None:
     return next((r for r in reversed(rows) if isinstance(r.get(key), (int, float)) and not r.get("skipped")), None)
 
 
-def _recipe(run: Path) -> dict | None:
-    """recipe.yaml as a plain tree, plus the parameter count when it still validates."""
+def _recipe(text: str) -> dict | None:
+    """A recipe's YAML as a plain tree, plus the parameter count when it still validates."""
     try:
-        tree = yaml.safe_load((run / "recipe.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError:
         return None
     if not isinstance(tree, dict):
         return None
@@ -90,21 +90,26 @@ def _recipe(run: Path) -> dict | None:
     return {"tree": tree, "params": params}
 
 
-def _checkpoint(run: Path) -> dict | None:
-    """The complete checkpoint a restart would resume, as checkpoint.find picks it."""
+def _checkpoint(run: Path) -> tuple[dict | None, dict | None]:
+    """The complete checkpoint a restart would resume, as checkpoint.find picks it, and its meta.json."""
     root = run / "checkpoints"
     if not any(root.glob("step_*")):
-        return {"path": None, "notes": [], "on_disk": 0} if root.is_dir() else None
+        return ({"path": None, "notes": [], "on_disk": 0} if root.is_dir() else None), None
     from . import checkpoint  # imports torch: only for a run that has checkpoints
 
     found = checkpoint.find(run)
     info = {"path": None, "notes": found.notes, "on_disk": len(list(root.glob("step_*")))}
-    if found.path is not None:
+    if found.path is None:
+        return info, None
+    try:
         meta = checkpoint.read_meta(found.path)
-        info.update(path=str(found.path), step=meta["step"], consumed_samples=meta.get("consumed_samples"),
-                    skipped_steps=meta.get("skipped_steps", 0),
-                    saved_at=_clock((found.path / "meta.json").stat().st_mtime))
-    return info
+        saved_at = _clock((found.path / "meta.json").stat().st_mtime)
+    except (checkpoint.CheckpointError, OSError) as err:  # rotated away or damaged since find() looked
+        info["notes"].append(str(err))
+        return info, None
+    info.update(path=str(found.path), step=meta["step"], consumed_samples=meta.get("consumed_samples"),
+                skipped_steps=meta.get("skipped_steps", 0), saved_at=saved_at)
+    return info, meta
 
 
 def _holder(run: Path) -> dict | None:
@@ -163,15 +168,16 @@ def collect(run_dir: str | Path) -> dict:
     if not any((run / name).exists() for name in RUN_FILES):
         raise StatusError(f"{run} is not a run directory: it has none of {', '.join(RUN_FILES)} "
                           "(give the recipe's train.output_dir; a job that has not started yet has written nothing)")
-    recipe = _recipe(run)
     rows = read_metrics(run / "metrics.jsonl")
-    ckpt = _checkpoint(run)
-    if recipe is None and ckpt and ckpt.get("path"):  # recipe.yaml lost: the checkpoint has one
-        from . import checkpoint
-
-        meta = checkpoint.read_meta(Path(ckpt["path"]))
-        recipe = {"tree": yaml.safe_load(meta["recipe"]) if isinstance(meta.get("recipe"), str) else meta.get("recipe"),
-                  "params": None, "from_checkpoint": True}
+    ckpt, meta = _checkpoint(run)
+    try:
+        recipe = _recipe((run / "recipe.yaml").read_text())
+    except OSError:
+        recipe = None
+    if recipe is None and meta and isinstance(meta.get("recipe"), str):  # recipe.yaml lost: the checkpoint has it
+        recipe = _recipe(meta["recipe"])
+        if recipe:
+            recipe["from_checkpoint"] = True
     tree = (recipe or {}).get("tree") or {}
     train, layout = tree.get("train", {}), tree.get("layout", {})
     steps = train.get("steps")
@@ -259,8 +265,8 @@ def _recipe_line(st: dict) -> str:
     data = d.get("kind", "?") + (f" ({len(d['blend'])} datasets)" if d.get("blend") else "")
     where = " (from the checkpoint's meta.json: recipe.yaml is missing)" if rec.get("from_checkpoint") else ""
     return (f"{m.get('name', '?')}{params}; {t.get('steps')} steps x {lay.get('global_batch')} seqs x "
-            f"{t.get('seq_len')} tokens; {t.get('precision')}; {s.get('kind')} lr {o.get('lr'):g} -> "
-            f"{o.get('min_lr', 0):g}; data {data}{where}")
+            f"{t.get('seq_len')} tokens; {t.get('precision')}; {s.get('kind')} lr {o.get('lr')} -> "
+            f"{o.get('min_lr')}; data {data}{where}")
 
 
 def _layout_line(tree: dict) -> str:

@@ -10,6 +10,7 @@ and on one long finished. Exit 2, with one ``error:`` line, when RUN_DIR is miss
 """
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -18,4 +19,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from megatron_ext.status import main  # noqa: E402
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `tools/status.py ... | head` ends quietly
     sys.exit(main())
