@@ -1,5 +1,5 @@
-"""tools/status.py on real tiny runs: one finished, one stopped by SIGTERM (exit 85), one still
-going with no checkpoint yet; restarts from SLURM logs that slurm/train.sbatch.tmpl really wrote.
+"""tools/status.py on real tiny runs: one finished (resumed, one step skipped on a NaN loss), one
+stopped by SIGTERM (exit 85), one still going with no checkpoint yet; restarts from SLURM logs that slurm/train.sbatch.tmpl really wrote.
 
 The three runs are trained once for the module (1 CPU rank, 12 steps), each as one process
 without torchrun: the exit code is the trainer's own, the live run's pid is the one run.lock
@@ -49,7 +49,7 @@ def runs(tmp_path_factory) -> dict:
     stopped_wall = time.monotonic() - tick
     assert stopped.returncode == 85, out[-3000:]
     shutil.copytree(root / "stopped", root / "finished")
-    finished = trainer(root / "finished")  # resumes at step 6, ends at 12
+    finished = trainer(root / "finished", fault="nan_loss:9")  # resumes at step 6, skips step 9, ends at 12
     out, _ = finished.communicate(timeout=300)
     assert finished.returncode == 0, out[-3000:]
     deadline = time.monotonic() + 300
@@ -76,11 +76,13 @@ def test_finished_run(runs, tmp_path):
     assert f"step {STEPS}: checkpoints/step_{STEPS:08d} (2 on disk" in screen
     assert f"step {STEPS}: loss {losses[-1]:.4f}, valid loss {valid[-1]:.4f} (step {STEPS})" in screen
     assert f"{STEPS} / {STEPS} steps (100%), 6.14k of 6.14k tokens; done" in screen
-    assert "skipped     none" in screen and "eval        none logged" in screen
+    assert "skipped     1 (non-finite loss or gradient norm): steps 9" in screen
+    assert "eval        none logged" in screen
     assert "restarts    none seen: no SLURM logs" in screen
 
     st = json.loads(subprocess.run([*STATUS, str(run), "--json"], capture_output=True, text=True).stdout)
     assert st["state"] == "finished" and st["checkpoint"]["step"] == STEPS and st["checkpoint"]["notes"] == []
+    assert st["skipped_steps"] == [9] and st["checkpoint"]["skipped_steps"] == 1
     assert st["recipe"]["tree"]["train"]["steps"] == STEPS
 
     # eval scores as the eval loop logs them (eval/<task>/<metric> at a step), on a copy
@@ -133,7 +135,8 @@ def test_plot_writes_the_curves(runs, tmp_path):
     assert image.shape == (600, 800, 4)
 
     series = status.plot(run, tmp_path / "again.png")
-    assert list(series["loss"]) == list(range(1, STEPS + 1)) == list(series["lr"])
+    trained = [s for s in range(1, STEPS + 1) if s != 9]  # the skipped step is no point of the curves
+    assert list(series["loss"]) == trained == list(series["lr"])
     assert list(series["valid_loss"]) == [4, 8, 12]
     assert series["loss"][STEPS] == read_metrics(run, "loss")[-1]
 
