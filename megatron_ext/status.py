@@ -9,7 +9,8 @@ trainer and the SLURM script already write into the run directory (``train.outpu
   skipped, ``eval/<task>/<metric>``); a resumed run logs its re-done steps again, so the last
   row of a step wins;
 * ``checkpoints/``: the complete checkpoint a restart would resume (checkpoint.find's choice);
-* ``run.lock``: the job or process that holds the run now (run_lock.py);
+* ``run.lock``: the job or process that holds the run now (run_lock.py: squeue is asked about a
+  SLURM job, a local pid is checked);
 * ``slurm/<name>-<jobid>.out``: one ``=== <date> <time> job N: ...`` line per decision of
   slurm/train.sbatch.tmpl (allocation starts, requeues, crash restarts, how each one ended), amid
   the ranks' own output.
