@@ -143,3 +143,46 @@ def test_bad_input_is_one_error_line(args, expected, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], \
         proc.stderr
+
+
+# ---- the SLURM chain's eval job ----------------------------------------------------------------
+def test_evaluate_adds_one_eval_job_after_each_phase(tmp_path):
+    from megatron_ext import slurm
+
+    profile = slurm.load_profile("local")
+    jobs = slurm.plan_jobs(TINY, [f"train.output_dir={tmp_path}/p1", f"data.tokenizer={tmp_path}/tok"], profile,
+                           evaluate="gaperon_demo", hf_out=str(tmp_path / "hf"))
+    assert [(j.name, j.after) for j in jobs] == [("p1", None), ("p1-eval", 0), ("p1-hf", 0)]
+    assert jobs[1].command[1:] == [str(tmp_path / "p1"), "--tasks", "gaperon_demo", "--log-to-run"]
+    assert not jobs[1].requeue
+    with pytest.raises(slurm.SubmitError, match="has no data.tokenizer"):
+        slurm.plan_jobs(TINY, [f"train.output_dir={tmp_path}/p2"], profile, evaluate="gaperon_demo")
+
+
+@pytest.mark.slurm
+def test_chain_with_evaluate_runs_eval_job_after_the_phase(data, tmp_path):
+    from test_submit import _cluster_problem, wait_job
+
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(problem)
+    out = tmp_path / "phase"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "submit.py"), str(TINY), "--cluster", "local",
+                           f"train.output_dir={out}", "train.steps=4", *data,
+                           "--evaluate", "gaperon_demo"],
+                          capture_output=True, text=True, cwd=ROOT, env=offline_env(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    ids = re.findall(r"job (\d+)", proc.stdout)
+    assert len(ids) == 2 and f"after afterok:{ids[0]}" in proc.stdout, proc.stdout
+    train_info = wait_job(ids[0], 400, out / "slurm" / f"phase-{ids[0]}.out")
+    eval_log = out / "slurm" / f"phase-eval-{ids[1]}.out"
+    info = wait_job(ids[1], 400, eval_log)
+    assert train_info["JobState"] == "COMPLETED" and info["JobState"] == "COMPLETED", eval_log.read_text()[-4000:]
+    assert info["StartTime"] >= train_info["EndTime"]  # afterok: the eval waited for the phase
+    report = json.loads((out / "eval" / "4" / "results.json").read_text())
+    assert report["step"] == 4 and {r["metric"] for r in report["scores"]} >= {"acc", "acc_norm"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars(f"eval/{TASK}/acc_norm")] == [4]
