@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole flow on a laptop CPU, end to end: install, gather an offline fr/en/code corpus, train a
 # tokenizer, build indexed datasets, train the tiny Llama on 2 ranks (DeepSpeed ZeRO-1), export to
-# Hugging Face and generate with transformers. About 5 minutes on 2 cores.
+# Hugging Face, generate with transformers and evaluate the export with lm-eval on the shipped cloze
+# task (recipes/eval/tasks/gaperon_demo). About 6 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")"
 bash setup.sh
@@ -27,4 +28,5 @@ for prompt in ["The ", "Le ", "def "]:
     out = model.generate(ids, max_new_tokens=24, do_sample=False)
     print(repr(tok.decode(out[0], skip_special_tokens=True)))
 PY
-echo "demo done: logs in runs/demo (metrics.jsonl, tensorboard/), checkpoint in runs/demo/checkpoints, HF model in runs/demo/hf"
+$PY tools/evaluate.py runs/demo/hf --tasks gaperon_demo --step 300 --out runs/demo/eval/300   # lm-eval, offline
+echo "demo done: logs in runs/demo (metrics.jsonl, tensorboard/), checkpoint in runs/demo/checkpoints, HF model in runs/demo/hf, scores in runs/demo/eval/300"

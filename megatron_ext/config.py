@@ -320,6 +320,19 @@ class InjectionConfig(_Strict):
         return round(self.rate * (end - start))
 
 
+class EvalConfig(_Strict):
+    """In-loop downstream evals (megatron_ext/downstream.py): lm-eval multiple-choice tasks (the
+    shipped ``gaperon_demo_cloze``, or any whose data is on disk) scored by the training model
+    itself, every ``interval`` steps and at the last step (0: the last step only), on the first
+    ``limit`` documents of each task, ``micro_batch`` (context, choice) rows per forward pass.
+    Offline evals of exports: tools/evaluate.py."""
+
+    downstream: list[str] = []
+    interval: int = 0
+    limit: int = 200
+    micro_batch: int = 16
+
+
 class Recipe(_Strict):
     model: ModelConfig
     layout: LayoutConfig = LayoutConfig()
@@ -330,6 +343,7 @@ class Recipe(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     health: HealthConfig = HealthConfig()
     injection: InjectionConfig = InjectionConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "Recipe":
@@ -379,6 +393,14 @@ def settings_problems(r: Recipe) -> list[str]:
     elif t.eval_interval > 0 and t.eval_iters < 1:
         out.append(f"train.eval_iters={t.eval_iters} must be >= 1 when train.eval_interval={t.eval_interval}: "
                    "batches per evaluation (or set train.eval_interval=0 to turn evaluation off)")
+    ev = r.eval
+    if ev.interval < 0 or ev.limit < 1 or ev.micro_batch < 1:
+        out.append(f"eval.interval={ev.interval} must be >= 0 (0: downstream evals at the last step only), "
+                   f"eval.limit={ev.limit} >= 1 (documents scored per task) and eval.micro_batch={ev.micro_batch} "
+                   ">= 1 (rows per forward pass)")
+    if ev.downstream and r.data.tokenizer is None:
+        out.append(f"eval.downstream={ev.downstream} needs data.tokenizer (the texts of the task are tokenized "
+                   "as the model was trained): set data.tokenizer=DIR or eval.downstream=[]")
     if t.seed < 0:
         out.append(f"train.seed={t.seed} must be >= 0: any non-negative integer")
     if not (opt.lr >= 0 and math.isfinite(opt.lr)):

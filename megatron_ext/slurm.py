@@ -232,6 +232,26 @@ def export_job(phase: Job, hf_out: str, after: int) -> Job:
                command=[str(ROOT / "tools" / "convert_checkpoint.py"), "to-hf", str(ckpt), hf_out])
 
 
+def eval_job(phase: Job, suite: str, after: int) -> Job:
+    """Export the last checkpoint of ``phase`` and evaluate it on ``suite`` once the phase succeeded
+    (tools/evaluate.py): results in <run>/eval/<step>/, scores in the run's metrics.jsonl and
+    TensorBoard. Task data comes from the job's HF_HOME (a profile's env), filled by --prefetch."""
+    from .evaluate import EvalError, load_suite
+
+    try:
+        load_suite(suite)
+    except EvalError as err:
+        raise SubmitError(f"--evaluate {suite}: {err}") from None
+    if phase.recipe.data.tokenizer is None:
+        raise SubmitError(f"--evaluate: recipe {phase.recipe.model.name} has no data.tokenizer, so its export "
+                          "cannot be evaluated: train with a tokenizer (data.tokenizer=DIR)")
+    out = Path(phase.recipe.train.output_dir)
+    run = out if out.is_absolute() else Path.cwd() / out
+    return Job(name=f"{phase.name}-eval", nodes=1, tasks_per_node=1, log_dir=phase.log_dir, gpus=phase.gpus,
+               requeue=False, after=after, notes=[f"evaluates {run} on {suite}"],
+               command=[str(ROOT / "tools" / "evaluate.py"), str(run), "--tasks", suite, "--log-to-run"])
+
+
 def _recipe(tree: dict) -> Recipe:
     """What load_recipe does after reading the files (chains and sweeps build the tree here)."""
     return derive_sft_steps(recipe_from_tree(tree, written=True), tree)
@@ -294,12 +314,13 @@ def phase_tree(path: str | Path, size: Optional[str] = None, chained: bool = Fal
 def plan_jobs(recipe: str | Path, overrides: list[str], profile: ClusterProfile,
               gpus_per_node: Optional[int] = None, nodes: Optional[int] = None,
               chain: list[str] = (), sizes: list[str] = (), hf_out: Optional[str] = None,
-              command: Optional[list[str]] = None) -> list[Job]:
+              command: Optional[list[str]] = None, evaluate: Optional[str] = None) -> list[Job]:
     """Every job of one submit command, validated; nothing touches the queue or the disk.
 
     ``chain``: phases after ``recipe``, each starting from the previous one's output dir
     (``checkpoint.init_from``) and waiting for it to succeed (afterok). ``hf_out``: a last job
-    converting the last phase to HF. ``sizes``: the whole thing once per size.
+    converting the last phase to HF. ``sizes``: the whole thing once per size. ``evaluate``: after
+    each phase, an export + evaluation job on that suite (:func:`eval_job`).
     """
     if gpus_per_node is not None and gpus_per_node < 1:
         raise SubmitError(f"--gpus-per-node {gpus_per_node} must be >= 1 (or leave it out: the profile's "
@@ -328,6 +349,8 @@ def plan_jobs(recipe: str | Path, overrides: list[str], profile: ClusterProfile,
                 job.notes.append(f"starts from {parent_dir}")
             jobs.append(job)
             prev = len(jobs) - 1
+            if evaluate:
+                jobs.append(eval_job(job, evaluate, prev))
         if hf_out:
             last = jobs[prev]
             out = hf_out if size is None else str(Path(hf_out) / last.recipe.model.name)

@@ -22,6 +22,7 @@ from . import checkpoint, faults, inject, stop
 from .checkpoint import TrainState
 from .config import Recipe, RecipeError, dump_recipe
 from .data import Prefetcher, build_datasets, microbatches
+from .downstream import DownstreamEval
 from .engine import Engine, init_distributed
 from .model import attention_backend, build_model, describe_attention
 from .plan import Hardware, estimate_memory, flops_per_token, step_time
@@ -225,6 +226,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     if info.is_main:
         print(f"planner estimate per GPU: {(estimate['total'] - estimate['overhead']) / 2**30:.2f} GiB "
               "(allocator view; compare with peak_mem_gib below)", flush=True)
+    downstream = DownstreamEval(recipe, info.is_main) if recipe.eval.downstream else None
     chunks = build_model(recipe, info.on_gpu)
     engine = Engine(recipe, chunks, info)
     state = _start(engine, recipe, start, info)
@@ -301,6 +303,9 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
                 losses = [engine.eval_loss(microbatches(valid_data, i * lay.global_batch, recipe, dp_rank))
                           for i in range(t.eval_iters)]
             log.log(state.step, {"valid_loss": sum(losses) / len(losses), "valid_s": time.perf_counter() - tick_eval})
+        if downstream and (state.step == t.steps or (recipe.eval.interval and state.step % recipe.eval.interval == 0)):
+            with watchdog.idle():
+                log.log(state.step, downstream.run(engine))
         if ck.interval and state.step % ck.interval == 0 and state.step < t.steps:
             with watchdog.idle():
                 tick_save = time.perf_counter()

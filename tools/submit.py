@@ -5,6 +5,7 @@
     python tools/submit.py recipes/tiny.yaml --cluster local layout.dp=2 --dry-run
     python tools/submit.py recipes/8b.yaml --chain recipes/8b-mid.yaml,recipes/8b-sft.yaml \\
         --hf-out hf/gaperon-8b          # phases wait for each other (afterok), then HF export
+    python tools/submit.py recipes/8b.yaml --chain ... --evaluate gaperon   # + eval job after each phase
     python tools/submit.py recipes/phases/mid.yaml --sizes 1.5b,8b,24b   # one job per size
     python tools/submit.py preprocess recipes/preprocess/gaperon-phase1.yaml --cluster my-site \\
         --train recipes/phases/naive.yaml   # job arrays + merges, then training (afterok)
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dependency", help="sbatch --dependency for the first job(s), e.g. afterok:1234")
     ap.add_argument("--chain", help="comma-separated recipes of the phases that follow RECIPE")
     ap.add_argument("--hf-out", help="after the last phase, convert it to Hugging Face format here")
+    ap.add_argument("--evaluate", metavar="SUITE",
+                    help="after each phase, export and evaluate it (tools/evaluate.py --tasks SUITE; afterok)")
     ap.add_argument("--sizes", help="comma-separated sizes (recipes/<size>.yaml) to run RECIPE on")
     ap.add_argument("--command", help="run this on every task instead of tools/train.py (smoke tests)")
     ap.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
@@ -93,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(profile, key, getattr(args, key))
         jobs = plan_jobs(args.recipe, args.overrides, profile, args.gpus_per_node, args.nodes,
                          chain=_list(args.chain), sizes=_list(args.sizes), hf_out=args.hf_out,
-                         command=shlex.split(args.command) if args.command else None)
+                         command=shlex.split(args.command) if args.command else None, evaluate=args.evaluate)
         submit_jobs(jobs, profile, args.dry_run, args.time, args.dependency, args.max_requeues)
     except (SubmitError, RecipeError) as err:
         print(f"submit: error: {err}", file=sys.stderr)
