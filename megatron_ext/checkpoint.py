@@ -185,7 +185,7 @@ def leftovers(output_dir: str | Path) -> list[Path]:
 # ---- where a run starts ----------------------------------------------------------------------
 # Model fields that decide tensor shapes: a checkpoint loads only into a model that agrees on all.
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "kv_channels",
-              "ffn_hidden_size", "padded_vocab_size", "qk_layernorm")
+              "ffn_hidden_size", "padded_vocab_size", "qk_layernorm", "block")
 
 
 @dataclass

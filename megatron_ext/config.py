@@ -74,6 +74,9 @@ class ModelConfig(_Strict):
     rope_scaling: Optional[RopeScalingConfig] = None  # null: plain RoPE (Gaperon); llama3: Llama-3.1/3.2
     norm_eps: float = 1e-5
     qk_layernorm: bool = False
+    # llama: pre-norm blocks. olmo2 (Gaperon-24B's published blocks): no pre-norms, RMSNorm on the
+    # outputs of attention and MLP before each residual add, QK-norm over the whole q and k projections.
+    block: Literal["llama", "olmo2"] = "llama"
     init_std: float = 0.02
 
     @property
@@ -91,7 +94,7 @@ class ModelConfig(_Strict):
         q, kv = self.num_attention_heads * d, self.num_kv_heads * d
         attn = h * (q + 2 * kv) + q * h
         mlp = 3 * h * f
-        norms = 2 * h + (2 * d if self.qk_layernorm else 0)
+        norms = 2 * h + (2 * d if self.qk_layernorm else 0) + (q + kv if self.block == "olmo2" else 0)
         return self.num_layers * (attn + mlp + norms) + 2 * self.vocab_size * h + h
 
 
@@ -490,6 +493,9 @@ def recipe_problems(r: Recipe) -> list[str]:
                    "sequence parallelism needs")
     if m.padded_vocab_size % lay.tp:
         out.append(f"padded vocab {m.padded_vocab_size} is not divisible by layout.tp={lay.tp}")
+    if m.block == "olmo2" and m.qk_layernorm:
+        out.append("model.qk_layernorm=true adds per-head QK-norm to Llama blocks; model.block=olmo2 has its "
+                   "own QK-norm over the whole q and k projections: set model.qk_layernorm=false")
     if m.hidden_size % m.num_attention_heads and m.head_dim is None:
         out.append("model.hidden_size is not divisible by model.num_attention_heads: set model.head_dim")
     if t.seq_len > m.max_position_embeddings:

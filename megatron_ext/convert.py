@@ -1,41 +1,26 @@
-"""Our layout-free checkpoints <-> Hugging Face Llama directories, streamed, and checked.
+"""Our layout-free checkpoints <-> Hugging Face directories (Llama, Qwen3, OLMo-2), streamed, and checked.
 
 Three jobs, one CLI each (``tools/convert_checkpoint.py``):
 
 * :func:`to_hf` — a training checkpoint written at any TP/PP/DP/ZeRO layout (checkpoint.py's
-  format) -> an HF ``LlamaForCausalLM`` directory: safetensors shards + ``model.safetensors.index.json``,
+  format) -> an HF directory of its family (``LlamaForCausalLM``, ``Qwen3ForCausalLM`` or
+  ``Olmo2ForCausalLM``): safetensors shards + ``model.safetensors.index.json``,
   ``config.json``, ``generation_config.json`` and the tokenizer files. Ends with :func:`verify` on a
   slice of the model unless told not to.
-* :func:`from_hf` — the reverse: an HF Llama directory -> a checkpoint directory in our format
-  (step 0, weights only) that ``checkpoint.init_from=<dir>`` starts a phase from.
+* :func:`from_hf` — the reverse: an HF directory -> a checkpoint directory in our format
+  (step 0, weights only) that ``checkpoint.init_from=<dir>`` starts a phase from, plus a
+  ``recipe.yaml`` beside it that SFT / continued-pretraining recipes can take as ``base:``.
 * :func:`verify` — build the Megatron model (tp=pp=dp=1, fp32, CPU) from a checkpoint and the HF
   model from a directory, run both on fixed random sequences and compare logits.
 
-Mapping (canonical Megatron name, see sharding.py -> HF name)::
-
-    embedding.word_embeddings.weight [Vp, h]     -> model.embed_tokens.weight [V, h] (padding rows cut)
-    decoder.layers.i.input_layernorm.weight      -> model.layers.i.input_layernorm.weight
-      (TE spec: ...self_attention.linear_qkv.layer_norm_weight)
-    decoder.layers.i.self_attention.linear_qkv.weight
-        rows grouped per KV group g: [q heads of g, k_g, v_g] -> q_proj / k_proj / v_proj
-    decoder.layers.i.self_attention.linear_proj.weight -> self_attn.o_proj.weight
-    decoder.layers.i.pre_mlp_layernorm.weight    -> post_attention_layernorm.weight
-      (TE spec: ...mlp.linear_fc1.layer_norm_weight)
-    decoder.layers.i.mlp.linear_fc1.weight = [gate; up] -> mlp.gate_proj / mlp.up_proj
-    decoder.layers.i.mlp.linear_fc2.weight       -> mlp.down_proj.weight
-    decoder.final_layernorm.weight               -> model.norm.weight
-    output_layer.weight [Vp, h]                  -> lm_head.weight [V, h] (padding rows cut)
-
-Megatron's rotary embedding (non-interleaved) is HF's ``rotate_half`` convention, so q/k rows need
-no permutation; :func:`verify` checks that on every export. ``model.qk_layernorm`` (Megatron's
-per-head RMSNorm on q and k, applied before RoPE, one gain of size head_dim shared by the heads)
-is exactly Qwen3's ``q_norm`` / ``k_norm``: such models export to ``Qwen3ForCausalLM``::
-
-    decoder.layers.i.self_attention.q_layernorm.weight -> model.layers.i.self_attn.q_norm.weight
-    decoder.layers.i.self_attention.k_layernorm.weight -> model.layers.i.self_attn.k_norm.weight
-
-``model.rope_scaling`` (Llama-3.1's llama3 scaling) is config.json's ``rope_scaling`` /
-``rope_parameters`` with ``rope_type: llama3``; other rope types are refused.
+Mapping: each Hugging Face family (``LlamaForCausalLM``; ``Qwen3ForCausalLM`` for Llama blocks with
+per-head QK-norm, ``model.qk_layernorm``; ``Olmo2ForCausalLM`` for ``model.block: olmo2``) is a table
+of rules in hf_families.py, one rule per tensor (hf_mapping.py: fused QKV, gated MLP, norms,
+row/column-parallel, vocab matrices whose padding rows are cut). Megatron's rotary embedding
+(non-interleaved) is HF's ``rotate_half`` convention, so q/k rows need no permutation;
+:func:`verify` checks that on every export. ``model.rope_scaling`` (Llama-3.1's llama3 scaling)
+is config.json's ``rope_scaling`` / ``rope_parameters`` with ``rope_type: llama3``; other rope
+types are refused.
 
 Streaming: both directions plan every output file (names, dtypes, shapes) from the recipe before
 reading a byte, then read one layer at a time and append each tensor to its file as it is made
@@ -66,6 +51,8 @@ from typing import Callable, Iterator
 import torch
 
 from .config import ModelConfig, Recipe, RecipeError, dump_recipe, recipe_from_tree
+from .hf_families import FAMILIES
+from .hf_mapping import Family, Rule
 from .sharding import LAYER_RE, is_norm_gain, local_name, shard, split_dim, te_name
 
 # --------------------------------------------------------------------------------------------
@@ -122,12 +109,18 @@ def _layer(i: int, suffix: str) -> str:
     return f"decoder.layers.{i}.{suffix}"
 
 
+def family_of(m: ModelConfig) -> Family:
+    """The transformers family that holds exactly this model."""
+    for fam in FAMILIES:
+        if fam.holds(m):
+            return fam
+    raise ConvertError(f"no Hugging Face architecture holds model.block={m.block} with "
+                       f"model.qk_layernorm={m.qk_layernorm}")
+
+
 def layer_suffixes(m: ModelConfig) -> list[str]:
     """Local-spec parameter names of one layer, in conversion order."""
-    out = ["input_layernorm.weight", "self_attention.linear_qkv.weight", "self_attention.linear_proj.weight"]
-    if m.qk_layernorm:
-        out += ["self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"]
-    return out + ["pre_mlp_layernorm.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"]
+    return [r.megatron for r in family_of(m).layer]
 
 
 def canonical_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -137,7 +130,10 @@ def canonical_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     per_layer = {"input_layernorm.weight": (h,), "self_attention.linear_qkv.weight": ((nq + 2 * ng) * d, h),
                  "self_attention.linear_proj.weight": (h, nq * d), "self_attention.q_layernorm.weight": (d,),
                  "self_attention.k_layernorm.weight": (d,), "pre_mlp_layernorm.weight": (h,),
-                 "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f)}
+                 "mlp.linear_fc1.weight": (2 * f, h), "mlp.linear_fc2.weight": (h, f),
+                 "self_attention.q_proj_layernorm.weight": (nq * d,),
+                 "self_attention.k_proj_layernorm.weight": (ng * d,),
+                 "post_self_attn_layernorm.weight": (h,), "post_mlp_layernorm.weight": (h,)}
     out = {EMBED: (vp, h)}
     for i in range(m.num_layers):
         for s in layer_suffixes(m):
@@ -154,8 +150,6 @@ def groups(m: ModelConfig) -> list[tuple[str, list[str]]]:
     return out + [("head", [FINAL_NORM, OUTPUT])]
 
 
-
-
 def shard_shape(name: str, full: tuple[int, ...], tp: int) -> tuple[int, ...]:
     dim = split_dim(name)
     if dim is None or tp == 1:
@@ -165,64 +159,27 @@ def shard_shape(name: str, full: tuple[int, ...], tp: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _hf_layer(i: int, suffix: str) -> str:
-    return f"model.layers.{i}.{suffix}"
+def rules(m: ModelConfig) -> dict[str, Rule]:
+    """Canonical local-spec name -> its rule, for every tensor of ``m``, in conversion order."""
+    return {r.megatron: r for r in family_of(m).rules(m)}
+
+
+def rule_for(name: str, m: ModelConfig) -> Rule:
+    rule = rules(m).get(local_name(name))
+    if rule is None:
+        raise ConvertError(f"no {family_of(m).architecture} equivalent for {name}")
+    return rule
 
 
 def hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every HF Llama tensor, in the order the export writes them."""
-    h, d, f, v = m.hidden_size, m.kv_channels, m.ffn_hidden_size, m.vocab_size
-    nq, ng = m.num_attention_heads, m.num_kv_heads
-    out = {"model.embed_tokens.weight": (v, h)}
-    for i in range(m.num_layers):
-        out.update({_hf_layer(i, "input_layernorm.weight"): (h,),
-                    _hf_layer(i, "self_attn.q_proj.weight"): (nq * d, h),
-                    _hf_layer(i, "self_attn.k_proj.weight"): (ng * d, h),
-                    _hf_layer(i, "self_attn.v_proj.weight"): (ng * d, h),
-                    _hf_layer(i, "self_attn.o_proj.weight"): (h, nq * d),
-                    **({_hf_layer(i, "self_attn.q_norm.weight"): (d,), _hf_layer(i, "self_attn.k_norm.weight"): (d,)}
-                       if m.qk_layernorm else {}),
-                    _hf_layer(i, "post_attention_layernorm.weight"): (h,),
-                    _hf_layer(i, "mlp.gate_proj.weight"): (f, h),
-                    _hf_layer(i, "mlp.up_proj.weight"): (f, h),
-                    _hf_layer(i, "mlp.down_proj.weight"): (h, f)})
-    out["model.norm.weight"] = (h,)
-    out["lm_head.weight"] = (v, h)
-    return out
+    """Every HF tensor, in the order the export writes them."""
+    shapes = canonical_shapes(m)
+    return {n: s for r in rules(m).values() for n, s in zip(r.hf_names, r.hf_shapes(shapes[r.megatron], m))}
 
 
-_SIMPLE_TO_HF = {"input_layernorm.weight": "input_layernorm.weight",
-                 "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-                 # QK-norm (Qwen3): per-head RMSNorm over head_dim, one gain shared by all heads
-                 "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
-                 "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-                 "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-                 "mlp.linear_fc2.weight": "mlp.down_proj.weight"}
-_GLOBAL_TO_HF = {EMBED: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight", OUTPUT: "lm_head.weight"}
-
-
-def hf_names(name: str) -> list[str]:
+def hf_names(name: str, m: ModelConfig) -> list[str]:
     """The HF tensor(s) one canonical (local or TE-spec) tensor becomes."""
-    name = local_name(name)
-    if name in _GLOBAL_TO_HF:
-        return [_GLOBAL_TO_HF[name]]
-    mt = LAYER_RE.match(name)
-    if not mt:
-        raise ConvertError(f"no Hugging Face Llama equivalent for {name}")
-    i, suffix = int(mt.group(1)), mt.group(2)
-    if suffix in _SIMPLE_TO_HF:
-        return [_hf_layer(i, _SIMPLE_TO_HF[suffix])]
-    if suffix == "self_attention.linear_qkv.weight":
-        return [_hf_layer(i, f"self_attn.{p}_proj.weight") for p in "qkv"]
-    if suffix == "mlp.linear_fc1.weight":
-        return [_hf_layer(i, "mlp.gate_proj.weight"), _hf_layer(i, "mlp.up_proj.weight")]
-    raise ConvertError(f"no Hugging Face Llama equivalent for {name}")
-
-
-def _qkv_view(qkv: torch.Tensor, m: ModelConfig) -> torch.Tensor:
-    """[(nq + 2 ng) d, h] -> [ng, nq/ng + 2, d, h]: Megatron groups rows per KV group."""
-    ng, d = m.num_kv_heads, m.kv_channels
-    return qkv.view(ng, m.num_attention_heads // ng + 2, d, qkv.shape[-1])
+    return list(rule_for(name, m).hf_names)
 
 
 def canonical_to_hf(name: str, tensor: torch.Tensor, m: ModelConfig,
@@ -232,43 +189,18 @@ def canonical_to_hf(name: str, tensor: torch.Tensor, m: ModelConfig,
     ``norm_gain_multiplier`` multiplies RMSNorm gains on the way out: pure-bf16 training stores the
     gains divided by a scale factor (see :func:`norm_gain_multiplier`); 1.0 leaves them as stored.
     """
-    name = local_name(name)
-    out_names = hf_names(name)
-    if name in VOCAB_TENSORS:
-        return [(out_names[0], tensor[: m.vocab_size])]
-    if is_norm_gain(name):
-        return [(out_names[0], tensor * norm_gain_multiplier if norm_gain_multiplier != 1.0 else tensor)]
-    if name.endswith("linear_qkv.weight"):
-        g = _qkv_view(tensor, m)
-        per = m.num_attention_heads // m.num_kv_heads
-        h = tensor.shape[-1]
-        q = g[:, :per].reshape(-1, h)
-        k = g[:, per].reshape(-1, h)
-        v = g[:, per + 1].reshape(-1, h)
-        return list(zip(out_names, (q, k, v)))
-    if name.endswith("linear_fc1.weight"):
-        gate, up = tensor.chunk(2, dim=0)
-        return list(zip(out_names, (gate, up)))
-    return [(out_names[0], tensor)]
+    rule = rule_for(name, m)
+    parts = rule.to_hf(tensor, m)
+    if rule.gain and norm_gain_multiplier != 1.0:
+        parts = [t * norm_gain_multiplier for t in parts]
+    return list(zip(rule.hf_names, parts))
 
 
 def hf_to_canonical(name: str, get: Callable[[str], torch.Tensor], m: ModelConfig) -> torch.Tensor:
     """The canonical tensor ``name`` from the HF tensors ``get(hf_name)`` returns (padding rows of
     the vocab matrices are zeros)."""
-    name = local_name(name)
-    srcs = [get(n) for n in hf_names(name)]
-    if name in VOCAB_TENSORS:
-        t = srcs[0]
-        pad = m.padded_vocab_size - t.shape[0]
-        return torch.cat([t, t.new_zeros(pad, t.shape[1])]) if pad else t
-    if name.endswith("linear_qkv.weight"):
-        q, k, v = srcs
-        ng, d, h = m.num_kv_heads, m.kv_channels, q.shape[-1]
-        per = m.num_attention_heads // ng
-        return torch.cat([q.view(ng, per, d, h), k.view(ng, 1, d, h), v.view(ng, 1, d, h)], dim=1).reshape(-1, h)
-    if name.endswith("linear_fc1.weight"):
-        return torch.cat(srcs, dim=0)
-    return srcs[0]
+    rule = rule_for(name, m)
+    return rule.from_hf([get(n) for n in rule.hf_names], m)
 
 
 def norm_gain_multiplier(meta: dict, recipe: Recipe | None = None) -> float:
@@ -286,7 +218,7 @@ def norm_gain_multiplier(meta: dict, recipe: Recipe | None = None) -> float:
 
 def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id: int | None = None,
               eos_token_id: int | None = None) -> dict:
-    """config.json of the HF Llama equivalent of ``recipe.model``.
+    """config.json of the HF equivalent of ``recipe.model`` (its family's, see hf_families.py).
 
     Written with both the transformers 5 keys (``rope_parameters``, ``dtype``) and the 4.x ones
     (``rope_theta``, ``rope_scaling``, ``torch_dtype``): each version reads its own and accepts the
@@ -299,9 +231,10 @@ def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id:
         version = None
     theta = float(m.rope_theta)
     scaling = hf_rope_scaling(m)
+    family = family_of(m)
     cfg = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
         "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_hidden_size,
         "num_hidden_layers": m.num_layers,
@@ -319,8 +252,6 @@ def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id:
         else {**scaling, "rope_theta": theta},
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
         "tie_word_embeddings": False,
         "use_cache": True,
         "bos_token_id": bos_token_id,
@@ -329,12 +260,7 @@ def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id:
         "torch_dtype": _HF_DTYPE_NAME[dtype],
         "dtype": _HF_DTYPE_NAME[dtype],
     }
-    if m.qk_layernorm:  # Llama blocks + per-head QK-norm before RoPE = Qwen3's architecture exactly
-        for key in ("mlp_bias", "pretraining_tp"):
-            cfg.pop(key)
-        cfg.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
-                   sliding_window=None, max_window_layers=m.num_layers,
-                   layer_types=["full_attention"] * m.num_layers)
+    cfg = family.config(cfg, m)
     if version:
         cfg["transformers_version"] = version
     return cfg
@@ -386,25 +312,22 @@ def rope_scaling_from_hf(cfg: dict, problems: list[str]) -> dict | None:
 
 
 def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: int = 1) -> Recipe:
-    """A recipe whose model section is the HF Llama config ``cfg`` (config.json's dict); layout
-    tp x pp, everything else default. Refuses configs our Llama blocks cannot represent."""
+    """A recipe whose model section is the HF config ``cfg`` (config.json's dict) of one of our
+    families; layout tp x pp, everything else default. Refuses configs our blocks cannot represent."""
     problems = []
     mtype = cfg.get("model_type")
-    if mtype not in ("llama", "qwen3"):
-        problems.append(f"model_type is {mtype!r}; only 'llama' (LlamaForCausalLM) and 'qwen3' "
-                        "(Qwen3ForCausalLM: Llama blocks with per-head QK-norm) convert")
-    if mtype == "qwen3" and (cfg.get("use_sliding_window") or any(
-            t != "full_attention" for t in cfg.get("layer_types") or [])):
-        problems.append("use_sliding_window / layer_types ask for sliding-window attention; our attention "
-                        "is full causal attention in every layer")
+    family = next((f for f in FAMILIES if f.model_type == mtype), None)
+    if family is None:
+        known = ", ".join(f"{f.model_type!r} ({f.architecture})" for f in FAMILIES)
+        problems.append(f"model_type is {mtype!r}; only {known} convert")
+    else:
+        problems += family.refuse(cfg)
     if cfg.get("tie_word_embeddings", False):
         problems.append("tie_word_embeddings is true; our models keep separate input embedding and "
                         "output head (untie them first: save lm_head as a copy of embed_tokens and set "
                         "tie_word_embeddings false)")
     if cfg.get("attention_bias", False):
         problems.append("attention_bias is true; our attention has no biases")
-    if cfg.get("mlp_bias", False):
-        problems.append("mlp_bias is true; our MLP has no biases")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         problems.append(f"hidden_act is {act!r}; our MLP is SwiGLU (silu)")
@@ -429,7 +352,7 @@ def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: i
                   "head_dim": head_dim, "ffn_hidden_size": cfg["intermediate_size"],
                   "vocab_size": cfg["vocab_size"], "max_position_embeddings": maxpos,
                   "rope_theta": float(theta), "rope_scaling": rope_scaling, "norm_eps": cfg.get("rms_norm_eps", 1e-6),
-                  "qk_layernorm": mtype == "qwen3", "init_std": cfg.get("initializer_range", 0.02)},
+                  "init_std": cfg.get("initializer_range", 0.02), **family.model},
         "layout": {"tp": tp, "pp": pp, "vpp": 1, "dp": 1, "zero_stage": 1},
         "train": {"seq_len": min(maxpos, 4096)},
     }
@@ -843,6 +766,24 @@ def inspect_tokenizer(path: str | Path, model_vocab: int) -> TokenizerInfo:
 # to-hf
 
 
+def sft_data_tokenizer(recipe: Recipe) -> str:
+    """The tokenizer an SFT run's data was prepared with (its meta.json names it), for a recipe
+    without ``data.tokenizer``: an SFT export without its tokenizer has no chat template and no
+    BOS/EOS ids, so one that cannot be found is an error, not a silent omission."""
+    meta_path = Path(recipe.data.sft_path) / "meta.json"
+    try:
+        named = json.loads(meta_path.read_text()).get("tokenizer")
+    except (OSError, ValueError):
+        named = None
+    if named and Path(named).exists():
+        return named
+    why = (f"{meta_path} is not readable here" if named is None
+           else f"the tokenizer its data was prepared with ({named}, named in {meta_path}) is not here")
+    raise ConvertError(f"this SFT checkpoint's recipe has no data.tokenizer and {why}: pass --tokenizer DIR "
+                       "(the tokenizer tools/prepare_sft.py used), so the export gets its chat template and "
+                       "BOS/EOS ids")
+
+
 @dataclass
 class VerifyResult:
     max_abs_diff: float
@@ -879,7 +820,7 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
           tokenizer: str | Path | None = None, overwrite: bool = False, verify_layers: int | None = 2,
           norm_gain_multiplier_: float | None = None, progress: bool = True,
           log: Callable[[str], None] = print) -> Path:
-    """Export a checkpoint (any layout) to an HF Llama directory. ``verify_layers=None`` skips
+    """Export a checkpoint (any layout) to an HF directory of its family (hf_families.py). ``verify_layers=None`` skips
     the final check; otherwise the first ``verify_layers`` layers are compared (see :func:`verify`).
     ``norm_gain_multiplier_`` overrides the factor read from the checkpoint's meta.json."""
     if dtype not in DTYPES:
@@ -892,6 +833,8 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
     gain = norm_gain_multiplier(reader.meta, recipe) if norm_gain_multiplier_ is None else norm_gain_multiplier_
     where = check_checkpoint(reader, m)
     tok_path = tokenizer if tokenizer is not None else recipe.data.tokenizer
+    if tok_path is None and recipe.data.kind == "sft":
+        tok_path = sft_data_tokenizer(recipe)
     tok = None
     if tok_path is not None:
         if tokenizer is None and not Path(tok_path).exists():
@@ -927,7 +870,7 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
             for label, names in _progress(groups(m), "to-hf", progress):
                 for n in names:
                     if n in VOCAB_TENSORS:
-                        hf = hf_names(n)[0]
+                        hf = hf_names(n, m)[0]
                         for block in iter_ckpt_rows(reader, where[n], m.vocab_size):
                             writer(hf).append(hf, block)
                         continue
@@ -1020,7 +963,7 @@ def _free_port() -> int:
 
 
 def _hf_model(hf_dir: Path, files: _HFFiles, layers: int, vocab_rows: int, full: bool):
-    """The HF Llama in fp32: from_pretrained when whole (this also checks transformers' loader),
+    """The HF model in fp32: from_pretrained when whole (this also checks transformers' loader),
     else built on the meta device from the first ``layers`` layers and ``vocab_rows`` vocab rows."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -1080,12 +1023,12 @@ def verify(ckpt: str | Path, hf_dir: str | Path, layers: int | None = None, voca
         raise ConvertError(f"{hf_dir} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
 
     def hf_dtype(canonical: str) -> torch.dtype:  # round our weights as the HF file stores them
-        return files.dtype(hf_names(canonical)[0])
+        return files.dtype(hf_names(canonical, m)[0])
 
     # 1. the vocab matrices, in full, block by block (the logits below see only v rows)
     vocab_diff = 0.0
     for n in VOCAB_TENSORS:
-        hf = hf_names(n)[0]
+        hf = hf_names(n, m)[0]
         start = 0
         for block in iter_ckpt_rows(reader, where[n], m.vocab_size):
             mine = block.to(hf_dtype(n)).float()
@@ -1226,12 +1169,39 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
     return Path(out)
 
 
+IMPORT_RECIPE = "recipe.yaml"  # from-hf writes it next to the checkpoint files
+
+
+def write_import_recipe(out: str | Path, recipe: Recipe, hf_dir: Path) -> Path:
+    """``out/recipe.yaml``: the imported model, the layout it was written at and
+    ``checkpoint.init_from`` naming ``out``, so that a recipe with ``base: <this file>`` needs only
+    its data, schedule and steps to train from the import (weights only: init_mode model)."""
+    import yaml
+
+    out = Path(out).resolve()
+    lay = recipe.layout
+    tree = {"model": recipe.model.model_dump(mode="json"),
+            "layout": {"tp": lay.tp, "pp": lay.pp, "vpp": 1, "dp": lay.dp, "zero_stage": lay.zero_stage},
+            "train": {"seq_len": recipe.train.seq_len},
+            "checkpoint": {"init_from": str(out), "init_mode": "model"}}
+    text = (f"# Written by `tools/convert_checkpoint.py from-hf {hf_dir}`: the imported model and the\n"
+            f"# checkpoint beside this file. Start SFT or continued pretraining from it with\n"
+            f"#   base: {out / IMPORT_RECIPE}\n"
+            "# and the data, optimizer, schedule and steps of the new phase (see recipes/sft-*.yaml).\n"
+            + yaml.safe_dump(tree, sort_keys=False))
+    tmp = out / f".{IMPORT_RECIPE}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / IMPORT_RECIPE)
+    return out / IMPORT_RECIPE
+
+
 def from_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, recipe_name: str | None = None,
             overwrite: bool = False, spec: str = "local", verify_layers: int | None = 2,
             progress: bool = True, log: Callable[[str], None] = print) -> Path:
-    """An HF Llama directory -> a checkpoint directory ``out`` in our format, saved as if by
-    tp x pp ranks (dp 1): step 0, fp32 weights, no optimizer states. Start a phase from it with
-    ``checkpoint.init_from=<out>`` (checkpoint.init_mode=model). ``spec='te'`` names the fused
+    """An HF directory (Llama, Qwen3 or OLMo-2) -> a checkpoint directory ``out`` in our format,
+    saved as if by tp x pp ranks (dp 1): step 0, fp32 weights, no optimizer states. Start a phase from it with
+    ``checkpoint.init_from=<out>`` (checkpoint.init_mode=model), or base a recipe on the
+    ``out/recipe.yaml`` written beside it (:func:`write_import_recipe`). ``spec='te'`` names the fused
     norm gains the Transformer Engine way."""
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
@@ -1253,15 +1223,17 @@ def from_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, recip
             raise ConvertError(f"{n} in {hf_dir} has dtype {shapes[n][1]}; expected a float type")
     extra = sorted(n for n in shapes if n not in want and not n.endswith("rotary_emb.inv_freq"))
     if extra:
-        raise ConvertError(f"{hf_dir} has tensors a Llama of this config does not: {', '.join(extra[:4])}"
+        raise ConvertError(f"{hf_dir} has tensors a {family_of(m).architecture} of this config does not: {', '.join(extra[:4])}"
                            f"{' ...' if len(extra) > 4 else ''}")
 
     write_checkpoint(out, recipe, canonical=lambda n: hf_to_canonical(n, lambda h: files.get(h).float(), m),
-                     vocab_rows=lambda n, a, b: files.get(hf_names(n)[0], (a, b)).float(),
+                     vocab_rows=lambda n, a, b: files.get(hf_names(n, m)[0], (a, b)).float(),
                      overwrite=overwrite, spec=spec, extra_meta={"converted_from": str(hf_dir.resolve())},
                      progress=progress, desc="from-hf")
+    recipe_path = write_import_recipe(out, recipe, hf_dir)
     log(f"wrote {out}: checkpoint (step 0, fp32 weights, no optimizer state) at tp={tp} pp={pp} of "
-        f"{m.name} ({m.num_params() / 1e9:.3g}B params); start a phase from it with checkpoint.init_from={out}")
+        f"{m.name} ({m.num_params() / 1e9:.3g}B params); start a phase from it with checkpoint.init_from={out}, "
+        f"or base an SFT / continued-pretraining recipe on it: base: {recipe_path}")
     if verify_layers is not None:
         result = verify(out, hf_dir, layers=verify_layers, vocab_rows=VERIFY_VOCAB_ROWS)
         log(str(result))
@@ -1279,9 +1251,10 @@ def build_parser():
 
     p = argparse.ArgumentParser(
         prog="convert_checkpoint.py",
-        description="Convert between our training checkpoints and Hugging Face Llama directories.")
+        description="Convert between our training checkpoints and Hugging Face directories "
+                    "(LlamaForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM).")
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("to-hf", help="training checkpoint (any TP/PP/ZeRO layout) -> HF Llama directory")
+    a = sub.add_parser("to-hf", help="training checkpoint (any TP/PP/ZeRO layout) -> HF directory")
     a.add_argument("ckpt", help="checkpoint dir, a run's checkpoints/ dir, or a run dir (uses 'latest')")
     a.add_argument("out", help="output directory (new or empty, unless --overwrite)")
     a.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16", help="weight dtype (default bf16)")
@@ -1291,7 +1264,7 @@ def build_parser():
     a.add_argument("--no-verify", action="store_true", help="skip the final logits check")
     a.add_argument("--verify-layers", type=int, default=2, help="layers the final check runs (default 2; 0 = all)")
     a.add_argument("--no-progress", action="store_true")
-    b = sub.add_parser("from-hf", help="HF Llama directory -> checkpoint in our format (step 0, weights only)")
+    b = sub.add_parser("from-hf", help="HF directory -> checkpoint in our format (step 0, weights only)")
     b.add_argument("hf_dir")
     b.add_argument("out", help="output checkpoint directory; use it as checkpoint.init_from=OUT")
     b.add_argument("--recipe-name", help="model.name in the derived recipe (default: the HF directory name)")

@@ -5,6 +5,8 @@ unfused attention swapped for :class:`SDPAttention` (torch's scaled_dot_product_
 dispatches to flash / cuDNN / memory-efficient kernels on GPUs, or to the flash_attn package).
 The local spec's norms are :class:`RMSNorm` (fp32 compute, sequence-parallel aware, and the
 pure-bf16 gain scaling); TE keeps its fused norm+linear except under bf16-pure.
+``model.block: olmo2`` builds OLMo-2 layers instead (:func:`olmo2_layer_spec`): no pre-norms,
+RMSNorm on the attention and MLP outputs, QK-norm over the whole q and k projections.
 
 Initialisation is layout-invariant: after construction every parameter is re-drawn from a
 generator seeded by (seed, canonical name), at full size, and this rank keeps its TP shard. The
@@ -28,6 +30,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .config import Recipe, RecipeError
 from .sharding import local_name, shard, split_dim
@@ -71,6 +76,91 @@ class RMSNorm(torch.nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         gain = self.weight.float() * self.gain_scale if self.gain_scale != 1.0 else self.weight.float()
         return (h * gain).to(x.dtype)
+
+
+class _TPSum(torch.autograd.Function):
+    """Sum over the tensor-parallel group, forward and backward: every rank's output depends on
+    every rank's input, so each input's gradient is the sum of the gradients of all outputs."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=ps.get_tensor_model_parallel_group())
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ps.get_tensor_model_parallel_group())
+        return grad
+
+
+class ProjectionRMSNorm(torch.nn.Module):
+    """OLMo-2's QK-norm: one RMSNorm over a whole q (or k) projection, all heads at once (width
+    heads x head_dim, as transformers' Olmo2Attention), applied before RoPE.
+
+    Each TP rank holds a contiguous slice of the heads and the same slice of the gain (sharded
+    like the q/k columns); the mean square needs every head, so the sum of squares is summed over
+    the TP group. The input is the full sequence under sequence parallelism too (linear_qkv
+    gathers it), so the gain's gradient is complete on each rank."""
+
+    def __init__(self, config, heads: int, eps: float, gain_scale: float = 1.0):
+        super().__init__()
+        tp = config.tensor_model_parallel_size
+        self.width, self.tp, self.eps, self.gain_scale = heads * config.kv_channels, tp, eps, gain_scale
+        self.weight = torch.nn.Parameter(torch.full((self.width // tp,), 1.0 / gain_scale, dtype=config.params_dtype))
+        self.weight.sequence_parallel = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [s, b, heads on this rank, head_dim]
+        h = x.float().flatten(-2)
+        sq = h.pow(2).sum(-1, keepdim=True)
+        if self.tp > 1:
+            sq = _TPSum.apply(sq)
+        h = h * torch.rsqrt(sq / self.width + self.eps)
+        return (h * (self.weight.float() * self.gain_scale)).to(x.dtype).view(x.shape)
+
+
+class Olmo2SelfAttention(SelfAttention):
+    """Megatron's self-attention with OLMo-2's QK-norm on the whole q and k (before RoPE, which
+    SelfAttention.forward applies after this method)."""
+
+    def __init__(self, *args, gain_scale: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        self.q_proj_layernorm = ProjectionRMSNorm(cfg, cfg.num_attention_heads, cfg.layernorm_epsilon, gain_scale)
+        self.k_proj_layernorm = ProjectionRMSNorm(cfg, cfg.num_query_groups, cfg.layernorm_epsilon, gain_scale)
+
+    def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False, split_qkv=True):
+        if not split_qkv:  # pragma: no cover - only with fused_single_qkv_rope, which we never set
+            raise RuntimeError("OLMo-2 QK-norm needs q and k split from the fused projection")
+        query, key, *rest = super().get_query_key_value_tensors(hidden_states, key_value_states,
+                                                                output_gate=output_gate, split_qkv=True)
+        return (self.q_proj_layernorm(query), self.k_proj_layernorm(key), *rest)
+
+
+def _norm_then_add(norm: torch.nn.Module):
+    """A bias-dropout-add replacement that normalises the sublayer output before the residual
+    add (our layers have no biases and no hidden dropout)."""
+    def build(training, fused):
+        def add(out_with_bias, residual, prob):
+            out, bias = out_with_bias
+            assert bias is None, "OLMo-2 blocks have no biases"
+            return residual + norm(out)
+        return add
+    return build
+
+
+class Olmo2Layer(TransformerLayer):
+    """OLMo-2 ordering: no pre-norms; h = x + norm(attn(x)), out = h + norm(mlp(h)). The two
+    norms replace Megatron's bias-dropout-add after each sublayer; the rest is TransformerLayer."""
+
+    def __init__(self, config, submodules, *args, gain_scale: float = 1.0, **kwargs):
+        super().__init__(config, submodules, *args, **kwargs)
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.post_self_attn_layernorm = RMSNorm(config, h, eps=eps, gain_scale=gain_scale)
+        self.post_mlp_layernorm = RMSNorm(config, h, eps=eps, gain_scale=gain_scale)
+        self.self_attn_bda = _norm_then_add(self.post_self_attn_layernorm)
+        self.mlp_bda = _norm_then_add(self.post_mlp_layernorm)
 
 
 def _sdpa_backends(choice: str):
@@ -218,14 +308,17 @@ def norm_spec(recipe: Recipe, per_head: bool = False) -> ModuleSpec:
 
 def te_norms(recipe: Recipe) -> bool:
     """Whether Transformer Engine's own norms are used: on the TE spec, except under bf16-pure,
-    whose scaled gains need :class:`RMSNorm`."""
-    return attention_backend(recipe) == "te" and recipe.train.precision != "bf16-pure"
+    whose scaled gains need :class:`RMSNorm`, and in OLMo-2 blocks, which have no pre-norms to fuse."""
+    return (attention_backend(recipe) == "te" and recipe.train.precision != "bf16-pure"
+            and recipe.model.block == "llama")
 
 
 def layer_spec(recipe: Recipe):
     """One transformer layer. TE: its fused norm+linear, except under bf16-pure, whose scaled gains
     need :class:`RMSNorm` in front of TE's plain linears. Local: our RMSNorm and attention."""
     kind, qk_norm = attention_backend(recipe), recipe.model.qk_layernorm
+    if recipe.model.block == "olmo2":
+        return olmo2_layer_spec(recipe, kind)
     if kind == "te":
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
         if not te_norms(recipe):
@@ -245,6 +338,28 @@ def layer_spec(recipe: Recipe):
     if kind != "unfused":
         sub.self_attention.submodules.core_attention = ModuleSpec(module=SDPAttention, params={"kernel": kind})
     return spec
+
+
+def olmo2_layer_spec(recipe: Recipe, kind: str) -> ModuleSpec:
+    """The Llama spec (TE's plain linears, or the local one) with OLMo-2's norms: no pre-norms,
+    :class:`Olmo2Layer` for the post-sublayer norms, :class:`Olmo2SelfAttention` for QK-norm."""
+    if kind == "te":
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec.submodules.self_attention.submodules.linear_qkv = TEColumnParallelLinear
+        spec.submodules.mlp.submodules.linear_fc1 = TEColumnParallelLinear
+    else:
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if kind != "unfused":
+            spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+                module=SDPAttention, params={"kernel": kind})
+    gain = {"gain_scale": recipe.train.stored_gain_scale}
+    sub = spec.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = IdentityOp
+    sub.self_attention.module = Olmo2SelfAttention
+    sub.self_attention.params = {**sub.self_attention.params, **gain}
+    return ModuleSpec(module=Olmo2Layer, params=gain, submodules=sub)
 
 
 def block_spec(recipe: Recipe, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:

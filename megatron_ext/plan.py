@@ -144,13 +144,22 @@ def parse_bytes(text: str) -> int:
 
 # ----------------------------------------------------------------------------- parameters
 
-def layer_params(m: ModelConfig) -> tuple[int, int]:
-    """(weights split over TP, weights replicated on every TP rank) of one transformer layer."""
+def linear_params(m: ModelConfig) -> int:
+    """Matmul weights of one transformer layer: linear_qkv, linear_proj, fc1 [gate; up], fc2."""
     h, f, d = m.hidden_size, m.ffn_hidden_size, m.kv_channels
     q, kv = m.num_attention_heads * d, m.num_kv_heads * d
-    split = h * (q + 2 * kv) + q * h + 3 * h * f   # linear_qkv, linear_proj, fc1 [gate; up], fc2
-    replicated = 2 * h + (2 * d if m.qk_layernorm else 0)  # two RMSNorm gains (+ q/k norms)
-    return split, replicated
+    return h * (q + 2 * kv) + q * h + 3 * h * f
+
+
+def layer_params(m: ModelConfig) -> tuple[int, int]:
+    """(weights split over TP, weights replicated on every TP rank) of one transformer layer.
+    Two hidden-wide RMSNorm gains (Llama: before attention and MLP; OLMo-2: after them), per-head
+    q/k gains with qk_layernorm, and OLMo-2's QK-norm gains over the whole q and k projections,
+    which TP splits like the heads."""
+    d = m.kv_channels
+    qk_full = (m.num_attention_heads + m.num_kv_heads) * d if m.block == "olmo2" else 0
+    replicated = 2 * m.hidden_size + (2 * d if m.qk_layernorm else 0)
+    return linear_params(m) + qk_full, replicated
 
 
 def count_params(m: ModelConfig, padded: bool = False) -> int:
@@ -162,7 +171,7 @@ def count_params(m: ModelConfig, padded: bool = False) -> int:
 
 def matmul_params(m: ModelConfig) -> int:
     """Weights that take part in matmuls (the N of 6N): layers and output layer, no embedding."""
-    return m.num_layers * layer_params(m)[0] + m.vocab_size * m.hidden_size
+    return m.num_layers * linear_params(m) + m.vocab_size * m.hidden_size
 
 
 def stage_params(recipe: Recipe, pp_rank: int) -> int:
@@ -258,6 +267,8 @@ def layer_activation_bytes(recipe: Recipe, recompute: str | None = None) -> int:
                 + 4 bytes x a/t log-sum-exp (flash) | sdpa: + ad/t the [b,a,s,d] -> [s,b,a*d] copy
                 unfused: e x a*s/t softmax probabilities instead of the log-sum-exp
       mlp       5f/t  fc1 output [gate; up] (2f), silu(gate), up + glu_linear_offset, product
+      olmo2     the two norms sit after attention and MLP (same saved tensors as the pre-norms),
+                + 8 bytes x (ad + gd)/t: QK-norm's fp32 q/k input and normalised output
     selective drops what core attention keeps internally (the log-sum-exp, or the s^2
     probabilities); full keeps only the layer input, h/T.
     """
@@ -270,10 +281,13 @@ def layer_activation_bytes(recipe: Recipe, recompute: str | None = None) -> int:
     sp = tp if lay.sequence_parallel else 1
     if recompute == "full":
         return e * tokens * h // sp
-    norms = 4 * h * e if kind == "te" else 2 * (2 * h * 4 + h * e)
+    fused = kind == "te" and m.block == "llama"  # OLMo-2's norms follow their sublayer: never TE-fused
+    norms = 4 * h * e if fused else 2 * (2 * h * 4 + h * e)
     attention = (ad + 2 * gd + ad + gd + ad + (ad if kind == "sdpa" else 0)) // tp
     mlp = 5 * f // tp
     total = tokens * (norms // sp + e * (attention + mlp))
+    if m.block == "olmo2":  # QK-norm over whole q and k: their fp32 input and normalised copies
+        total += tokens * 8 * (ad + gd) // tp
     if recompute != "selective":  # core attention's own saved state
         total += tokens * a // tp * (e * t.seq_len if kind == "unfused" else 4)
     return total
@@ -290,7 +304,8 @@ def last_stage_bytes(recipe: Recipe, transient: bool = True) -> int:
     tokens, e = t.seq_len * lay.micro_batch, ACTIVATION_BYTES[t.precision]
     sp = lay.tp if lay.sequence_parallel else 1
     h = m.hidden_size
-    norm = 2 * h * e if attention_kind(recipe) == "te" else 2 * h * 4 + h * e  # + output-layer input
+    fused = attention_kind(recipe) == "te" and m.block == "llama"
+    norm = 2 * h * e if fused else 2 * h * 4 + h * e  # + output-layer input
     vocab = m.padded_vocab_size // lay.tp
     if t.loss_chunk_tokens:  # lm_loss.py: a log-sum-exp per token and the whole (SP-gathered) input saved;
         chunk = min(t.loss_chunk_tokens, tokens)  # one chunk's logits (e-byte, fp32, fp32 exp) alive at a time
@@ -368,7 +383,7 @@ def stage_imbalance(recipe: Recipe) -> float:
     """Slowest pipeline stage / average stage, in FLOPs: the last stage also runs the output
     layer (V x h, as big as several layers), and the pipeline moves at its pace."""
     m, lay = recipe.model, recipe.layout
-    per_layer = 6 * layer_params(m)[0] + 12 * m.num_attention_heads * m.kv_channels * recipe.train.seq_len
+    per_layer = 6 * linear_params(m) + 12 * m.num_attention_heads * m.kv_channels * recipe.train.seq_len
     layers = m.num_layers // lay.pp
     last = layers * per_layer + 6 * m.vocab_size * m.hidden_size
     return last / (flops_per_token(recipe) / lay.pp)

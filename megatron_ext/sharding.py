@@ -16,6 +16,9 @@ _SPLIT_DIM = {
     "embedding.word_embeddings.weight": 0,
     "self_attention.linear_qkv.weight": 0,
     "self_attention.linear_proj.weight": 1,
+    # OLMo-2's QK-norm gains span the whole q / k projection: split like their heads (model.py)
+    "self_attention.q_proj_layernorm.weight": 0,
+    "self_attention.k_proj_layernorm.weight": 0,
     "mlp.linear_fc1.weight": 0,
     "mlp.linear_fc2.weight": 1,
     "output_layer.weight": 0,

@@ -62,3 +62,19 @@ def layout_overrides(tp=1, pp=1, dp=1, zero=0, vpp=1, **extra) -> list[str]:
 @pytest.fixture
 def tiny_recipe() -> Path:
     return TINY
+
+
+# The engine parity matrix's settings (tests/test_engine_parity.py), shared with runs reused elsewhere.
+PARITY_STEPS = 10
+PARITY_COMMON = [f"train.steps={PARITY_STEPS}", "train.precision=fp32", "layout.micro_batch=2",
+                 "layout.global_batch=8", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="session")
+def olmo2_tp2pp2(tmp_path_factory) -> Path:
+    """tiny with OLMo-2 blocks trained 10 steps at tp 2, pp 2 with sequence parallelism (fp32):
+    one launch that is both a parity-matrix case and the run the OLMo-2 HF export starts from."""
+    out = tmp_path_factory.mktemp("olmo2-tp2pp2") / "run"
+    launch(4, [str(TINY), *PARITY_COMMON, "model.block=olmo2", *layout_overrides(2, 2, 1, 1),
+               "layout.sequence_parallel=true", f"train.output_dir={out}"])
+    return out

@@ -68,10 +68,10 @@ def hf_tensors(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def run_cli(*args, check_rc: int | None = 0) -> subprocess.CompletedProcess:
+def run_cli(*args, check_rc: int | None = 0, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, CLI, *map(str, args), "--no-progress"] if args[0] != "verify"
                           else [sys.executable, CLI, *map(str, args)],
-                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=timeout)
     if check_rc is not None and proc.returncode != check_rc:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
@@ -110,7 +110,7 @@ def test_round_trip_is_bit_identical(tmp_path, monkeypatch, vocab, dtype, export
     src = make_hf(tmp_path / "src", vocab=vocab, dtype=dtype)
     ours = convert.from_hf(src, tmp_path / "ours", tp=2, pp=2, verify_layers=None, progress=False)
     assert sorted(p.name for p in ours.iterdir()) == sorted(
-        ["meta.json"] + [f"tp{t:02d}_pp{p:02d}_w000.safetensors" for t in range(2) for p in range(2)])
+        ["meta.json", "recipe.yaml"] + [f"tp{t:02d}_pp{p:02d}_w000.safetensors" for t in range(2) for p in range(2)])
     reader = CheckpointReader(ours)
     assert reader.recipe.model.vocab_size == vocab and reader.recipe.layout.tp == 2
     emb = reader.get("embedding.word_embeddings.weight")

@@ -1,5 +1,6 @@
 """Hugging Face families beyond plain Llama-3: Llama-3.1/3.2 rope scaling in and out (logit parity
-with transformers), and chat exports whose generate() stops at the end of a turn.
+with transformers), QK-norm Llama -> Qwen3, OLMo-2 blocks <-> Olmo2ForCausalLM, chat exports whose
+generate() stops at the end of a turn, and from-hf's recipe that a fine-tune starts from.
 
 Megatron runs only in subprocesses here (the CLI, torchrun): its CPU device layer is process-wide.
 """
@@ -266,3 +267,107 @@ def test_qk_norm_exports_to_qwen3_with_equal_logits(tmp_path):
     again = convert.to_hf(back, tmp_path / "again", dtype="fp32", verify_layers=None, progress=False)
     a, b = hf_tensors(out), hf_tensors(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- OLMo-2 blocks -> Olmo2ForCausalLM -----------------------------------------------------------
+def test_olmo2_exports_to_olmo2_and_imports_back(olmo2_tp2pp2, tmp_path):
+    """model.block=olmo2 trained 10 steps at tp2/pp2 with sequence parallelism (the parity
+    matrix's run): exported to Olmo2ForCausalLM, transformers computes the same logits; the export
+    imports back (at tp2) with the same logits and exports again bit-identically."""
+    reader = CheckpointReader(olmo2_tp2pp2)
+    assert reader.recipe.model.block == "olmo2"
+    qn = reader.get("decoder.layers.1.self_attention.q_proj_layernorm.weight")
+    assert qn.shape == (64,) and (qn - qn.mean()).abs().max() > 1e-3  # trained, per head and dim
+    out = tmp_path / "hf"
+    proc = run_cli("to-hf", olmo2_tp2pp2, out, "--dtype", "fp32", "--verify-layers", "0", timeout=900)
+    assert "the whole model" in proc.stdout and diff_of(proc) <= 1e-4, proc.stdout
+    print("olmo2 export parity:", [ln for ln in proc.stdout.splitlines() if "verify:" in ln][-1])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Olmo2ForCausalLM"] and cfg["model_type"] == "olmo2"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert type(model).__name__ == "Olmo2ForCausalLM"
+    assert torch.equal(model.model.layers[1].self_attn.q_norm.weight.detach(), qn)
+
+    back = tmp_path / "back"
+    proc = run_cli("from-hf", out, back, "--tp", "2", "--verify-layers", "0", timeout=900)
+    assert "the whole model" in proc.stdout and diff_of(proc) <= 1e-4, proc.stdout
+    print("olmo2 import parity:", [ln for ln in proc.stdout.splitlines() if "verify:" in ln][-1])
+    assert CheckpointReader(back).recipe.model.block == "olmo2"
+    again = convert.to_hf(back, tmp_path / "again", dtype="fp32", verify_layers=None, progress=False)
+    a, b = hf_tensors(out), hf_tensors(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_family_rules_split_like_the_model():
+    """Each family's rule says how TP cuts its tensor; that is what sharding.py (init, checkpoints)
+    does, for every tensor of every family."""
+    from megatron_ext.sharding import split_dim
+
+    for over in ({}, {"qk_layernorm": True}, {"block": "olmo2"}):
+        tree = {"model": dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_kv_heads=2,
+                              ffn_hidden_size=128, **over)}
+        m = recipe_from_tree(tree).model
+        fam = convert.family_of(m)
+        assert fam.holds(m) and [f for f in convert.FAMILIES if f.holds(m)] == [fam]
+        rules = convert.rules(m)
+        assert list(rules) == list(convert.canonical_shapes(m))
+        assert all(r.tp_split == split_dim(n) for n, r in rules.items()), fam.architecture
+
+
+# ---- from-hf's recipe starts a fine-tune; an SFT export finds its tokenizer ----------------------
+def test_import_recipe_starts_sft_whose_export_finds_its_tokenizer(chat_tokenizer, tmp_path, capsys):
+    """from-hf writes recipe.yaml beside the checkpoint; an SFT recipe that only adds ``base:``
+    and its data trains from the import (2 ranks, tp 2). Its recipe names no data.tokenizer:
+    to-hf takes the tokenizer from the prepared SFT data's meta.json, and, when that tokenizer is
+    not on this machine, refuses in one line (exit 2) instead of exporting none."""
+    from conftest import read_metrics
+    from megatron_ext import sft
+    from megatron_ext.config import load_recipe
+    from megatron_ext.tokenizer import load_tokenizer
+    from test_convert import make_hf
+
+    ours = tmp_path / "ours"
+    run_cli("from-hf", make_hf(tmp_path / "src", vocab=300), ours, "--tp", "2", "--no-verify")
+    base = load_recipe(ours / "recipe.yaml")
+    assert base.model == CheckpointReader(ours).recipe.model and base.layout.tp == 2
+    assert base.checkpoint.init_from == str(ours.resolve()) and base.checkpoint.init_mode == "model"
+
+    tok = tmp_path / "tok"
+    shutil.copytree(chat_tokenizer, tok)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"the cat {i} sat"},
+                                                      {"role": "assistant", "content": "hello world"}]}) + "\n"
+                             for i in range(60)))
+    sft.prepare([str(chats)], str(tok), str(tmp_path / "prepared"), 64)
+    run, lr = tmp_path / "run", 1e-3
+    (tmp_path / "sft.yaml").write_text(
+        f"base: {ours / 'recipe.yaml'}\n"
+        "layout: {micro_batch: 2, global_batch: 4}\n"
+        f"optimizer: {{lr: {lr}, min_lr: 0.0, weight_decay: 0.0}}\n"
+        "schedule: {kind: constant, warmup_steps: 0}\n"
+        f"train: {{steps: 3, seq_len: 64, precision: fp32, attention: sdpa, output_dir: {run}, tensorboard: false}}\n"
+        f"data: {{kind: sft, sft_path: {tmp_path / 'prepared'}, packing: true}}\n")
+    proc = launch(2, [str(tmp_path / "sft.yaml")])
+    assert f"phase starts from {ours.resolve()}" in proc.stdout, proc.stdout[-2000:]
+    assert len(read_metrics(run)) == 3
+    name = "decoder.layers.0.mlp.linear_fc1.weight"
+    moved = (CheckpointReader(run).get(name) - CheckpointReader(ours).get(name)).abs().max().item()
+    assert 0 < moved <= 3 * lr * 1.01  # three Adam steps from the imported weights, not a fresh init
+
+    hf = tmp_path / "hf"
+    run_cli("to-hf", run, hf, "--dtype", "fp32", "--no-verify")
+    info = load_tokenizer(tok)
+    eot = json.loads((tok / "tokenizer.json").read_text())["added_tokens"]
+    eot = next(t["id"] for t in eot if t["content"] == "<|eot_id|>")
+    cfg, gen = (json.loads((hf / f).read_text()) for f in ("config.json", "generation_config.json"))
+    assert (hf / "tokenizer.json").is_file() and (cfg["bos_token_id"], cfg["eos_token_id"]) == (info.bos_id, info.eos_id)
+    assert gen["eos_token_id"] == [info.eos_id, eot]
+
+    tok.rename(tmp_path / "tok-elsewhere")
+    capsys.readouterr()
+    assert convert.main(["to-hf", str(run), str(tmp_path / "hf2"), "--no-verify", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "--tokenizer" in err and str(tok) in err, err
+    assert not (tmp_path / "hf2").exists()

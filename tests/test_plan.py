@@ -217,7 +217,7 @@ SINGLE = ["layout.tp=1", "layout.pp=1", "layout.vpp=1", "layout.dp=1", "layout.s
 
 
 @pytest.mark.parametrize("name,extra", [("1.5b", []), ("8b", []), ("24b", []),
-                                        ("24b", ["model.qk_layernorm=true"])])
+                                        ("24b", ["model.qk_layernorm=true"]), ("24b", ["model.block=olmo2"])])
 def test_built_model_param_count(mcore, monkeypatch, name, extra):
     """Build 1- and 2-layer versions (uninitialised, so nothing is touched: fast, no RAM) and
     extrapolate the exact full-depth count: c(L) = c(1) + (L - 1) * (c(2) - c(1))."""
@@ -229,7 +229,8 @@ def test_built_model_param_count(mcore, monkeypatch, name, extra):
         assert counts[layers] == count_params(r.model, padded=True) == r.model.num_params()
     built = counts[1] + (full.num_layers - 1) * (counts[2] - counts[1])
     assert built == count_params(full, padded=True) == full.num_params()
-    assert built == EXACT[name] + (2 * 128 * full.num_layers if extra else 0)
+    qk_norm_gains = {"model.qk_layernorm=true": 2 * 128, "model.block=olmo2": (32 + 8) * 128}  # per layer
+    assert built == EXACT[name] + full.num_layers * sum(qk_norm_gains[x] for x in extra)
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 2), (2, 1), (4, 2), (8, 1)])
@@ -331,13 +332,15 @@ def test_model_state_memory_bf16_mixed_deepspeed(mcore, monkeypatch):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
-@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
-def test_activation_estimate_matches_saved_tensors(mcore, precision, recompute):
-    """The local-spec (SDPA) formula against every tensor autograd saves in one forward."""
+@pytest.mark.parametrize("recompute,block", [("none", "llama"), ("selective", "llama"), ("full", "llama"),
+                                             ("none", "olmo2")])
+def test_activation_estimate_matches_saved_tensors(mcore, precision, recompute, block):
+    """The local-spec (SDPA) formula against every tensor autograd saves in one forward (OLMo-2
+    blocks too: post-sublayer norms and the whole-projection QK-norm)."""
     torch = mcore
     r = load_recipe(ROOT / "recipes/tiny.yaml", [
         f"train.precision={precision}", f"layout.recompute={recompute}", "train.attention=sdpa", "layout.zero_stage=1",
-        "model.vocab_size=128", "train.seq_len=128", "model.max_position_embeddings=128"])
+        "model.vocab_size=128", "train.seq_len=128", "model.max_position_embeddings=128", f"model.block={block}"])
     (model,) = _build(r)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = []
@@ -391,3 +394,13 @@ def test_model_state_memory_bf16_pure_deepspeed(mcore, monkeypatch, zero):
     measured = _storage_bytes([*_tensors_in(list(model.parameters())), *_tensors_in(vars(opt)), *states])
     estimated = _model_states(estimate_memory(r))
     assert abs(measured / estimated - 1) < 0.2, (measured, estimated)
+
+
+def test_olmo2_24b_planned_with_its_norms():
+    """recipes/24b.yaml's Gaperon-faithful option (model.block=olmo2): its extra gains are counted
+    (TP-split like the heads), its norms are never TE-fused, and the shipped layout still fits."""
+    llama, olmo2 = load_recipe(RECIPES["24b"]), load_recipe(RECIPES["24b"], ["model.block=olmo2"])
+    assert count_params(olmo2.model) - count_params(llama.model) == 40 * (32 + 8) * 128
+    assert stage_params(olmo2, 0) - stage_params(llama, 0) == 20 * (32 + 8) * 128 // 2
+    assert layer_activation_bytes(olmo2) > layer_activation_bytes(llama)
+    assert make_plan(olmo2, hw_for(olmo2)).fits
