@@ -10,14 +10,17 @@ Two halves:
   rendering of ``messages[:i+1]``, so it holds the reply and whatever the template appends to end
   it (``<|eot_id|>``). A token is trained when it starts inside such a span (tokenizer offsets).
   The template must be append-only (each prefix rendering a prefix of the full one); one that is
-  not is refused rather than masked wrongly.
+  not is refused rather than masked wrongly. Message contents are tokenized apart from the
+  template's text, with special tokens off, so no message can spell a control token (their place
+  in the rendering is found by rendering once more with markers for the contents).
 
 * :class:`SFTDataset` reads a prepared directory and serves ``{"tokens", "labels", "loss_mask"}``
   samples of ``seq_len`` (plus ``"segment_ids"`` when packing), in an order shuffled per epoch
-  from the recipe's seed. A conversation of L tokens takes L-1 positions: inputs ``ids[:-1]``,
-  labels ``ids[1:]``. Packed conversations therefore never predict across a boundary (the last
-  token of one is only ever a label, never an input to the next), and ``segment_ids`` give the
-  engine's block-diagonal attention mask. Padding has loss_mask 0.
+  from the recipe's seed; packed rows come from packing.pack_rows (best-fit decreasing). A
+  conversation of L tokens takes L-1 positions: inputs ``ids[:-1]``, labels ``ids[1:]``. Packed
+  conversations therefore never predict across a boundary (the last token of one is only ever a
+  label, never an input to the next), and ``segment_ids`` give the engine the document boundaries
+  (attention.py: cu_seqlens, or the dense block-diagonal mask). Padding has loss_mask 0.
 
 Prepared directory (format 1)::
 
@@ -28,7 +31,7 @@ Prepared directory (format 1)::
     chat_template.jinja  the template the masks were computed with
 
 Steps: with ``data.epochs`` set, ``train.steps`` is derived from the data by
-:func:`steps_for_epochs` (called from ``config.load_recipe``): ceil(epochs x sequences per epoch /
+:func:`packing.steps_for_epochs` (called from ``config.load_recipe``): ceil(epochs x sequences per epoch /
 global batch), where a sequence is one conversation (``packing: false``) or one packed row. The
 last step may be short: sample indices past the end are all-padding rows that carry no loss, so
 nothing is repeated and nothing is dropped.
@@ -73,8 +76,8 @@ DEFAULT_CHAT_TEMPLATE = (
 _MARK = "@@GAPERON-MESSAGE-{}@@"
 _MARK_RE = re.compile(r"@@GAPERON-MESSAGE-(\d+)@@")
 # Role names a template compares against: role == 'tool', role in ['tool', 'ipython'].
-_ROLE_EQ = re.compile(r"""role['"\]]?\s*(?:==|!=)\s*['"]([A-Za-z_][\w-]*)['"]""")
-_ROLE_IN = re.compile(r"""role['"\]]?\s+(?:not\s+)?in\s*[\[(]([^\])]*)[\])]""")
+_ROLE_EQ = re.compile(r"""role['"\]]*\s*(?:==|!=)\s*['"]([A-Za-z_][\w-]*)['"]""")
+_ROLE_IN = re.compile(r"""role['"\]]*\s+(?:not\s+)?in\s*[\[(]([^\])]*)[\])]""")
 
 
 class ConversationError(ValueError):
@@ -178,7 +181,7 @@ class ChatEncoder:
 
         The template is rendered once more with each content replaced by a marker; the text
         between markers is the template's own, and each marker stands for the content as the
-        template writes it (as is, trimmed, or JSON-quoted). Anything else is refused: a content
+        template writes it (as is, trimmed, or JSON-escaped). Anything else is refused: a content
         we cannot locate cannot be kept from spelling control tokens."""
         skeleton = self.render([dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)],
                                add_generation_prompt)
@@ -191,7 +194,8 @@ class ChatEncoder:
                 break
             at += len(piece)
             last = j + 3 == len(parts)
-            forms = (content, content.strip(), json.dumps(content, ensure_ascii=False), json.dumps(content))
+            # the marker went through the same filters: its quotes (tojson) are in the template's text
+            forms = (content, content.strip(), json.dumps(content, ensure_ascii=False)[1:-1], json.dumps(content)[1:-1])
             form = next((f for f in forms if full.startswith(f, at) and full.startswith(after, at + len(f))
                          and (not last or at + len(f) + len(after) == len(full))), None)
             if form is None:
@@ -214,8 +218,7 @@ class ChatEncoder:
         if self.allow_special_tokens or not content_spans:
             enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
             return enc["input_ids"], enc["offset_mapping"]
-        ids, offsets, at = [], [], 0
-        pieces = []
+        ids, offsets, pieces, at = [], [], [], 0  # pieces: (start, end, is message content)
         for a, b, _ in content_spans:
             pieces += [(at, a, False), (a, b, True)]
             at = b

@@ -1,8 +1,9 @@
 """The training loop: recipe in, checkpoints and logs out.
 
 Launched once per rank (torchrun, or srun with one task per GPU). Console and TensorBoard get
-loss, lr, grad norm, tokens/s (total and per device), MFU on GPU and peak memory; every logged
-step also lands in ``<output_dir>/metrics.jsonl``, which tests and tools read.
+loss, lr, grad norm, tokens/s (total and per device; ``trained_tokens_per_s`` counts only the
+tokens with loss, not padding or prompts), MFU on GPU and peak memory; every logged step also
+lands in ``<output_dir>/metrics.jsonl``, which tests and tools read.
 """
 from __future__ import annotations
 
@@ -250,7 +251,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
             log.log(state.step, result.lm_head)
         if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps) and valid_data:
             with watchdog.idle():
-                log.log(state.step, evaluate(engine, valid_data, recipe, dp_rank))
+                log.log(state.step, validation_loss(engine, valid_data, recipe, dp_rank))
         if ck.interval and state.step % ck.interval == 0 and state.step < t.steps:
             with watchdog.idle():
                 tick_save = time.perf_counter()
@@ -272,7 +273,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     return 0
 
 
-def eval_batches(valid_data, recipe: Recipe) -> int:
+def valid_batches(valid_data, recipe: Recipe) -> int:
     """Global batches one evaluation reads: a held-out SFT set whole when it takes at most
     max(train.eval_iters, 20) of them (its last batch padded with loss-free rows), else
     train.eval_iters."""
@@ -283,11 +284,11 @@ def eval_batches(valid_data, recipe: Recipe) -> int:
     return iters
 
 
-def evaluate(engine, valid_data, recipe: Recipe, dp_rank: int) -> dict:
-    """Validation loss: the mean over every trained token of :func:`eval_batches` batches (not a
+def validation_loss(engine, valid_data, recipe: Recipe, dp_rank: int) -> dict:
+    """Validation loss: the mean over every trained token of :func:`valid_batches` batches (not a
     mean of per-batch means, which would over-weight a short last batch)."""
     loss_sum = tokens = 0.0
-    for i in range(eval_batches(valid_data, recipe)):
+    for i in range(valid_batches(valid_data, recipe)):
         s, n = engine.eval_totals(microbatches(valid_data, i * recipe.layout.global_batch, recipe, dp_rank))
         loss_sum, tokens = loss_sum + s, tokens + n
     return {"valid_loss": loss_sum / tokens if tokens else float("nan"), "valid_tokens": int(tokens)}
