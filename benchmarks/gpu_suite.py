@@ -650,35 +650,43 @@ def write_sft_data(path: Path, vocab: int, seq_len: int, n: int = 2000, seed: in
 
 
 def step_sft_varlen(s: Suite, shapes: Shapes) -> dict:
-    """Packed SFT: the varlen path vs the dense-mask reference, same data, same init."""
+    """Packed SFT: the varlen path vs the dense-mask reference, same data, same init (the two
+    runs side by side in a dry run, one after the other on the GPU)."""
     mb = shapes.micro_batch(s)
     if not mb:
         return {"status": "error", "error": "the planner finds no micro batch that fits"}
     _, load_recipe = _plan_tools(s)
-    r = load_recipe(s.recipe("1.5b"), [])
+    recipe = s.recipe("1.5b")
     seq = 64 if s.dry else 4096
-    data = write_sft_data(s.scratch / "sft_data", min(r.model.vocab_size, 32000), seq)
+    data = write_sft_data(s.scratch / "sft_data", min(load_recipe(recipe, []).model.vocab_size, 32000), seq)
     env = s.results["sections"].get("env", {})
     varlen_kernel = ("flash-attn-varlen" if not s.dry and (env.get("flash_attn") or env.get("flash_attn_interface"))
                      else "sdpa-per-document")
     precision = "fp32" if s.dry else "bf16-mixed"  # the dry run checks loss parity at 1e-6
     extra = [f"train.precision={precision}", "train.attention=sdpa", "train.compile=false", "data.kind=sft",
              f"data.sft_path={s.scratch / 'sft_data'}", "data.packing=true", f"train.seq_len={seq}"]
-    out = {"status": "ok", "data": data, "varlen_kernel": varlen_kernel, "precision": precision}
-    for how in ("varlen", "dense"):
-        row = train_run(s, f"sft_{how}", "1.5b", extra + [f"train.packed_attention={how}"], mb, 120,
-                        shapes.steps, shapes.warmup)
-        rows = read_rows(s.scratch / f"sft_{how}")
+    ways = ("varlen", "dense")
+    dirs = {how: s.fresh_dir(f"sft_{how}") for how in ways}
+    cmds = {how: s.train_cmd(recipe, s.base_overrides(dirs[how], shapes.steps) + s.layout(mb) + extra
+                             + [f"train.packed_attention={how}"]) for how in ways}
+    if s.dry:
+        done = dict(zip(ways, s.run("sft_varlen", [(cmds[how], s.env()) for how in ways], 150)))
+    else:
+        done = {how: s.run(f"sft_{how}", [(cmds[how], s.env())], 150)[0] for how in ways}
+    out = {"status": "ok", "data": data, "varlen_kernel": varlen_kernel, "precision": precision, "micro_batch": mb,
+           "seq_len": seq}
+    for how in ways:
+        rows, res = read_rows(dirs[how]), done[how]
+        measured = throughput(rows, shapes.warmup, mb * seq)
         timed = [x for x in rows if "trained_tokens_per_s" in x and x["step"] > shapes.warmup]
-        if timed:
-            row["trained_tokens_per_s"] = sum(x["trained_tokens_per_s"] for x in timed) / len(timed)
-        row["first_loss"] = rows[0]["loss"] if rows else None
-        out[how] = {k: row.get(k) for k in ("status", "error", "tokens_per_s", "trained_tokens_per_s", "step_s",
-                                             "peak_mem_gib", "first_loss", "micro_batch", "layers", "seconds", "log")
-                    if row.get(k) is not None}
-        if row["status"] != "ok":
+        out[how] = {"tokens_per_s": measured.get("tokens_per_s"), "step_s": measured.get("step_s"),
+                    "peak_mem_gib": measured.get("peak_mem_gib"), "seconds": res["seconds"], "log": res["log"],
+                    "trained_tokens_per_s": sum(x["trained_tokens_per_s"] for x in timed) / len(timed) if timed else None,
+                    "first_loss": rows[0]["loss"] if rows else None}
+        out[how] = {k: v for k, v in out[how].items() if v is not None}
+        if res["rc"] != 0 or not measured:
             out["status"] = "error"
-            out.setdefault("errors", []).append(f"{how}: {row.get('error', 'no figures')}")
+            out.setdefault("errors", []).append(f"{how}: {error_of(res)}")
     v, d = out["varlen"], out["dense"]
     if v.get("tokens_per_s") and d.get("tokens_per_s"):
         out["varlen_over_dense_tokens_per_s"] = v["tokens_per_s"] / d["tokens_per_s"]

@@ -39,7 +39,6 @@ nothing is repeated and nothing is dropped.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,7 +475,8 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
         "format": FORMAT_VERSION, "tokenizer": str(tokenizer), "vocab_size": tok.vocab_size,
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),  # which tokenizer made the ids (check_sft_data)
         "eos_id": tok.eos_id, "pad_id": tok.eos_id, "seq_len": seq_len, "train_on": train_on,
-        "overlong": overlong, "allow_special_tokens": allow_special_tokens, "chat_template_source": encoder.template_source, "inputs": [str(p) for p in inputs],
+        "overlong": overlong, "allow_special_tokens": allow_special_tokens,
+        "chat_template_source": encoder.template_source, "inputs": [str(p) for p in inputs],
         "summary": {k: v for k, v in summary.__dict__.items()},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
