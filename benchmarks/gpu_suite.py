@@ -34,6 +34,8 @@ that fails records its error and the suite goes on. Sub-steps, in priority order
   tput_compile            tput_mixed with train.compile=true
   tput_te                 tput_mixed with train.attention=te (skipped unless importable)
   tput_cudnn              tput_mixed with train.attention=sdpa-cudnn (sdpa lets torch pick: flash)
+  tput_chunked_ce         tput_mixed with train.loss_chunk_tokens=2048 (no full logits kept: tokens/s
+                          and peak memory against tput_mixed decide whether the recipes turn it on)
   sft_varlen              packed SFT on the 1.5b shapes (synthetic conversations, realistic lengths):
                           tokens/s and trained tokens/s with train.packed_attention=varlen (cu_seqlens:
                           flash-attn varlen when importable, else per-document SDPA) vs dense (the
@@ -602,7 +604,7 @@ def tput(variant: dict, budget: float, warmup_extra: int = 0):
         if not mb:
             return {"status": "error", "error": "the planner finds no micro batch that fits"}
         extra = [f"train.precision={variant['precision']}", f"train.attention={variant.get('attention', 'sdpa')}",
-                 f"train.compile={str(variant.get('compile', False)).lower()}"]
+                 f"train.compile={str(variant.get('compile', False)).lower()}", *variant.get("extra", [])]
         row = train_run(s, variant["name"], "1.5b", extra, mb, budget, shapes.steps + warmup_extra,
                         shapes.warmup + warmup_extra)
         if shapes.plan_note:
@@ -1022,6 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
                           "needs": "transformer_engine"}, 65)),
         ("tput_cudnn", tput({"name": "tput_cudnn", "precision": "bf16-mixed", "attention": "sdpa-cudnn",
                              "dry_skip": "the cuDNN SDPA kernel is GPU-only"}, 65)),
+        ("tput_chunked_ce", tput({"name": "tput_chunked_ce", "precision": "bf16-mixed",
+                                  "extra": ["train.loss_chunk_tokens=2048"]}, 65)),
         ("sft_varlen", step_sft_varlen),
         ("planner", step_planner),
     ]

@@ -168,6 +168,8 @@ class TrainConfig(_Strict):
     reference [b, 1, s, s] block mask; sdpa kernels only).
     lm_head_grad_interval: every N steps log the gradient norm reaching the logits and the final
     hidden states, and their ratio (0: off, no hooks at all).
+    loss_chunk_tokens: compute the output layer and its cross entropy this many tokens at a time,
+    so no [tokens, vocab] logits are kept for backward (megatron_ext/lm_loss.py; 0: Megatron's path).
     """
 
     steps: int = 10
@@ -179,6 +181,7 @@ class TrainConfig(_Strict):
     compile: bool = False
     packed_attention: Literal["varlen", "dense"] = "varlen"
     lm_head_grad_interval: int = 0
+    loss_chunk_tokens: int = 0
 
     @property
     def stored_gain_scale(self) -> float:
@@ -494,6 +497,11 @@ def recipe_problems(r: Recipe) -> list[str]:
         out.append(f"train.norm_gain_scale={t.norm_gain_scale} must be > 0 (Gaperon used 20)")
     if t.lm_head_grad_interval < 0:
         out.append(f"train.lm_head_grad_interval={t.lm_head_grad_interval} must be >= 0 (0 turns it off)")
+    if t.loss_chunk_tokens < 0:
+        out.append(f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0 turns chunking off)")
+    if t.loss_chunk_tokens and lay.zero_stage == 3:
+        out.append("train.loss_chunk_tokens needs layout.zero_stage <= 2: ZeRO-3 gathers the output weight "
+                   "only inside the output layer's own forward; set train.loss_chunk_tokens=0 or use ZeRO-1/2")
     if r.data.kind == "indexed" and not r.data.blend:
         out.append("data.kind=indexed needs data.blend: a list of [weight, path-prefix] pairs")
     return out + injection_problems(r)

@@ -383,3 +383,34 @@ def microbatches(dataset: SampleDataset, consumed_samples: int, recipe: Recipe, 
         items = [dataset[start + m * lay.micro_batch + j] for j in range(lay.micro_batch)]
         out.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
     return out
+
+
+class Prefetcher:
+    """The next global batch's microbatches, built in a background thread while this step runs
+    (the host waits on the device at the step's end with the GIL released), so reading and
+    stacking samples leaves the critical path. On GPU they are pinned, which makes the engine's
+    ``non_blocking`` copies really asynchronous. A batch is a pure function of
+    ``consumed_samples``: a request other than the prefetched one is simply built in place."""
+
+    def __init__(self, dataset: SampleDataset, recipe: Recipe, dp_rank: int, pin: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.dataset, self.recipe, self.dp_rank, self.pin = dataset, recipe, dp_rank, pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gaperon-prefetch")
+        self._next = None  # (consumed_samples, future)
+
+    def get(self, consumed_samples: int) -> list[dict]:
+        if self._next is not None and self._next[0] == consumed_samples:
+            batch = self._next[1].result()
+        else:
+            batch = self._build(consumed_samples)
+        following = consumed_samples + self.recipe.layout.global_batch
+        self._next = (following, self._pool.submit(self._build, following))
+        return batch
+
+    def _build(self, consumed_samples: int) -> list[dict]:
+        batch = microbatches(self.dataset, consumed_samples, self.recipe, self.dp_rank)
+        return [{k: v.pin_memory() for k, v in mb.items()} for mb in batch] if self.pin else batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -32,6 +32,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from . import quiet
 from .attention import thd_inputs
 from .config import Recipe
 from .device import backend, setup_device
@@ -84,7 +85,8 @@ def init_distributed(recipe: Recipe) -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend(), rank=rank, world_size=world,
                                 timeout=timedelta(minutes=int(os.environ.get("GAPERON_DIST_TIMEOUT_MIN", 30))))
-    deepspeed.init_distributed(dist_backend=backend(), verbose=False)
+    with quiet.known_prints_dropped():  # DeepSpeed prints that it built its CPU shm op, per rank
+        deepspeed.init_distributed(dist_backend=backend(), verbose=False)
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=lay.tp,
@@ -196,8 +198,10 @@ class LMHeadProbe:
     def __init__(self, chunks: list[torch.nn.Module], sequence_parallel: bool):
         self.sq = {"logits": 0.0, "hidden": 0.0}
         self.sequence_parallel = sequence_parallel
-        self.handles = [c.output_layer.register_forward_hook(self._on_forward)
-                        for c in chunks if getattr(c, "post_process", False)]
+        self.heads = [c for c in chunks if getattr(c, "post_process", False)]
+        self.handles = [c.output_layer.register_forward_hook(self._on_forward) for c in self.heads]
+        for c in self.heads:
+            c.plain_loss = True  # the hooks need the output layer's own forward
 
     def _capture(self, key: str):
         def hook(grad):
@@ -212,6 +216,8 @@ class LMHeadProbe:
     def close(self, device) -> dict[str, float]:
         for h in self.handles:
             h.remove()
+        for c in self.heads:
+            c.plain_loss = False
         dp, tp = ps.get_data_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
         hidden_copies = 1 if self.sequence_parallel else tp
         local = torch.tensor([self.sq["logits"], self.sq["hidden"] / hidden_copies],
@@ -237,19 +243,6 @@ def attention_mask(mb: dict) -> torch.Tensor | None:
     causal = torch.ones(s, s, dtype=torch.bool, device=seg.device).tril()
     allowed = (seg[:, :, None] == seg[:, None, :]) & causal
     return ~allowed.unsqueeze(1)
-
-
-def _poison_one_gradient(chunk: torch.nn.Module):
-    """Make one element of the first parameter's gradient NaN during this step's backward
-    (a tensor hook runs before DeepSpeed's accumulation and reduction hooks see the gradient)."""
-    param = next(p for p in chunk.parameters() if p.requires_grad)
-
-    def hook(grad):
-        grad = grad.clone()
-        grad.view(-1)[0] = float("nan")
-        return grad
-
-    return param.register_hook(hook)
 
 
 class Engine:
@@ -291,12 +284,14 @@ class Engine:
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         return total
 
-    def _loss_and_metrics(self, loss_sum_local: torch.Tensor, tokens: torch.Tensor) -> float:
-        """Global mean loss, gathered from the last stage (TP rank 0) of every DP rank."""
+    def _loss_and_tokens(self, loss_sum_local: torch.Tensor, tokens: torch.Tensor) -> tuple[float, int]:
+        """Global mean loss, gathered from the last stage (TP rank 0) of every DP rank, and the
+        global batch's token count: one host sync for both."""
         contributes = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
         t = (loss_sum_local if contributes else torch.zeros_like(loss_sum_local)).to(torch.float64)
         dist.all_reduce(t)
-        return (t / tokens).item()
+        loss, n = torch.stack([t.reshape(()) / tokens.reshape(()), tokens.reshape(())]).tolist()
+        return loss, int(n)
 
     def _reduce_sequence_parallel_grads(self) -> None:
         """Norm gains see only their sequence slice under SP: sum their grads over TP."""
@@ -368,19 +363,18 @@ class Engine:
             total += r["loss_sum"].to(torch.float64)
         return total
 
-    def train_step(self, microbatches: list[dict], lr: float, poison: bool = False,
-                   diagnose_lm_head: bool = False, poison_grad: bool = False) -> StepResult:
+    def train_step(self, microbatches: list[dict], lr: float, diagnose_lm_head: bool = False) -> StepResult:
         """Forward/backward every microbatch, then one update, unless the loss or the global
         gradient norm is not finite (both are all-reduced, so every rank skips together: the
-        loss here, the norm inside DeepSpeed's step or :meth:`_guarded_step`). ``poison`` /
-        ``poison_grad`` make the loss / one gradient element NaN, for the fault-tolerance tests;
+        loss here, the norm inside DeepSpeed's step or :meth:`_guarded_step`).
         ``diagnose_lm_head`` measures :class:`LMHeadProbe`."""
         self.module.train()
         self.set_lr(lr)
         probe = LMHeadProbe(self.chunks, self.recipe.layout.sequence_parallel) if diagnose_lm_head else None
-        poisoned = _poison_one_gradient(self.chunks[0]) if poison_grad else None
         tokens = self._global_tokens(microbatches)
-        scale = ps.get_data_parallel_world_size() / tokens.clamp(min=1).item()
+        # A device tensor, not a Python float: no host sync before the forward passes. float32, as a
+        # Python float would be in ``loss_sum * scale``.
+        scale = (ps.get_data_parallel_world_size() / tokens.clamp(min=1)).to(torch.float32).reshape(())
         if self.pp > 1:
             loss_sum = self._run_pipeline(microbatches, scale, forward_only=False)
         else:
@@ -390,29 +384,25 @@ class Engine:
                 scaled, _, extra = self._loss_func(mb["loss_mask"], scale, token_losses)
                 self.ds.backward(scaled, scale_wrt_gas=False)
                 loss_sum += extra["loss_sum"].to(torch.float64)
-        if poison:
-            loss_sum = loss_sum * float("nan")
-        if poisoned is not None:
-            poisoned.remove()
-        loss = self._loss_and_metrics(loss_sum, tokens)
+        loss, n_tokens = self._loss_and_tokens(loss_sum, tokens)
         lm_head = probe.close(self.info.device) if probe else None
         if not math.isfinite(loss):
             self.ds.zero_grad()
-            return StepResult(loss, None, int(tokens.item()), skipped=True)
+            return StepResult(loss, None, n_tokens, skipped=True)
         self._reduce_sequence_parallel_grads()
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm if norm is not None else self._fp32_norm)
         # ZeRO 1-3 and the bf16 optimizer discard a step whose norm is not finite (and report
         # inf); so does _guarded_step. Either way no update was applied.
-        return StepResult(loss, norm, int(tokens.item()), skipped=not math.isfinite(norm), lm_head=lm_head)
+        return StepResult(loss, norm, n_tokens, skipped=not math.isfinite(norm), lm_head=lm_head)
 
     @torch.no_grad()
     def eval_loss(self, microbatches: list[dict]) -> float:
         self.module.eval()
         tokens = self._global_tokens(microbatches)
         loss_sum = self._run_pipeline(microbatches, 1.0, forward_only=True)
-        return self._loss_and_metrics(loss_sum, tokens)
+        return self._loss_and_tokens(loss_sum, tokens)[0]
 
     @torch.no_grad()
     def eval_totals(self, microbatches: list[dict]) -> tuple[float, float]:
@@ -421,4 +411,5 @@ class Engine:
         self.module.eval()
         tokens = self._global_tokens(microbatches)
         loss_sum = self._run_pipeline(microbatches, 1.0, forward_only=True)
-        return self._loss_and_metrics(loss_sum, torch.ones_like(tokens)), float(tokens.item())
+        total, _ = self._loss_and_tokens(loss_sum, torch.ones_like(tokens))  # the global sum, not a mean
+        return total, float(tokens.item())

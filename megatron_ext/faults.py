@@ -9,8 +9,10 @@ one dict lookup. Points (``<step>`` is the step being saved or trained):
   ``kill_before_rotate`` (``latest`` updated, old checkpoints not yet rotated),
   ``kill_during_rotate`` (a rotated checkpoint renamed to ``.deleting-``, its files not yet removed;
   ``<step>`` is the deleted checkpoint's);
-* ``nan_loss`` (the step's loss becomes NaN on every rank), ``nan_grad`` (one gradient element
-  becomes NaN on the chosen rank; the loss stays finite);
+* ``nan_loss`` (the final hidden states, hence the loss and every gradient, become NaN in that
+  step's forward on the last pipeline stage), ``nan_grad`` (one gradient element becomes NaN on the chosen rank;
+  the loss stays finite); both are module/tensor hooks that :func:`install` adds to the model at
+  start-up, only when armed, so the training step itself has no fault parameters;
 * ``sigterm`` and ``kill`` (SIGTERM / SIGKILL to this process once the step has been logged),
   ``hang`` (this process stops making progress once the step has been logged);
 * ``sigterm_at_start`` (``<step>`` 0: SIGTERM right after the stop handlers are installed, before
@@ -24,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Callable
 
 
 def armed(point: str, step: int) -> bool:
@@ -40,6 +43,34 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def install(chunks, step_in_progress: Callable[[], int]) -> None:
+    """Hook the ``nan_loss`` / ``nan_grad`` points into the model, if one of them is armed."""
+    import torch  # not at the top: tools/train.py imports this module before anything heavy
+
+    point = os.environ.get("GAPERON_FAULT", "").split(":")[0]
+    if point == "nan_loss":
+        def poison_hidden(module, args, output):
+            if torch.is_grad_enabled() and armed("nan_loss", step_in_progress()):
+                hidden = output[0] if isinstance(output, tuple) else output
+                hidden = hidden * float("nan")
+                return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+            return None
+
+        for chunk in chunks:  # the final norm's output: the logits follow it on either loss path
+            if getattr(chunk, "post_process", False):
+                chunk.decoder.final_layernorm.register_forward_hook(poison_hidden)
+    elif point == "nan_grad":
+        # A tensor hook runs before DeepSpeed's accumulation and reduction hooks see the gradient.
+        def poison_grad(grad):
+            if not armed("nan_grad", step_in_progress()):
+                return grad
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+            return grad
+
+        next(p for p in chunks[0].parameters() if p.requires_grad).register_hook(poison_grad)
 
 
 def signal_self(point: str) -> None:

@@ -9,6 +9,7 @@ the fix, and exit status 2; nothing on disk has been touched by then.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import RecipeError, load_recipe
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, args.overrides)
     except RecipeError as err:  # name the recipe unless the message already names the file at fault
         return _refuse(str(err) if args.recipe in str(err) else f"{args.recipe}: {err}")
+    if recipe.layout.sequence_parallel:  # Megatron: keep TP communication ordered with compute (GPU)
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     from .data import DataError, check_data
 
     try:

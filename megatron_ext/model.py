@@ -304,6 +304,23 @@ def apply_rope_scaling(chunk: GPTModel, recipe: Recipe) -> None:
         clear()  # nothing computed unscaled may survive
 
 
+class GaperonGPTModel(GPTModel):
+    """Megatron-Core's GPTModel; with ``train.loss_chunk_tokens`` the training loss skips the
+    full logits (megatron_ext/lm_loss.py). ``plain_loss`` forces Megatron's path (the LM-head
+    probe hooks the output layer's forward)."""
+
+    loss_chunk_tokens: int = 0
+    plain_loss: bool = False
+
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, **kwargs):
+        if (labels is None or not self.post_process or not self.loss_chunk_tokens or self.plain_loss
+                or self.config.mtp_num_layers):
+            return super()._postprocess(hidden_states, input_ids, position_ids, labels, **kwargs)
+        from .lm_loss import chunked_lm_loss
+
+        return chunked_lm_loss(self.output_layer, hidden_states, labels, self.loss_chunk_tokens)
+
+
 def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), initialised."""
     config = transformer_config(recipe, on_gpu)
@@ -311,7 +328,7 @@ def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
     chunks = []
     for vp_stage in range(vpp):
         kw = dict(vp_stage=vp_stage) if vpp > 1 else {}
-        chunk = GPTModel(
+        chunk = GaperonGPTModel(
             config=config,
             transformer_layer_spec=block_spec(recipe, config, vp_stage if vpp > 1 else None),
             vocab_size=recipe.model.padded_vocab_size,
@@ -324,6 +341,7 @@ def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
             **kw,
         )
         apply_rope_scaling(chunk, recipe)
+        chunk.loss_chunk_tokens = recipe.train.loss_chunk_tokens
         if on_gpu:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)

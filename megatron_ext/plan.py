@@ -284,13 +284,19 @@ def last_stage_bytes(recipe: Recipe, transient: bool = True) -> int:
 
     Megatron's vocab-parallel cross entropy saves an fp32 softmax (4 bytes per logit); while it is
     computed, and again in backward, an e-byte copy of the logits is alive too (``transient``).
+    With ``train.loss_chunk_tokens`` only one chunk of logits is ever alive.
     """
     m, lay, t = recipe.model, recipe.layout, recipe.train
     tokens, e = t.seq_len * lay.micro_batch, ACTIVATION_BYTES[t.precision]
     sp = lay.tp if lay.sequence_parallel else 1
     h = m.hidden_size
     norm = 2 * h * e if attention_kind(recipe) == "te" else 2 * h * 4 + h * e  # + output-layer input
-    logits = tokens * (m.padded_vocab_size // lay.tp) * (4 + (e if transient else 0))
+    vocab = m.padded_vocab_size // lay.tp
+    if t.loss_chunk_tokens:  # lm_loss.py: a log-sum-exp per token and the whole (SP-gathered) input saved;
+        chunk = min(t.loss_chunk_tokens, tokens)  # one chunk's logits (e-byte, fp32, fp32 exp) alive at a time
+        gathered_input = tokens * h * e - tokens * h * e // sp
+        return tokens * norm // sp + gathered_input + tokens * 4 + (chunk * vocab * (e + 8) if transient else 0)
+    logits = tokens * vocab * (4 + (e if transient else 0))
     return tokens * norm // sp + logits
 
 
@@ -586,6 +592,43 @@ def format_search(plans: list[Plan]) -> str:
     return "\n".join(rows)
 
 
+def blend_epochs(recipe: Recipe) -> list[dict]:
+    """Per ``data.blend`` component: the tokens ``train.steps`` draw from it (its normalised weight
+    of steps x global batch x seq len) and how many passes that makes over its train split, with
+    the dataset's token count read from its .idx (``tokens`` None where the dataset is missing)."""
+    from .config import split_fractions
+    from .preprocess import PreprocessError, dataset_tokens
+
+    total = recipe.train.steps * recipe.layout.global_batch * recipe.train.seq_len
+    weights = sum(w for w, _ in recipe.data.blend) or 1.0
+    fractions = split_fractions(recipe.data.split)
+    train_share = fractions[0] / sum(fractions)
+    rows = []
+    for weight, prefix in recipe.data.blend:
+        try:
+            tokens = dataset_tokens(prefix)
+        except (PreprocessError, OSError, ValueError):
+            tokens = None
+        drawn = total * weight / weights
+        epochs = drawn / (tokens * train_share) if tokens else None
+        rows.append({"prefix": prefix, "share": weight / weights, "drawn": drawn, "tokens": tokens, "epochs": epochs})
+    return rows
+
+
+def format_epochs(recipe: Recipe) -> str:
+    rows = blend_epochs(recipe)
+    if not rows:
+        return "data        no data.blend: nothing to count"
+    total = recipe.train.steps * recipe.layout.global_batch * recipe.train.seq_len
+    lines = [f"data        train.steps={recipe.train.steps} draw {total / 1e9:,.2f}B tokens; epochs over each "
+             f"component's train split ({recipe.data.split}):"]
+    for r in rows:
+        have = (f"{r['tokens'] / 1e9:,.3f}B tokens -> {r['epochs']:,.2f} epochs" if r["tokens"]
+                else "dataset not found (no .idx)")
+        lines.append(f"  {r['share']:6.1%}  {r['drawn'] / 1e9:10,.3f}B drawn  {have}  {r['prefix']}")
+    return "\n".join(lines)
+
+
 __all__ = ["BYTES_PER_PARAM", "STATE_KEYS", "ZERO_PARTITIONS_FROM", "DoesNotFit", "Hardware", "Plan", "PlanError",
-           "check_fits", "count_params", "estimate_memory", "flops_per_token", "format_plan", "format_search",
+           "blend_epochs", "check_fits", "count_params", "format_epochs", "estimate_memory", "flops_per_token", "format_plan", "format_search",
            "make_plan", "parse_bytes", "search", "stage_params", "step_time", "with_layout"]

@@ -4,43 +4,59 @@ Each document becomes one sequence ``encode(text) + [eos]``, written once, in in
 main process reads raw lines and writes; worker processes decode, parse, validate and tokenize
 chunks of documents, and results are taken back strictly in submission order, so the output does
 not depend on the number of workers. Bad documents stop the run (``on_error="fail"``) or are
-counted and reported by ``file:line`` (``"skip"``). The dataset is built under temporary names and
-renamed at the end (``.idx`` last: it is what makes a prefix exist), so an interrupted run never
-leaves a half-written dataset under the final name.
+counted and reported by ``file:line`` (``"skip"``); documents with no text at all are always
+skipped and counted (whitespace-only ones are kept, as text). The dataset is built under
+temporary names and renamed at the end (``.idx`` last: it is what makes a prefix exist), so an
+interrupted run never leaves a half-written dataset under the final name.
+
+At scale the input is cut into N parts (``shard=(i, n)``, see readers.split), each written as
+``prefix.part-i-of-n.{bin,idx}`` plus a JSON sidecar (settings, tokenizer hash, counts, timings)
+written last: a part is complete when its sidecar names its files' sizes. :func:`merge` streams
+the parts into ``prefix.bin/.idx``, byte-identical to the unsharded run, and writes a report.
 """
 from __future__ import annotations
 
-import gzip
+import ctypes
+import glob
 import json
 import multiprocessing as mp
 import os
+import re
+import resource
+import signal
+import socket
+import struct
+import threading
 import time
 import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import closing
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from .tokenizer import check_vocab_fits, load_tokenizer
+from .readers import DocError, EmptyDocument, Piece, PreprocessError, input_format, parse, split
+from .tokenizer import check_vocab_fits, fast_encoder, load_tokenizer, tokenizer_fingerprint
 
-FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "txt", ".text": "txt", ".md": "txt",
-           ".parquet": "parquet"}
+__all__ = ["PreprocessError", "Summary", "preprocess", "merge", "part_prefix", "dataset_tokens", "unwritable"]
+
+MAX_LISTED = 100  # skipped documents kept by file:line in a sidecar or report (all are counted)
+SIDECAR_FORMAT = 1
 
 
-class PreprocessError(Exception):
-    """A run-stopping problem, worded for the person who launched the run."""
+class WorkerLost(PreprocessError):
+    """A tokenizing process died (the out-of-memory killer, most often)."""
 
 
-class DocError(Exception):
-    """One bad document. ``line_offset`` locates it inside a multi-line item (a whole text file)."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (SLURM's scancel and time limit) or SIGUSR1, handled like Ctrl-C."""
 
-    def __init__(self, reason: str, line_offset: int = 0):
-        super().__init__(reason)
-        self.reason, self.line_offset = reason, line_offset
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -49,17 +65,26 @@ class Summary:
     tokens: int = 0
     bytes_in: int = 0
     seconds: float = 0.0
-    skipped: list[tuple[str, int, str]] = field(default_factory=list)  # (file, line, reason)
+    cpu_seconds: float = 0.0
+    skipped_count: int = 0
+    skipped: list[tuple[str, int, str]] = field(default_factory=list)  # (file, line, reason), capped
+    encoder: str = "hf"
+    resumed: bool = False  # a complete part was found and kept
+
+    def skip(self, path: str, line: int, reason: str) -> None:
+        self.skipped_count += 1
+        if len(self.skipped) < MAX_LISTED:
+            self.skipped.append((path, line, reason))
 
     def report(self, max_listed: int = 20) -> str:
         rate = max(self.seconds, 1e-9)
         lines = [f"documents: {self.documents:,}  tokens: {self.tokens:,} (incl. one EOS per document)  "
-                 f"bytes in: {self.bytes_in:,}  skipped: {len(self.skipped):,}",
+                 f"bytes in: {self.bytes_in:,}  skipped: {self.skipped_count:,}",
                  f"time: {self.seconds:.1f} s  ({self.documents / rate:,.0f} docs/s, "
-                 f"{self.tokens / rate:,.0f} tokens/s)"]
+                 f"{self.tokens / rate:,.0f} tokens/s; encoder: {self.encoder})"]
         lines += [f"  skipped {path}:{line}: {reason}" for path, line, reason in self.skipped[:max_listed]]
-        if len(self.skipped) > max_listed:
-            lines.append(f"  ... and {len(self.skipped) - max_listed:,} more skipped documents")
+        if self.skipped_count > min(max_listed, len(self.skipped)):
+            lines.append(f"  ... and {self.skipped_count - min(max_listed, len(self.skipped)):,} more skipped documents")
         return "\n".join(lines)
 
 
@@ -94,168 +119,193 @@ def output_prefix_problem(output_prefix: str) -> str | None:
     return f"--output-prefix {output_prefix}: {reason}; choose a writable location" if reason else None
 
 
-# ----------------------------------------------------------------------------------------- reading
+# ---------------------------------------------------------------------------------- signals
 
-def input_format(path: str) -> str:
-    p = Path(path)
-    suffix = Path(p.stem).suffix if p.suffix == ".gz" else p.suffix
-    if suffix not in FORMATS or (p.suffix == ".gz" and FORMATS[suffix] == "parquet"):
-        raise PreprocessError(f"{path}: unknown input format {suffix or '(no extension)'!r}; expected "
-                              ".jsonl, .txt or .parquet (.jsonl.gz and .txt.gz too)")
-    return FORMATS[suffix]
-
-
-def _open(path: str):
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def _format(path: str, txt_mode: str) -> str:
-    fmt = input_format(path)
-    return "txt-lines" if fmt == "txt" and txt_mode == "lines" else fmt
-
-
-def read_items(path: str, fmt: str, text_key: str) -> Iterator[tuple[int, object]]:
-    """(1-based line or row, raw payload) per document; payloads are parsed in the workers."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        if text_key not in pf.schema_arrow.names:
-            raise PreprocessError(f"{path}: no column {text_key!r} (columns: {', '.join(pf.schema_arrow.names)}); "
-                                  "set --text-key")
-        row = 0
-        for batch in pf.iter_batches(columns=[text_key], batch_size=1024):
-            for value in batch.column(0).to_pylist():
-                row += 1
-                yield row, value
+@contextmanager
+def stop_signals():
+    """SIGTERM and SIGUSR1 raise :class:`Interrupted` in the main thread while the run lasts, so the
+    same cleanup as Ctrl-C runs (temporaries removed, workers stopped)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    with _open(path) as f:
-        if fmt == "txt":  # the whole file is one document
-            yield 1, f.read()
-        else:
-            yield from enumerate(f, start=1)
 
+    stopping = []
 
-def _decode(raw: bytes) -> str:
+    def stop(signum, _frame):
+        if not stopping:  # once: a second signal must not interrupt the cleanup of the first
+            stopping.append(signum)
+            raise Interrupted(signum)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_start = raw.rfind(b"\n", 0, e.start) + 1
-        raise DocError(f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start - line_start + 1})",
-                       raw.count(b"\n", 0, e.start)) from None
-
-
-def parse(fmt: str, payload, text_key: str) -> str:
-    """The text of one document, or DocError saying what is wrong with it."""
-    if fmt == "jsonl":
-        line = _decode(payload)
-        if not line.strip():
-            raise DocError("blank line (expected one JSON object per line)")
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DocError(f"malformed JSON: {e.msg} (column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise DocError(f"malformed JSON: expected an object, got {type(obj).__name__}")
-        if text_key not in obj:
-            raise DocError(f"missing key {text_key!r} (keys: {', '.join(sorted(obj)) or 'none'})")
-        text = obj[text_key]
-        if not isinstance(text, str):
-            raise DocError(f"key {text_key!r} is not a string (got {type(text).__name__})")
-    elif fmt == "txt":
-        text = _decode(payload)
-    elif fmt == "txt-lines":
-        text = _decode(payload).rstrip("\r\n")
-    else:  # parquet
-        if payload is None:
-            raise DocError(f"missing text (null {text_key!r})")
-        text = _decode(payload) if isinstance(payload, bytes) else str(payload)
-    if not text.strip():
-        raise DocError("empty document")
-    return text
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 # -------------------------------------------------------------------------------------- tokenizing
 
-_TOKENIZER = None
+_WORKER = {}
 
 
-def _init_worker(tokenizer_path: str, eos_token: str | None) -> None:
-    global _TOKENIZER
-    _TOKENIZER = load_tokenizer(tokenizer_path, eos_token=eos_token)
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this process when its parent dies (even by SIGKILL), so no worker
+    outlives the run idle; and the parent alone handles stop signals (it stops the workers)."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
-def _tokenize_chunk(fmt: str, text_key: str, payloads: list) -> list:
-    """Per document: int32 ids ending in EOS, or (reason, line_offset) for a bad document."""
-    out = []
+def _init_worker(tokenizer_path: str, eos_token: str | None, use_fast: bool, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
+    tok = load_tokenizer(tokenizer_path, eos_token=eos_token)
+    fast = None
+    if use_fast:  # the main process proved it on this data; re-read here, nothing to check again
+        from .fast_bpe import FastBPE
+        fast = FastBPE.from_file(tok.json_file)[0].encode
+    _WORKER.update(tok=tok, fast=fast)
+
+
+def _tokenize_chunk(fmt: str, text_key: str, payloads: list) -> tuple[list, int | None]:
+    """Per document: int32 ids ending in EOS, or (reason, line_offset, empty) for a bad one; and
+    the index of a document on which the fast encoder and HF disagree (one is checked per chunk)."""
+    tok, fast = _WORKER["tok"], _WORKER["fast"]
+    encode = fast or tok.encode
+    out, checked, differs = [], fast is None, None
     for payload in payloads:
         try:
             text = parse(fmt, payload, text_key)
         except DocError as e:
-            out.append((e.reason, e.line_offset))
+            out.append((e.reason, e.line_offset, isinstance(e, EmptyDocument)))
             continue
-        ids = _TOKENIZER.encode(text)
+        ids = encode(text)
+        if not checked:
+            checked = True
+            if tok.encode(text) != ids:
+                differs = len(out)
         arr = np.empty(len(ids) + 1, dtype=np.int32)
         arr[:-1] = ids
-        arr[-1] = _TOKENIZER.eos_id
+        arr[-1] = tok.eos_id
         out.append(arr)
-    return out
+    return out, differs
 
 
-def _chunks(inputs, text_key, txt_mode, chunk_docs, chunk_bytes):
-    """(path, fmt, lines, payloads) groups of consecutive documents of one file."""
-    for path in inputs:
-        fmt = _format(path, txt_mode)
-        lines, payloads, size = [], [], 0
-        for line, payload in read_items(path, fmt, text_key):
-            lines.append(line)
+def _chunks(pieces: list[Piece], text_key, chunk_docs, chunk_bytes):
+    """(piece, first index in piece, payloads) groups of consecutive documents of one piece."""
+    for piece in pieces:
+        payloads, size, first = [], 0, 0
+        for payload in piece.items(text_key):
             payloads.append(payload)
             size += len(payload) if payload is not None else 0
             if len(payloads) >= chunk_docs or size >= chunk_bytes:
-                yield path, fmt, lines, payloads
-                lines, payloads, size = [], [], 0
+                yield piece, first, payloads
+                first += len(payloads)
+                payloads, size = [], 0
         if payloads:
-            yield path, fmt, lines, payloads
+            yield piece, first, payloads
 
 
-def _ordered_results(chunks, text_key, workers, init_args):
-    """Yield (chunk, results) in chunk order. At most 2 chunks per worker are in flight, so memory
-    stays bounded whatever the input size. A worker that dies (e.g. killed for memory) raises
-    BrokenProcessPool here instead of hanging the run."""
+def _kill(pool: ProcessPoolExecutor, procs: dict) -> None:
+    for p in procs.values():
+        if p.is_alive():
+            p.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _worker_deaths(procs) -> str:
+    codes = sorted({p.exitcode for p in procs if p.exitcode not in (None, 0)})
+    how = ", ".join(f"killed by {signal.Signals(-c).name}" if c < 0 else f"exit {c}" for c in codes)
+    return how or "it died"
+
+
+def _ordered_results(chunks, text_key, workers, init_args, output_prefix, local: dict):
+    """Yield (chunk, (results, differs)) in chunk order. At most 2 chunks per worker are in flight,
+    so memory stays bounded whatever the input size. A worker that dies is one WorkerLost error.
+    ``local``: the tokenizer and fast encoder already loaded, used when there is no pool."""
     if workers <= 1:
-        _init_worker(*init_args)
+        _WORKER.update(local)
         for chunk in chunks:
-            yield chunk, _tokenize_chunk(chunk[1], text_key, chunk[3])
+            yield chunk, _tokenize_chunk(chunk[0].fmt, text_key, chunk[2])
         return
     # spawn, not fork: the parent may hold Rust tokenizer threads or torch state that fork would copy.
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                               initargs=init_args)
+                               initargs=(*init_args, os.getpid()))
+    procs = {}  # pid -> process, kept here: a broken pool forgets its processes
     try:
         pending = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.submit(_tokenize_chunk, chunk[1], text_key, chunk[3])))
-            if len(pending) >= 2 * workers:
+        try:
+            for chunk in chunks:
+                pending.append((chunk, pool.submit(_tokenize_chunk, chunk[0].fmt, text_key, chunk[2])))
+                procs.update(pool._processes)
+                if len(pending) >= 2 * workers:
+                    chunk0, future = pending.popleft()
+                    yield chunk0, future.result()
+            while pending:
                 chunk0, future = pending.popleft()
                 yield chunk0, future.result()
-        while pending:
-            chunk0, future = pending.popleft()
-            yield chunk0, future.result()
+        except BrokenProcessPool:
+            for p in procs.values():
+                p.join(5)
+            raise WorkerLost(f"a tokenizing worker process died ({_worker_deaths(procs.values())}; SIGKILL is most often "
+                             f"the out-of-memory killer): nothing written under {output_prefix}; rerun with "
+                             "fewer --workers, a smaller --chunk-docs, or more memory") from None
         pool.shutdown(wait=True)  # all done: reap the workers (their CPU time then shows in getrusage)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        _kill(pool, procs)
 
 
 # ----------------------------------------------------------------------------------------- writing
 
+def _cpu_seconds() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _temp_name(prefix: str) -> str:
+    return f"{prefix}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def clean_stale_temporaries(prefix: str, idle_s: float = 600.0) -> list[str]:
+    """Remove ``prefix.tmp-HOST-PID.*`` left by killed runs: those of this host whose process is
+    gone, and any not written to for ``idle_s`` (a live writer appends every few milliseconds)."""
+    removed = []
+    here, now = socket.gethostname(), time.time()
+    for path in glob.glob(glob.escape(prefix) + ".tmp-*"):
+        m = re.fullmatch(r"(.*)-(\d+)(\.\w+)?", path[len(prefix) + len(".tmp-"):])
+        try:
+            idle = now - os.path.getmtime(path)
+        except OSError:
+            continue
+        dead = False
+        if m and m.group(1) == here:
+            try:
+                os.kill(int(m.group(2)), 0)
+            except ProcessLookupError:
+                dead = True
+            except PermissionError:
+                pass
+        if dead or idle > idle_s:
+            Path(path).unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 class _AtomicDataset:
-    """An IndexedDatasetBuilder writing ``prefix.tmp-PID.{bin,idx}``, renamed on commit."""
+    """An IndexedDatasetBuilder writing ``prefix.tmp-HOST-PID.{bin,idx}``, renamed on commit."""
 
     def __init__(self, prefix: str, vocab_size: int):
         with warnings.catch_warnings():  # megatron.core warns about Transformer Engine/Apex: irrelevant here
             warnings.simplefilter("ignore")
             from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-        self.prefix, self.tmp = prefix, f"{prefix}.tmp-{os.getpid()}"
+        self.prefix, self.tmp = prefix, _temp_name(prefix)
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         self.builder = IndexedDatasetBuilder(self.tmp + ".bin", dtype=DType.optimal_dtype(vocab_size))
 
@@ -274,31 +324,146 @@ class _AtomicDataset:
             Path(self.tmp + ext).unlink(missing_ok=True)
 
 
-def _good_documents(path: str, lines: list[int], results: list, on_error: str, skipped: list) -> list:
+def _good_documents(piece: Piece, first: int, results: list, on_error: str, summary: Summary) -> list:
     """A chunk's token arrays, after its bad documents were all checked: in ``fail`` mode the first
     one raises before anything of the chunk is written; in ``skip`` mode each is recorded."""
-    for line, result in zip(lines, results, strict=True):
+    for i, result in enumerate(results):
         if isinstance(result, tuple):
-            reason, offset = result
-            if on_error == "fail":
-                raise PreprocessError(f"{path}:{line + offset}: {reason} "
+            reason, offset, empty = result
+            line = piece.line(first + i) + offset
+            if on_error == "fail" and not empty:
+                raise PreprocessError(f"{piece.path}:{line}: {reason} "
                                       "(use --on-error skip to pass over bad documents)")
-            skipped.append((path, line + offset, reason))
+            summary.skip(piece.path, line, reason)
     return [r for r in results if isinstance(r, np.ndarray)]
 
+
+def _choose_encoder(tok, encoder: str, chunks, text_key: str):
+    """(the fast encode function or None, why not fast, the chunks to process). It is checked here on
+    the adversarial texts and the first chunk's documents; ``encoder='fast'`` makes a failed check
+    an error."""
+    if encoder == "hf":
+        return None, None, chunks
+    first = next(chunks, None)
+    sample = []
+    if first is not None:
+        for payload in first[2][:200]:
+            try:
+                sample.append(parse(first[0].fmt, payload, text_key))
+            except DocError:
+                pass
+    fast, why = fast_encoder(tok, sample)
+    if fast is None and encoder == "fast":
+        raise PreprocessError(f"--encoder fast: the fast encoder cannot be used with {tok.path}: {why}; "
+                              "use --encoder auto (falls back to Hugging Face tokenizers)")
+
+    def again():
+        if first is not None:
+            yield first
+        yield from chunks
+
+    return fast, why, again()
+
+
+# ------------------------------------------------------------------------------------- sidecars
+
+def part_prefix(prefix: str, shard: int, shards: int) -> str:
+    return f"{prefix}.part-{shard}-of-{shards}"
+
+
+def run_settings(inputs: list[str], tokenizer: str, tok, text_key: str, txt_mode: str, on_error: str,
+                 eos_token: str | None, shards: int) -> dict:
+    """What must be equal for parts to belong to one dataset (and for a complete part to be kept)."""
+    return {"tokenizer": {"path": os.path.abspath(tokenizer), "sha256": tokenizer_fingerprint(tokenizer),
+                          "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+            "inputs": [{"path": os.path.abspath(p), "bytes": os.path.getsize(p)} for p in inputs],
+            "text_key": text_key, "txt_mode": txt_mode, "on_error": on_error, "eos_token": eos_token,
+            "shards": shards}
+
+
+def read_idx_header(path: str) -> tuple[int, int, int]:
+    """(dtype code, sequence count, document count) of a Megatron .idx whose size matches its
+    header exactly; PreprocessError otherwise (a truncated or foreign file)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(34)
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise PreprocessError(f"{path}: cannot be read ({e.strerror})") from None
+    if len(head) < 34 or head[:9] != b"MMIDIDX\x00\x00" or struct.unpack("<Q", head[9:17])[0] != 1:
+        raise PreprocessError(f"{path}: not a Megatron-Core index (bad header)")
+    code, = struct.unpack("<B", head[17:18])
+    n_seq, n_doc = struct.unpack("<QQ", head[18:34])
+    if size != 34 + 12 * n_seq + 8 * n_doc:
+        raise PreprocessError(f"{path}: {size} bytes, but its header says {34 + 12 * n_seq + 8 * n_doc}: truncated")
+    return code, n_seq, n_doc
+
+
+def dataset_tokens(prefix: str) -> int:
+    """Tokens in an indexed dataset (the sum of its sequence lengths), read from its .idx alone."""
+    _, n_seq, _ = read_idx_header(prefix + ".idx")
+    lengths = np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=34, shape=(n_seq,)) if n_seq else []
+    return int(np.sum(lengths, dtype=np.int64))
+
+
+def part_problem(prefix: str, settings: dict | None) -> str | None:
+    """Why ``prefix`` (one part) is not complete, or not made with ``settings``; None when it is."""
+    sidecar = Path(prefix + ".json")
+    if not sidecar.is_file():
+        present = [e for e in (".bin", ".idx") if Path(prefix + e).exists()]
+        return f"incomplete ({' and '.join(present)} without its .json sidecar)" if present else "missing"
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        files = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"incomplete ({sidecar} is not a readable sidecar)"
+    for ext in (".bin", ".idx"):
+        path = Path(prefix + ext)
+        if not path.is_file():
+            return f"incomplete ({path} is missing)"
+        if path.stat().st_size != files.get(ext):
+            return f"incomplete ({path} has {path.stat().st_size} bytes, its sidecar says {files.get(ext)})"
+    try:
+        read_idx_header(prefix + ".idx")
+    except PreprocessError as e:
+        return f"incomplete ({e})"
+    if settings is not None and meta.get("settings") != settings:
+        theirs = meta.get("settings") or {}
+        keys = [k for k in sorted(set(settings) | set(theirs)) if settings.get(k) != theirs.get(k)]
+        return "made with a different " + ", ".join(keys) + " (" + "; ".join(
+            f"{k}: {json.dumps(theirs.get(k))[:80]} here, {json.dumps(settings.get(k))[:80]} expected" for k in keys) + ")"
+    return None
+
+
+def _write_json(path: str, obj: dict) -> None:
+    tmp = _temp_name(path[:-len(".json")]) + ".json"
+    Path(tmp).write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ runs
 
 def preprocess(inputs, output_prefix: str, tokenizer: str, workers: int = 1, text_key: str = "text",
                txt_mode: str = "doc", on_error: str = "fail", model_vocab_size: int | None = None,
                eos_token: str | None = None, chunk_docs: int = 1000, chunk_bytes: int = 1 << 20,
-               progress: bool = True) -> Summary:
-    """Tokenize ``inputs`` into ``output_prefix.bin/.idx``. Raises PreprocessError (nothing written
-    under the final name) on a bad document in ``fail`` mode, a missing input, or no valid document."""
+               progress: bool = True, shard: tuple[int, int] | None = None, encoder: str = "auto",
+               redo: bool = False) -> Summary:
+    """Tokenize ``inputs`` into ``output_prefix.bin/.idx``, or with ``shard=(i, n)`` part i of n into
+    ``output_prefix.part-i-of-n.*`` (a complete part made with the same settings is kept, unless
+    ``redo``). Raises PreprocessError (nothing written under the final name) on a bad document in
+    ``fail`` mode, a missing input, or (unsharded) no valid document."""
     from tqdm import tqdm
 
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
     if txt_mode not in ("doc", "lines"):
         raise ValueError(f"txt_mode must be 'doc' or 'lines', not {txt_mode!r}")
+    if encoder not in ("auto", "fast", "hf"):
+        raise ValueError(f"encoder must be 'auto', 'fast' or 'hf', not {encoder!r}")
+    index, shards = shard or (0, 1)
+    if not (shards >= 1 and 0 <= index < shards):
+        raise PreprocessError(f"--shard {index}/{shards}: write I/N with 0 <= I < N (I: this part, from 0; "
+                              "N: the number of parts), e.g. --shard $SLURM_ARRAY_TASK_ID/16")
     inputs = [str(p) for p in inputs]
     output_prefix = str(output_prefix)
     for path in inputs:
@@ -311,42 +476,207 @@ def preprocess(inputs, output_prefix: str, tokenizer: str, workers: int = 1, tex
     tok = load_tokenizer(tokenizer, eos_token=eos_token)
     if model_vocab_size is not None:
         check_vocab_fits(tok.vocab_size, model_vocab_size)
+    final = part_prefix(output_prefix, index, shards) if shard else output_prefix
+    settings = run_settings(inputs, str(tokenizer), tok, text_key, txt_mode, on_error, eos_token, shards)
+    if shard and not redo and part_problem(final, settings) is None:
+        meta = json.loads(Path(final + ".json").read_text(encoding="utf-8"))
+        return Summary(documents=meta["documents"], tokens=meta["tokens"], bytes_in=meta["bytes_in"],
+                       skipped_count=meta["skipped_count"], encoder=meta["encoder"], resumed=True,
+                       skipped=[tuple(s) for s in meta["skipped"]])
+    clean_stale_temporaries(final)
+    pieces = split(inputs, txt_mode, text_key, index, shards)
 
-    summary = Summary(bytes_in=sum(os.path.getsize(p) for p in inputs))
-    start = time.perf_counter()
-    bar = tqdm(unit="doc", desc=Path(output_prefix).name, disable=not progress, mininterval=1.0, smoothing=0.1)
+    summary = Summary(bytes_in=_piece_bytes(pieces))
+    start, cpu0 = time.perf_counter(), _cpu_seconds()
+    bar = tqdm(unit="doc", desc=Path(final).name, disable=not progress, mininterval=1.0, smoothing=0.1)
     out = None  # opened with the first good chunk: bad input at the start fails in a second, not after
-    try:        # megatron.core's ~10 s import, and the workers' first chunks overlap that import
-        chunks = _chunks(inputs, text_key, txt_mode, chunk_docs, chunk_bytes)
-        with closing(_ordered_results(chunks, text_key, workers, (str(tokenizer), eos_token))) as ordered:
-            for (path, _, lines, _), results in ordered:
-                for ids in _good_documents(path, lines, results, on_error, summary.skipped):
-                    out = out or _AtomicDataset(output_prefix, tok.vocab_size)
-                    out.add(ids)
-                    summary.documents += 1
-                    summary.tokens += len(ids)
-                bar.update(len(lines))
-                rate = summary.tokens / max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
-        if out is None:
-            raise PreprocessError(f"no valid document in {', '.join(inputs)} ({len(summary.skipped)} skipped)")
-        out.commit()
-    except BaseException:
-        if out is not None:
-            out.discard()
-        raise
-    finally:
-        bar.close()
-    summary.seconds = time.perf_counter() - start
+    with stop_signals():
+        try:      # megatron.core's ~10 s import, and the workers' first chunks overlap that import
+            chunks = _chunks(pieces, text_key, chunk_docs, chunk_bytes)
+            fast, why_not, chunks = _choose_encoder(tok, encoder, chunks, text_key)
+            summary.encoder = "fast" if fast else "hf"
+            if why_not and progress:
+                print(f"note: Hugging Face tokenizers encode (the fast encoder is not used: {why_not})")
+            init = (str(tokenizer), eos_token, fast is not None)
+            with closing(_ordered_results(chunks, text_key, workers, init, final, {"tok": tok, "fast": fast})) as ordered:
+                for (piece, first, payloads), (results, differs) in ordered:
+                    if differs is not None:
+                        raise PreprocessError(
+                            f"{piece.path}:{piece.line(first + differs)}: the fast encoder's ids differ from Hugging "
+                            "Face tokenizers' on this document: rerun with --encoder hf (and report it)")
+                    for ids in _good_documents(piece, first, results, on_error, summary):
+                        out = out or _AtomicDataset(final, tok.vocab_size)
+                        out.add(ids)
+                        summary.documents += 1
+                        summary.tokens += len(ids)
+                    bar.update(len(payloads))
+                    rate = summary.tokens / max(time.perf_counter() - start, 1e-9)
+                    bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+            if out is None and not shard:
+                raise PreprocessError(f"no valid document in {', '.join(inputs)} ({summary.skipped_count} skipped)")
+            out = out or _AtomicDataset(final, tok.vocab_size)  # an empty part still merges
+            summary.seconds, summary.cpu_seconds = time.perf_counter() - start, _cpu_seconds() - cpu0
+            if shard:
+                Path(final + ".json").unlink(missing_ok=True)  # the part is incomplete from here on
+            out.commit()
+            if shard:
+                _write_json(final + ".json", _sidecar(final, settings, index, pieces, summary))
+        except BaseException:
+            if out is not None:
+                out.discard()
+            raise
+        finally:
+            bar.close()
     return summary
 
 
-def iter_texts(files, text_key: str = "text", txt_mode: str = "doc") -> Iterator[str]:
-    """The valid documents' texts, in order, bad ones passed over (for tokenizer training)."""
-    for path in [str(f) for f in files]:
-        fmt = _format(path, txt_mode)
-        for _, payload in read_items(path, fmt, text_key):
-            try:
-                yield parse(fmt, payload, text_key)
-            except DocError:
-                continue
+def _piece_bytes(pieces: list[Piece]) -> int:
+    total = 0
+    for p in pieces:
+        if p.fmt != "parquet" and p.end >= 0:
+            total += p.end - p.start
+        elif p.fmt != "parquet" or p.end < 0:
+            total += os.path.getsize(p.path)
+        else:
+            import pyarrow.parquet as pq
+            meta = pq.ParquetFile(p.path).metadata
+            total += sum(meta.row_group(g).total_byte_size for g in range(p.start, p.end))
+    return total
+
+
+def _sidecar(prefix: str, settings: dict, index: int, pieces: list[Piece], s: Summary) -> dict:
+    return {"format": SIDECAR_FORMAT, "settings": settings, "shard": index, "pieces": [p.describe() for p in pieces],
+            "documents": s.documents, "tokens": s.tokens, "bytes_in": s.bytes_in, "skipped_count": s.skipped_count,
+            "skipped": [list(x) for x in s.skipped], "seconds": round(s.seconds, 3),
+            "cpu_seconds": round(s.cpu_seconds, 3), "encoder": s.encoder, "host": socket.gethostname(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": {ext: os.path.getsize(prefix + ext) for ext in (".bin", ".idx")}}
+
+
+# ----------------------------------------------------------------------------------------- merge
+
+def _parts_on_disk(prefix: str) -> dict[int, set[int]]:
+    """{N: {I, ...}} of the files named prefix.part-I-of-N.* present."""
+    found: dict[int, set[int]] = {}
+    pattern = re.compile(re.escape(Path(prefix).name) + r"\.part-(\d+)-of-(\d+)\.(json|bin|idx)$")
+    for path in glob.glob(glob.escape(prefix) + ".part-*-of-*.*"):
+        m = pattern.match(Path(path).name)
+        if m:
+            found.setdefault(int(m.group(2)), set()).add(int(m.group(1)))
+    return found
+
+
+def merge(output_prefix: str, delete_parts: bool = False) -> dict:
+    """Concatenate ``prefix.part-0..N-1-of-N`` into ``prefix.bin/.idx`` (streamed: memory does not
+    grow with the data) and write ``prefix.report.json``; returns the report. Refuses, naming the
+    part and the fix, when a part is missing, incomplete or made with other settings."""
+    output_prefix = str(output_prefix)
+    problem = output_prefix_problem(output_prefix)
+    if problem:
+        raise PreprocessError(problem)
+    found = _parts_on_disk(output_prefix)
+    if not found:
+        raise PreprocessError(f"no parts {output_prefix}.part-I-of-N.* to merge: run tools/preprocess_data.py "
+                              "with --shard I/N (I = 0..N-1) first")
+    if len(found) > 1:
+        raise PreprocessError(f"parts of several splits under {output_prefix}: N = "
+                              f"{', '.join(map(str, sorted(found)))}; remove the parts of the split you do not want")
+    shards = next(iter(found))
+    metas, settings = [], None
+    for i in range(shards):
+        prefix = part_prefix(output_prefix, i, shards)
+        why = part_problem(prefix, settings)
+        if why:
+            raise PreprocessError(f"part {i} of {shards} ({prefix}) is {why}: rerun it with --shard {i}/{shards} "
+                                  f"(array task {i}) and the same settings, then merge again")
+        metas.append(json.loads(Path(prefix + ".json").read_text(encoding="utf-8")))
+        settings = settings or metas[0]["settings"]
+    headers = [read_idx_header(part_prefix(output_prefix, i, shards) + ".idx") for i in range(shards)]
+    codes = {h[0] for h in headers}
+    if len(codes) != 1:
+        raise PreprocessError(f"the parts of {output_prefix} have different token dtypes ({sorted(codes)}): "
+                              "they were not made with one tokenizer; redo them")
+    documents = sum(m["documents"] for m in metas)
+    if documents == 0:
+        raise PreprocessError(f"no valid document in any part of {output_prefix} "
+                              f"({sum(m['skipped_count'] for m in metas)} skipped)")
+    start = time.perf_counter()
+    _concat(output_prefix, shards, codes.pop(), headers)
+    report = _report(output_prefix, metas, time.perf_counter() - start)
+    _write_json(output_prefix + ".report.json", report)
+    if delete_parts:
+        for i in range(shards):
+            for ext in (".bin", ".idx", ".json"):
+                Path(part_prefix(output_prefix, i, shards) + ext).unlink(missing_ok=True)
+    return report
+
+
+def _concat(prefix: str, shards: int, code: int, headers: list[tuple[int, int, int]]) -> None:
+    """Write what one IndexedDatasetBuilder fed every part's documents in order would write."""
+    tmp = _temp_name(prefix)
+    n_seq = sum(h[1] for h in headers)
+    n_doc = sum(h[2] - 1 for h in headers) + 1
+    block = 1 << 22
+    try:
+        with open(tmp + ".bin", "wb") as out:
+            for i in range(shards):
+                with open(part_prefix(prefix, i, shards) + ".bin", "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        out.write(chunk)
+        with open(tmp + ".idx", "wb") as out:
+            out.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code)
+                      + struct.pack("<QQ", n_seq, n_doc))
+            idxs = [part_prefix(prefix, i, shards) + ".idx" for i in range(shards)]
+            for path, (_, s, _) in zip(idxs, headers):       # sequence lengths
+                lengths = np.memmap(path, np.int32, "r", 34, (s,)) if s else np.empty(0, np.int32)
+                for a in range(0, s, block):
+                    out.write(np.ascontiguousarray(lengths[a:a + block]).tobytes())
+            byte_offset = 0
+            for path, (_, s, _) in zip(idxs, headers):       # sequence pointers, shifted
+                if s:
+                    ptrs = np.memmap(path, np.int64, "r", 34 + 4 * s, (s,))
+                    for a in range(0, s, block):
+                        out.write((ptrs[a:a + block] + byte_offset).astype(np.int64).tobytes())
+                byte_offset += os.path.getsize(path[:-len(".idx")] + ".bin")
+            out.write(struct.pack("<q", 0))
+            seq_offset = 0
+            for path, (_, s, d) in zip(idxs, headers):       # document indices, shifted, leading 0 once
+                if d > 1:
+                    docs = np.memmap(path, np.int64, "r", 34 + 12 * s + 8, (d - 1,))
+                    for a in range(0, d - 1, block):
+                        out.write((docs[a:a + block] + seq_offset).astype(np.int64).tobytes())
+                seq_offset += s
+        Path(prefix + ".idx").unlink(missing_ok=True)
+        os.replace(tmp + ".bin", prefix + ".bin")
+        os.replace(tmp + ".idx", prefix + ".idx")
+    except BaseException:
+        for ext in (".bin", ".idx"):
+            Path(tmp + ext).unlink(missing_ok=True)
+        raise
+
+
+def _report(prefix: str, metas: list[dict], merge_seconds: float) -> dict:
+    skipped = [s for m in metas for s in m["skipped"]][:MAX_LISTED]
+    return {"output_prefix": prefix, "parts": len(metas), "documents": sum(m["documents"] for m in metas),
+            "tokens": sum(m["tokens"] for m in metas), "bytes_in": sum(m["bytes_in"] for m in metas),
+            "skipped_count": sum(m["skipped_count"] for m in metas), "skipped": skipped,
+            "tokenizer": metas[0]["settings"]["tokenizer"], "merge_seconds": round(merge_seconds, 3),
+            "per_part": [{k: m[k] for k in ("shard", "documents", "tokens", "bytes_in", "skipped_count", "seconds",
+                                             "cpu_seconds", "encoder", "host", "finished")} for m in metas],
+            "files": {ext: os.path.getsize(prefix + ext) for ext in (".bin", ".idx")}}
+
+
+def report_text(report: dict, max_listed: int = 20) -> str:
+    """The merge report for people: totals, slowest parts, skipped documents."""
+    parts = report["per_part"]
+    cpu = sum(p["cpu_seconds"] for p in parts)
+    slow = max(parts, key=lambda p: p["seconds"])
+    lines = [f"merged {report['parts']} parts: documents: {report['documents']:,}  tokens: {report['tokens']:,}  "
+             f"bytes in: {report['bytes_in']:,}  skipped: {report['skipped_count']:,}",
+             f"parts: {sum(p['seconds'] for p in parts):,.1f} s in all ({cpu:,.1f} CPU-s, "
+             f"{report['tokens'] / max(cpu, 1e-9):,.0f} tokens per CPU-s); slowest: part {slow['shard']} "
+             f"{slow['seconds']:,.1f} s on {slow['host']}; merge {report['merge_seconds']:.1f} s"]
+    lines += [f"  skipped {path}:{line}: {reason}" for path, line, reason in report["skipped"][:max_listed]]
+    if report["skipped_count"] > max_listed:
+        lines.append(f"  ... and {report['skipped_count'] - max_listed:,} more skipped documents")
+    return "\n".join(lines)

@@ -77,6 +77,7 @@ class ClusterProfile(BaseModel):
     name: str = ""
     description: str = ""
     partition: Optional[str] = None
+    cpu_partition: Optional[str] = None  # preprocessing jobs (tools/submit.py preprocess); default: partition
     account: Optional[str] = None
     qos: Optional[str] = None
     time: str = "24:00:00"

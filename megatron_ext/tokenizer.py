@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from .readers import iter_texts
+
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
 CHAT_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -39,9 +41,10 @@ class Tokenizer:
     """
 
     def __init__(self, path: str, vocab_size: int, eos_id: int, bos_id: int | None, encode, decode,
-                 hf_loader=None):
+                 hf_loader=None, json_file: Path | None = None):
         self.path, self.vocab_size, self.eos_id, self.bos_id = path, vocab_size, eos_id, bos_id
         self._encode, self._decode, self._hf_loader, self._hf = encode, decode, hf_loader, None
+        self.json_file = json_file  # tokenizer.json of an HF tokenizer (what fast_encoder reads)
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text)
@@ -111,7 +114,7 @@ def _load_hf(directory: Path, eos_token: str | None) -> Tokenizer:
 
     return Tokenizer(str(directory), tok.get_vocab_size(with_added_tokens=True), eos_id, bos_id,
                      lambda text: tok.encode(text, add_special_tokens=False).ids,
-                     lambda ids: tok.decode(ids, skip_special_tokens=False), hf_loader)
+                     lambda ids: tok.decode(ids, skip_special_tokens=False), hf_loader, directory / "tokenizer.json")
 
 
 def _load_sentencepiece(model_file: Path) -> Tokenizer:
@@ -145,6 +148,22 @@ def load_tokenizer(path: str | os.PathLike, eos_token: str | None = None) -> Tok
         return _load_sentencepiece(p)
     raise FileNotFoundError(f"{p}: not a tokenizer; expected a directory with tokenizer.json (Hugging Face) "
                             "or a sentencepiece .model file. Nothing is downloaded: copy the tokenizer here first.")
+
+
+def fast_encoder(tok: Tokenizer, sample=()):
+    """(encode, None) where megatron_ext.fast_bpe reproduces ``tok.encode`` exactly on its adversarial
+    texts and on ``sample`` (documents of the data at hand), else (None, why not)."""
+    from .fast_bpe import ADVERSARIAL, FastBPE, first_difference
+
+    if tok.json_file is None:
+        return None, "not a Hugging Face tokenizer.json"
+    fast, why = FastBPE.from_file(tok.json_file)
+    if fast is None:
+        return None, why
+    differs = first_difference(fast, tok.encode, [*ADVERSARIAL, *sample])
+    if differs:
+        return None, f"its ids differ from Hugging Face tokenizers' on {differs}"
+    return fast.encode, None
 
 
 def check_vocab_fits(tokenizer_vocab: int, model_vocab: int) -> None:
@@ -182,8 +201,6 @@ def tokenizer_fingerprint(path: str | os.PathLike) -> str | None:
 
 
 def _iter_training_texts(files, text_key: str, max_bytes: int | None) -> Iterable[str]:
-    from .preprocess import iter_texts  # lazy: preprocess imports this module
-
     seen = 0
     for text in iter_texts(files, text_key=text_key):
         yield text

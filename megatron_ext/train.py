@@ -22,7 +22,7 @@ from megatron.core import parallel_state as ps
 from . import checkpoint, faults, inject, stop
 from .checkpoint import TrainState
 from .config import Recipe, RecipeError, dump_recipe
-from .data import build_datasets, microbatches
+from .data import Prefetcher, build_datasets, microbatches
 from .engine import Engine, init_distributed
 from .model import attention_backend, build_model, describe_attention
 from .plan import Hardware, estimate_memory, flops_per_token, step_time
@@ -54,6 +54,7 @@ class Logger:
 
     def __init__(self, recipe: Recipe, out: Path, enabled: bool):
         self.enabled = enabled
+        self.total_steps = recipe.train.steps
         self.tb = None
         if not enabled:
             return
@@ -73,14 +74,56 @@ class Logger:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, step)
-        shown = " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
-        print(f"step {step:6d} | {shown}", flush=True)
+        print(f"step {step}/{self.total_steps} | {_console(metrics)}", flush=True)
 
     def close(self):
         if self.enabled:
             self.jsonl.close()
             if self.tb:
                 self.tb.close()
+
+
+def _console(metrics: dict) -> str:
+    """The step line: every metric, with the long ones shortened (the files keep the full names)."""
+    m, parts = dict(metrics), []
+    if "tokens_per_s" in m:
+        per_device = m.pop("tokens_per_s_per_device", None)
+        parts.append(f"tokens/s {m.pop('tokens_per_s'):.4g}" + (f" ({per_device:.4g}/device)" if per_device else ""))
+    if "peak_mem_gib" in m:
+        planned = m.pop("planned_mem_gib", None)
+        parts.append(f"mem {m.pop('peak_mem_gib'):.3g} GiB" + (f" (planned {planned:.3g})" if planned else ""))
+    m.pop("consumed_samples", None)
+    if "tokens_seen" in m:
+        n = m.pop("tokens_seen")
+        parts.append("tokens " + (f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n}"))
+    timing = [f"{k[:-2]} {_duration(m.pop(k))}" for k in ("elapsed_s", "eta_s") if k in m]
+    head = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()]
+    return " | ".join(head + parts + timing)
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}:{minutes:02d}:{secs:02d}" if days else f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class Progress:
+    """Where the run stands: tokens seen (over every job of the run), time in this job, and an ETA
+    for train.steps from a smoothed step time (the first interval, with its warm-up, fades out)."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self, recipe: Recipe):
+        self.total, self.seq_len = recipe.train.steps, recipe.train.seq_len
+        self.start = time.perf_counter()
+        self.step_s: float | None = None
+
+    def update(self, step: int, consumed_samples: int, step_s: float) -> dict:
+        a = self.SMOOTHING
+        self.step_s = step_s if self.step_s is None else a * step_s + (1 - a) * self.step_s
+        return {"tokens_seen": consumed_samples * self.seq_len, "elapsed_s": time.perf_counter() - self.start,
+                "eta_s": (self.total - step) * self.step_s}
 
 
 def _agree(device, pending: checkpoint.PendingSave | None) -> tuple[bool, bool]:
@@ -115,19 +158,21 @@ def _plan_start(recipe: Recipe, info, lock: RunLock | None) -> checkpoint.Start:
 
 def _start(engine, recipe: Recipe, start: checkpoint.Start, info) -> TrainState:
     """Load what :func:`_plan_start` chose: this run's checkpoint, a parent phase's, or nothing."""
+    tick = time.perf_counter()
     if start.resume is not None:
         reader = checkpoint.load(engine, start.resume, with_optimizer=True)
         m = reader.meta
         same_rng = checkpoint.load_rng(reader, recipe)
         if info.is_main:
-            print(f"resumed from {start.resume} at step {m['step']} ({m['consumed_samples']} samples consumed"
+            print(f"resumed from {start.resume} at step {m['step']} in {time.perf_counter() - tick:.1f} s "
+                  f"({m['consumed_samples']} samples consumed"
                   f"{'' if same_rng else '; RNG streams re-seeded (layout changed or none stored)'})", flush=True)
         return TrainState(m["step"], m["consumed_samples"], m.get("skipped_steps", 0), saved_step=m["step"])
     if start.parent is not None:
         reader = checkpoint.load(engine, start.parent, with_optimizer=recipe.checkpoint.init_mode == "model+optimizer")
         if info.is_main:
-            print(f"phase starts from {reader.path} ({recipe.checkpoint.init_mode}); step, schedule "
-                  "and data position restart", flush=True)
+            print(f"phase starts from {reader.path} ({recipe.checkpoint.init_mode}, loaded in "
+                  f"{time.perf_counter() - tick:.1f} s); step, schedule and data position restart", flush=True)
     return TrainState()
 
 
@@ -184,7 +229,12 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     chunks = build_model(recipe, info.on_gpu)
     engine = Engine(recipe, chunks, info)
     state = _start(engine, recipe, start, info)
+    faults.install(chunks, lambda: state.step + 1)  # test-only NaN points; none in production
+    tick_data = time.perf_counter()
     train_data, valid_data = build_datasets(recipe)
+    if info.is_main:
+        print(f"data: training{' and validation' if valid_data else ''} samples indexed in "
+              f"{time.perf_counter() - tick_data:.1f} s", flush=True)
     inject.write_record(train_data, recipe, state, write=info.is_main)  # refuses a changed plan
     log = Logger(recipe, out, info.is_main)
     if info.is_main:  # the recipe this run trains, written once the start has succeeded
@@ -199,6 +249,8 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     tick_step = first_step
     trained_tokens = 0  # loss-carrying tokens since the last log line (padding and prompts excluded)
     watchdog = Watchdog(hang_timeout(recipe), info.rank)
+    progress = Progress(recipe)
+    batches = Prefetcher(train_data, recipe, dp_rank, pin=info.on_gpu)
     background = ck.async_save if ck.async_save is not None else info.on_gpu
     pending: checkpoint.PendingSave | None = None  # a background save not committed yet
     while state.step < t.steps:
@@ -207,14 +259,14 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
             with watchdog.idle():
                 pending = _settle(pending, state)
         if stop_now:
+            batches.close()
             log.close()
             with watchdog.idle():
                 return _stop(engine, recipe, state, first_step, out, info)
-        batch = microbatches(train_data, state.consumed_samples, recipe, dp_rank)
+        batch = batches.get(state.consumed_samples)
         lr = lr_at(state.step, recipe)
         diagnose = bool(t.lm_head_grad_interval) and (state.step + 1) % t.lm_head_grad_interval == 0
-        result = engine.train_step(batch, lr, poison=faults.armed("nan_loss", state.step + 1),
-                                   diagnose_lm_head=diagnose, poison_grad=faults.armed("nan_grad", state.step + 1))
+        result = engine.train_step(batch, lr, diagnose_lm_head=diagnose)
         state.step += 1
         state.consumed_samples += lay.global_batch
         watchdog.beat()
@@ -245,13 +297,16 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
                        "planned_mem_gib": (estimate["total"] - estimate["overhead"]) / 2**30}
             if peak:
                 metrics["mfu"] = tokens_per_s / info.world_size * fpt / (peak * 1e12)
-            log.log(state.step, metrics)
+            log.log(state.step, {**metrics, **progress.update(state.step, state.consumed_samples, elapsed)})
             trained_tokens = 0
         if result.lm_head:
             log.log(state.step, result.lm_head)
         if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps) and valid_data:
             with watchdog.idle():
-                log.log(state.step, validation_loss(engine, valid_data, recipe, dp_rank))
+                tick_eval = time.perf_counter()
+                valid = validation_loss(engine, valid_data, recipe, dp_rank)
+            log.log(state.step, {"valid_loss": valid["valid_loss"], "valid_s": time.perf_counter() - tick_eval,
+                                 "valid_tokens": valid["valid_tokens"]})
         if ck.interval and state.step % ck.interval == 0 and state.step < t.steps:
             with watchdog.idle():
                 tick_save = time.perf_counter()
@@ -262,12 +317,14 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
                     checkpoint.save(engine, recipe, state, out)
                 log.log(state.step, {"checkpoint_blocking_s": time.perf_counter() - tick_save})
         faults.after_step(state.step)
+    batches.close()
     with watchdog.idle():
         pending = _settle(pending, state)
         if ck.save_at_end and state.saved_step != state.step:
+            tick_save = time.perf_counter()
             path = checkpoint.save(engine, recipe, state, out)
             if info.is_main:
-                print(f"saved {path}", flush=True)
+                print(f"saved {path} in {time.perf_counter() - tick_save:.1f} s", flush=True)
         log.close()
         dist.barrier()
     return 0

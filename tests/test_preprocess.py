@@ -120,7 +120,7 @@ BAD_CASES = {  # name: (line written at line 3 of a 5-line file, reason fragment
     "malformed_json": (b'{"text": "unterminated\n', "malformed JSON"),
     "missing_key": (b'{"body": "no text here"}\n', "missing key 'text'"),
     "non_utf8": (b'{"text": "caf\xe9 cr\xe8me"}\n', "not valid UTF-8 (byte 0xe9"),
-    "empty_document": (b'{"text": "  \\n "}\n', "empty document"),
+    "bad_surrogate": (b'{"text": "half an emoji \\ud83d here"}\n', "not valid Unicode (lone surrogate \\ud83d"),
 }
 GOOD = ["premier document, avec des mots", "second document with words", "def third(): return 3",
         "quatri\u00e8me et dernier"]
@@ -176,10 +176,19 @@ def test_fail_mode_cli_exit_code_and_message(tmp_path, bpe):
 
 
 def test_all_documents_bad_is_an_error(tmp_path, bpe):
-    src = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": " "}])
+    src = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}, {"text": ""}])
     with pytest.raises(pp.PreprocessError, match="no valid document"):
         pp.preprocess([src], str(tmp_path / "ds"), str(bpe), on_error="skip", progress=False)
     assert no_outputs(tmp_path / "ds")
+
+
+def test_whitespace_documents_are_kept_and_empty_ones_skipped_even_in_fail_mode(tmp_path, bpe):
+    """As Megatron-LM: whitespace is text (tokens + EOS). An empty document has no tokens and the
+    one-sequence-per-document format cannot hold it: skipped and counted, never a failure."""
+    src = write_jsonl(tmp_path / "ws.jsonl", [{"text": "a"}, {"text": "  \n "}, {"text": ""}, {"text": "\t"}])
+    summary = pp.preprocess([src], str(tmp_path / "ds"), str(bpe), progress=False)
+    assert summary.documents == 3 and summary.skipped == [(str(src), 3, "empty document")]
+    assert [a.tolist() for a in read_dataset(tmp_path / "ds")] == expected(load_tokenizer(bpe), ["a", "  \n ", "\t"])
 
 
 # ---------------------------------------------------------------------------- interrupted runs
@@ -199,7 +208,7 @@ def test_interrupted_run_leaves_nothing_under_the_final_name(tmp_path, bpe, docs
     monkeypatch.setattr(real, "encode", flaky_encode)
     monkeypatch.setattr(pp, "load_tokenizer", lambda *a, **k: real)
     with pytest.raises(RuntimeError, match="midway"):
-        pp.preprocess([src], str(prefix), str(bpe), workers=1, chunk_docs=2, progress=False)
+        pp.preprocess([src], str(prefix), str(bpe), workers=1, chunk_docs=2, encoder="hf", progress=False)
     assert calls["n"] == 7 and no_outputs(prefix)
 
     # a run that fails over an existing dataset leaves the old one whole

@@ -4,6 +4,7 @@
     python tools/plan.py recipes/8b.yaml --gpus 64 --gpu-memory 80GiB
     python tools/plan.py recipes/8b.yaml --gpus 64 layout.recompute=full
     python tools/plan.py recipes/24b.yaml --gpus 128 --search
+    python tools/plan.py recipes/phases/naive.yaml --epochs    # + epochs of each blend dataset
 
 Exit status 0 when the layout fits; 1 when it does not (too much memory per GPU, or a layout
 that does not use --gpus), so a submit script can run the plan first; 2 on bad input (a recipe
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_ext.config import RecipeError, load_recipe  # noqa: E402
-from megatron_ext.plan import (DoesNotFit, Hardware, PlanError, check_fits, format_plan,  # noqa: E402
+from megatron_ext.plan import (DoesNotFit, Hardware, PlanError, check_fits, format_epochs, format_plan,  # noqa: E402
                                format_search, make_plan, parse_bytes, search)
 
 
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="per-GPU bandwidth across nodes, GB/s (default 40, ~400 Gb/s IB)")
     ap.add_argument("--search", action="store_true", help="list the fastest layouts that fit")
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--epochs", action="store_true",
+                    help="read each data.blend dataset's token count (.idx) and print the epochs train.steps make")
     args = ap.parse_intermixed_args(argv)  # overrides may come after options
 
     try:
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         plan = make_plan(recipe, hw)
         print(format_plan(plan, title=args.recipe))
+        if args.epochs:
+            print(format_epochs(recipe))
         check_fits(plan)
     except DoesNotFit as err:
         print(f"plan: {err}", file=sys.stderr)

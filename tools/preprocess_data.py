@@ -3,15 +3,29 @@
 
     python tools/preprocess_data.py --input a.jsonl b.txt c.parquet --output-prefix data/foo \\
         --tokenizer tokenizers/llama3 --workers 8
+    python tools/preprocess_data.py --input web/*.jsonl --output-prefix data/web --tokenizer tok \\
+        --shard $SLURM_ARRAY_TASK_ID/64 --workers 16          # part I of 64: data/web.part-I-of-64.*
+    python tools/preprocess_data.py merge --output-prefix data/web     # parts -> data/web.bin/.idx
     python tools/preprocess_data.py train-tokenizer --input data/demo/*.jsonl --vocab-size 512 \\
         --out tokenizers/demo
 
 `tokenize` is the default subcommand. Inputs: .jsonl (one JSON object per line, text under
 --text-key), .txt (one document per file, or per line with --txt-mode lines), .parquet (column
 --text-key); .jsonl.gz and .txt.gz too. Every document becomes tokens + EOS, in input order.
+Whitespace-only documents are kept (as text); empty ones are skipped and counted. Text that looks
+like a special token ("<|end_of_text|>") is encoded as text, never as the token itself.
+
+--shard I/N writes part I (0-based) of N: the inputs' bytes are cut into N equal ranges (by file,
+by line-aligned byte range inside plain .jsonl/.txt files, by row group inside .parquet; a .gz file
+or a whole-file .txt document is never cut). A part already complete with the same settings is
+kept (a rerun of an array redoes only the others); `merge` joins the parts into a dataset
+byte-identical to one unsharded run and writes PREFIX.report.json.
+
 Exit status: 0 done, 2 bad input or settings (one line on stderr naming the file, or file:line, and
-the fix), 130 interrupted. The output location is checked before anything is tokenized. On any
-failure no partial dataset appears under the output prefix (an earlier one there is left as it was).
+the fix), 1 a worker process died, 130 interrupted (Ctrl-C), 143 SIGTERM, 138 SIGUSR1. The output
+location is checked before anything is tokenized. On any failure no partial dataset appears under
+the output prefix (an earlier one there is left as it was); temporaries of killed runs of the same
+prefix are removed at the next start.
 """
 from __future__ import annotations
 
@@ -22,19 +36,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_ext.preprocess import PreprocessError, preprocess  # noqa: E402
+from megatron_ext.preprocess import (Interrupted, PreprocessError, WorkerLost, merge, preprocess,  # noqa: E402
+                                     report_text)
 from megatron_ext.tokenizer import train_tokenizer  # noqa: E402
 
-COMMANDS = ("tokenize", "train-tokenizer")
+COMMANDS = ("tokenize", "merge", "train-tokenizer")
 
 
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 3/16, I from 0 to N-1)") from None
+    return i, n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", metavar="{tokenize,train-tokenizer}")
+    sub = ap.add_subparsers(dest="command", metavar="{tokenize,merge,train-tokenizer}")
 
     tok = sub.add_parser("tokenize", help="documents -> PREFIX.bin/.idx (default)")
     tok.add_argument("--input", nargs="+", required=True, help=".jsonl / .txt / .parquet files, in order")
@@ -51,6 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--eos-token", default=None, help="end-of-document token, if not the tokenizer's eos_token")
     tok.add_argument("--chunk-docs", type=int, default=1000, help="documents per worker task (also cut at 1 MiB)")
     tok.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tok.add_argument("--shard", type=_shard, default=None, metavar="I/N",
+                     help="tokenize part I (0..N-1) of N into PREFIX.part-I-of-N.* (then: merge)")
+    tok.add_argument("--redo", action="store_true", help="with --shard: redo the part even if it is complete")
+    tok.add_argument("--encoder", choices=("auto", "fast", "hf"), default="auto",
+                     help="auto: the fast byte-level BPE encoder where it is proven to give Hugging Face "
+                          "tokenizers' ids, else HF (default); hf: always HF")
+
+    mg = sub.add_parser("merge", help="PREFIX.part-*-of-N.* -> PREFIX.bin/.idx + PREFIX.report.json")
+    mg.add_argument("--output-prefix", required=True)
+    mg.add_argument("--delete-parts", action="store_true", help="remove the parts once merged")
 
     tr = sub.add_parser("train-tokenizer", help="train a small tokenizer on documents")
     tr.add_argument("--input", nargs="+", required=True)
@@ -73,18 +106,35 @@ def main(argv: list[str] | None = None) -> int:
                                    text_key=args.text_key, max_bytes=args.max_bytes)
             print(f"wrote {path}")
             return 0
+        if args.command == "merge":
+            report = merge(args.output_prefix, delete_parts=args.delete_parts)
+            print(report_text(report))
+            print(f"wrote {args.output_prefix}.bin, .idx and .report.json")
+            return 0
         summary = preprocess(args.input, args.output_prefix, args.tokenizer, workers=args.workers,
                              text_key=args.text_key, txt_mode=args.txt_mode, on_error=args.on_error,
                              model_vocab_size=args.model_vocab_size, eos_token=args.eos_token,
-                             chunk_docs=args.chunk_docs, progress=not args.no_progress)
+                             chunk_docs=args.chunk_docs, progress=not args.no_progress, shard=args.shard,
+                             encoder=args.encoder, redo=args.redo)
+    except WorkerLost as e:
+        print("error: " + str(e), file=sys.stderr)
+        return 1
     except (PreprocessError, ValueError, OSError) as e:  # OSError: an unreadable input, a full disk...
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: nothing written under the output prefix", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        why = f"stopped by {e}" if isinstance(e, Interrupted) else "interrupted"
+        print(f"{why}: nothing written under the output prefix; run again to redo it", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Interrupted) else 130
+    prefix = args.output_prefix
+    if args.shard:
+        prefix = f"{prefix}.part-{args.shard[0]}-of-{args.shard[1]}"
+        if summary.resumed:
+            print(f"{prefix}: already complete with the same settings, kept ({summary.documents:,} documents, "
+                  f"{summary.tokens:,} tokens; --redo to make it again)")
+            return 0
     print(summary.report())
-    print(f"wrote {args.output_prefix}.bin and {args.output_prefix}.idx")
+    print(f"wrote {prefix}.bin and {prefix}.idx" + (" (and .json)" if args.shard else ""))
     return 0
 
 

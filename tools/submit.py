@@ -6,6 +6,8 @@
     python tools/submit.py recipes/8b.yaml --chain recipes/8b-mid.yaml,recipes/8b-sft.yaml \\
         --hf-out hf/gaperon-8b          # phases wait for each other (afterok), then HF export
     python tools/submit.py recipes/phases/mid.yaml --sizes 1.5b,8b,24b   # one job per size
+    python tools/submit.py preprocess recipes/preprocess/gaperon-phase1.yaml --cluster my-site \\
+        --train recipes/phases/naive.yaml   # job arrays + merges, then training (afterok)
 
 --nodes defaults to the recipe's tp x pp x dp / --gpus-per-node. Bad input (unknown profile,
 GPU count that does not match the layout, a --time SLURM cannot read, no sbatch) fails with exit
@@ -34,7 +36,39 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"submit: error: {message} (see --help)\n")
 
 
+def preprocess_main(argv: list[str]) -> int:
+    """tools/submit.py preprocess SPEC.yaml --cluster PROFILE [--train RECIPE [overrides]] [--dry-run]"""
+    from megatron_ext.slurm_preprocess import submit_preprocess
+
+    ap = _Parser(prog="submit.py preprocess", description="One job array per source of SPEC (tools/preprocess_data.py "
+                 "--shard I/N), a merge job after each (afterok), and optionally training after every merge. "
+                 "Submitting the same spec again redoes only the parts that are not complete.")
+    ap.add_argument("spec", help="YAML: tokenizer, shards, workers, sources (see recipes/preprocess/)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides of the --train recipe")
+    ap.add_argument("--cluster", default="local", help="profile in slurm/clusters/ (cpu_partition, account, setup)")
+    ap.add_argument("--train", help="a recipe to train once every source is merged")
+    ap.add_argument("--chain", help="comma-separated recipes of the phases after --train")
+    ap.add_argument("--nodes", type=int, help="--train: default tp x pp x dp / gpus per node")
+    ap.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
+    args = ap.parse_intermixed_args(argv)
+    try:
+        profile = load_profile(args.cluster)
+        train = None
+        if args.train:
+            train = plan_jobs(args.train, args.overrides, profile, nodes=args.nodes, chain=_list(args.chain))
+        elif args.overrides or args.chain:
+            raise SubmitError("recipe overrides and --chain need --train RECIPE")
+        submit_preprocess(args.spec, profile, args.dry_run, train)
+    except (SubmitError, RecipeError) as err:
+        print(f"submit: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["preprocess"]:
+        return preprocess_main(argv[1:])
     ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe")
     ap.add_argument("overrides", nargs="*", help="section.key=value recipe overrides (every job)")
