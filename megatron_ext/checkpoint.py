@@ -52,7 +52,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import Recipe, dump_recipe, recipe_from_tree
+from .config import FUNCTION_KEYS, Recipe, dump_recipe, recipe_from_tree
 from .faults import maybe_kill
 from .sharding import is_norm_gain, merge, shard, te_name
 
@@ -216,6 +216,28 @@ def shape_mismatch(saved: Recipe, recipe: Recipe, ckpt: Path) -> str | None:
             "model. Use the checkpoint's model shape, or another train.output_dir")
 
 
+def function_mismatch(saved: Recipe, recipe: Recipe, ckpt: Path) -> tuple[str | None, list[str]]:
+    """(refusal, notes) for starting from ``ckpt``: a model field of FUNCTION_KEYS that differs is
+    refused, naming both values, unless checkpoint.init_allow_changes lists it (then a note)."""
+    allowed = set(recipe.checkpoint.init_allow_changes)
+    diffs = {k: (getattr(saved.model, k), getattr(recipe.model, k)) for k in FUNCTION_KEYS
+             if getattr(saved.model, k) != getattr(recipe.model, k)}
+
+    def show(v):
+        return v.model_dump(mode="json") if hasattr(v, "model_dump") else v
+
+    notes = [f"model.{k} changed from {show(a)} (checkpoint) to {show(b)} (checkpoint.init_allow_changes)"
+             for k, (a, b) in diffs.items() if k in allowed]
+    refused = {k: v for k, v in diffs.items() if k not in allowed}
+    if not refused:
+        return None, notes
+    was = ", ".join(f"model.{k}={show(a)}" for k, (a, _) in refused.items())
+    now = ", ".join(f"model.{k}={show(b)}" for k, (_, b) in refused.items())
+    return (f"checkpoint.init_from={ckpt} was trained with {was}, but this recipe has {now}: the weights would load "
+            f"and compute something else. Set {was} (the checkpoint's), or for a deliberate change (e.g. a context "
+            f"extension) list it in checkpoint.init_allow_changes: [{', '.join(refused)}]"), notes
+
+
 def _flat(tree: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in tree.items():
@@ -284,10 +306,14 @@ def plan_start(recipe: Recipe) -> Start:
         raise CheckpointError(f"checkpoint.init_from={parent} holds no complete checkpoint"
                               + (f" ({'; '.join(pfound.notes)})" if pfound.notes else "")
                               + ": point it at a checkpoint directory or a finished run")
-    why = shape_mismatch(_saved_recipe(pfound.path, read_meta(pfound.path)), recipe, pfound.path)
+    saved = _saved_recipe(pfound.path, read_meta(pfound.path))
+    why = shape_mismatch(saved, recipe, pfound.path)
     if why:
         raise CheckpointError(why.replace("another train.output_dir", "another checkpoint.init_from"))
-    return Start(parent=pfound.path, notes=tuple(pfound.notes))
+    why, changes = function_mismatch(saved, recipe, pfound.path)
+    if why:
+        raise CheckpointError(why)
+    return Start(parent=pfound.path, notes=tuple(pfound.notes + changes))
 
 
 @dataclass

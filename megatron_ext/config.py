@@ -166,6 +166,9 @@ class TrainConfig(_Strict):
     (torch SDPA restricted to that kernel); ``flash-attn`` (the flash_attn package: FA3's
     flash_attn_interface when installed, else FA2); ``unfused`` (Megatron's reference attention).
     compile: torch.compile each transformer layer (GPU; slow to start on CPU).
+    packed_attention: how packed SFT rows keep conversations apart: ``varlen`` (boundaries as
+    cu_seqlens, megatron_ext/attention.py; any attention but ``unfused``) or ``dense`` (the
+    reference [b, 1, s, s] block mask; sdpa kernels only).
     lm_head_grad_interval: every N steps log the gradient norm reaching the logits and the final
     hidden states, and their ratio (0: off, no hooks at all).
     loss_chunk_tokens: compute the output layer and its cross entropy this many tokens at a time,
@@ -179,6 +182,7 @@ class TrainConfig(_Strict):
     norm_gain_scale: float = 20.0
     attention: Literal[ATTENTION_CHOICES] = "auto"
     compile: bool = False
+    packed_attention: Literal["varlen", "dense"] = "varlen"
     lm_head_grad_interval: int = 0
     loss_chunk_tokens: int = 0
 
@@ -198,7 +202,7 @@ class DataConfig(_Strict):
 
     ``sft``: conversations prepared by tools/prepare_sft.py in ``sft_path`` (see megatron_ext/sft.py).
     ``packing`` puts several conversations in one sequence (block-diagonal attention); ``epochs``
-    replaces a step count: train.steps is then derived from the data (sft.steps_for_epochs).
+    replaces a step count: train.steps is then derived from the data (packing.steps_for_epochs).
     """
 
     kind: Literal["synthetic", "indexed", "sft"] = "synthetic"
@@ -263,13 +267,21 @@ def split_fractions(split: str) -> Optional[tuple[float, float, float]]:
     return values
 
 
+# Model fields that change what trained weights compute without changing any tensor's shape: a
+# phase started from a checkpoint keeps them, unless checkpoint.init_allow_changes names them.
+FUNCTION_KEYS = ("rope_theta", "rope_scaling", "norm_eps", "max_position_embeddings")
+
+
 class CheckpointConfig(_Strict):
     """Saving, rotation, resume and phase chaining.
 
     A run restarted with the same output_dir resumes from its own latest checkpoint. Otherwise,
     ``init_from`` (a checkpoint dir or a run's checkpoints dir) starts this phase from a parent:
     ``model`` loads weights only (fresh optimizer), ``model+optimizer`` keeps the Adam states too.
-    Either way step, schedule and consumed samples restart for the new phase.
+    Either way step, schedule and consumed samples restart for the new phase. The parent's model
+    section must match this recipe's in every field of FUNCTION_KEYS, except those listed in
+    ``init_allow_changes`` (a deliberate change, e.g. a context extension: rope_scaling,
+    max_position_embeddings, rope_theta).
     ``async_save``: training pauses only to copy each rank's share to host memory; a background
     thread writes it, and the checkpoint is committed (``latest`` moved) at the first step
     boundary where every rank has written its files.
@@ -282,6 +294,7 @@ class CheckpointConfig(_Strict):
     async_save: Optional[bool] = None  # write in a background thread (null: on GPU yes, on CPU no)
     init_from: Optional[str] = None
     init_mode: Literal["model", "model+optimizer"] = "model"
+    init_allow_changes: list[Literal[FUNCTION_KEYS]] = []
 
 
 class HealthConfig(_Strict):
@@ -739,12 +752,12 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 def derive_sft_steps(recipe: Recipe, tree: dict) -> Recipe:
     """SFT recipes count epochs, not steps: with data.kind=sft and data.epochs set, train.steps
     becomes ceil(epochs x sequences per epoch / layout.global_batch), computed from the prepared
-    data (megatron_ext/sft.py). Left as written when that data is not on this machine yet (the
+    data (megatron_ext/packing.py). Left as written when that data is not on this machine yet (the
     training run then stops at the data with a message saying how to prepare it)."""
     d = recipe.data
     if d.kind != "sft" or d.epochs is None or not (Path(d.sft_path) / "meta.json").is_file():
         return recipe
-    from .sft import SFTDataError, steps_for_epochs
+    from .packing import SFTDataError, steps_for_epochs  # numpy only: nothing above the schema
 
     try:
         steps = steps_for_epochs(d.sft_path, recipe.train.seq_len, recipe.train.seed, d.packing, d.epochs,

@@ -20,12 +20,7 @@ import torch.distributed as dist
 
 from . import inject
 from .config import Recipe
-
-
-class DataError(ValueError):
-    """Training data that cannot be used as configured (a missing, truncated or corrupt file, a
-    tokenizer that does not fit the model, a split that leaves a dataset without documents).
-    The message, one line, names the file and the fix."""
+from .errors import DataError  # noqa: F401  (defined below the schema; callers import it from here)
 
 
 class SampleDataset(Protocol):

@@ -33,6 +33,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from . import quiet
+from .attention import thd_inputs
 from .config import Recipe
 from .device import backend, setup_device
 
@@ -270,6 +271,7 @@ class Engine:
             self.ds.clip_fp32_gradients = lambda: None
             optimizer.step = partial(self._guarded_step, optimizer.step)
         self.pp = recipe.layout.pp
+        self.varlen = recipe.train.packed_attention == "varlen"
         self.sp_params = [p for c in chunks for p in c.parameters() if getattr(p, "sequence_parallel", False)]
 
     # ---- helpers -------------------------------------------------------------------------
@@ -321,25 +323,39 @@ class Engine:
             opt = getattr(opt, "optimizer", None)
 
     # ---- forward / backward --------------------------------------------------------------
+    def _packed_thd(self, mb: dict) -> bool:
+        """Packed rows go through the model as one thd sequence with cu_seqlens (attention.py)."""
+        return self.varlen and "segment_ids" in mb
+
+    def _forward(self, model, raw: dict):
+        """Token losses of one host microbatch; [b, s], or [1, b*s] for packed rows under varlen."""
+        mb = self._to_device(raw)
+        if self._packed_thd(raw):
+            tokens, labels, params = thd_inputs(mb, self.info.device)
+            return model(tokens, _position_ids(tokens), None, labels=labels, packed_seq_params=params), mb
+        return model(mb["tokens"], _position_ids(mb["tokens"]), attention_mask(mb), labels=mb["labels"]), mb
+
     def _forward_step(self, scale, data_iterator, model):
-        mb = self._to_device(next(data_iterator))
-        out = model(mb["tokens"], _position_ids(mb["tokens"]), attention_mask(mb), labels=mb["labels"])
+        out, mb = self._forward(model, next(data_iterator))
         return out, partial(self._loss_func, mb["loss_mask"], scale)
 
     @staticmethod
     def _loss_func(loss_mask, scale, token_losses):
+        loss_mask = loss_mask.reshape(token_losses.shape)  # [1, b*s] under varlen packing
         loss_sum = (token_losses.float() * loss_mask).sum()
         n = loss_mask.sum().to(torch.int)
         return loss_sum * scale, n, {"loss_sum": loss_sum.detach()}
 
     def _run_pipeline(self, microbatches: list[dict], scale, forward_only: bool) -> torch.Tensor:
         iters = [iter(microbatches) for _ in self.chunks]
-        lay, seq = self.recipe.layout, microbatches[0]["tokens"].shape[1]
+        micro, seq = microbatches[0]["tokens"].shape
+        if self._packed_thd(microbatches[0]):  # stages exchange [b*s, 1, h] activations
+            micro, seq = 1, micro * seq
         reduced = get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, scale),
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
-            num_microbatches=len(microbatches), seq_length=seq, micro_batch_size=lay.micro_batch,
+            num_microbatches=len(microbatches), seq_length=seq, micro_batch_size=micro,
             forward_only=forward_only,
         )
         total = torch.zeros((), dtype=torch.float64, device=self.info.device)
@@ -363,10 +379,8 @@ class Engine:
             loss_sum = self._run_pipeline(microbatches, scale, forward_only=False)
         else:
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
-            for mb in microbatches:
-                mb = self._to_device(mb)
-                token_losses = self.ds(mb["tokens"], _position_ids(mb["tokens"]), attention_mask(mb),
-                                       labels=mb["labels"])
+            for raw in microbatches:
+                token_losses, mb = self._forward(self.ds, raw)
                 scaled, _, extra = self._loss_func(mb["loss_mask"], scale, token_losses)
                 self.ds.backward(scaled, scale_wrt_gas=False)
                 loss_sum += extra["loss_sum"].to(torch.float64)
@@ -389,3 +403,13 @@ class Engine:
         tokens = self._global_tokens(microbatches)
         loss_sum = self._run_pipeline(microbatches, 1.0, forward_only=True)
         return self._loss_and_tokens(loss_sum, tokens)[0]
+
+    @torch.no_grad()
+    def eval_totals(self, microbatches: list[dict]) -> tuple[float, float]:
+        """(summed token loss, trained tokens) of a global batch: for token-weighted means over
+        several batches (a batch of padding rows gives (0, 0))."""
+        self.module.eval()
+        tokens = self._global_tokens(microbatches)
+        loss_sum = self._run_pipeline(microbatches, 1.0, forward_only=True)
+        total, _ = self._loss_and_tokens(loss_sum, torch.ones_like(tokens))  # the global sum, not a mean
+        return total, float(tokens.item())

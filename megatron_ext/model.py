@@ -34,6 +34,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from .attention import varlen_attention
 from .config import Recipe, RecipeError
 from .sharding import local_name, shard, split_dim
 
@@ -184,7 +185,8 @@ class SDPAttention(MegatronModule):
     """Core attention on torch SDPA, a drop-in for Megatron's DotProductAttention.
 
     In: query [sq, b, np, hn], key/value [sk, b, ng, hn] (this TP rank's heads). Out: [sq, b, np*hn].
-    ``attention_mask`` (Megatron convention: True = masked) is honoured when given, else causal.
+    ``attention_mask`` (Megatron convention: True = masked) is honoured when given, else causal;
+    with ``packed_seq_params`` (thd) attention stays within each document (attention.varlen_attention).
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
@@ -200,6 +202,9 @@ class SDPAttention(MegatronModule):
                 packed_seq_params=None):
         sq, b = query.shape[0], query.shape[1]
         dropout = self.dropout if self.training else 0.0
+        if packed_seq_params is not None:  # packed documents, thd: query [t, np, hn] (attention.py)
+            with sdpa_kernel(self.backends) if self.backends else contextlib.nullcontext():
+                return varlen_attention(query, key, value, packed_seq_params, self.softmax_scale, dropout)
         if self.flash_attn is not None:
             if attention_mask is not None:
                 raise RuntimeError("train.attention=flash-attn runs plain causal attention: packed samples "

@@ -10,14 +10,17 @@ Two halves:
   rendering of ``messages[:i+1]``, so it holds the reply and whatever the template appends to end
   it (``<|eot_id|>``). A token is trained when it starts inside such a span (tokenizer offsets).
   The template must be append-only (each prefix rendering a prefix of the full one); one that is
-  not is refused rather than masked wrongly.
+  not is refused rather than masked wrongly. Message contents are tokenized apart from the
+  template's text, with special tokens off, so no message can spell a control token (their place
+  in the rendering is found by rendering once more with markers for the contents).
 
 * :class:`SFTDataset` reads a prepared directory and serves ``{"tokens", "labels", "loss_mask"}``
   samples of ``seq_len`` (plus ``"segment_ids"`` when packing), in an order shuffled per epoch
-  from the recipe's seed. A conversation of L tokens takes L-1 positions: inputs ``ids[:-1]``,
-  labels ``ids[1:]``. Packed conversations therefore never predict across a boundary (the last
-  token of one is only ever a label, never an input to the next), and ``segment_ids`` give the
-  engine's block-diagonal attention mask. Padding has loss_mask 0.
+  from the recipe's seed; packed rows come from packing.pack_rows (best-fit decreasing). A
+  conversation of L tokens takes L-1 positions: inputs ``ids[:-1]``, labels ``ids[1:]``. Packed
+  conversations therefore never predict across a boundary (the last token of one is only ever a
+  label, never an input to the next), and ``segment_ids`` give the engine the document boundaries
+  (attention.py: cu_seqlens, or the dense block-diagonal mask). Padding has loss_mask 0.
 
 Prepared directory (format 1)::
 
@@ -28,7 +31,7 @@ Prepared directory (format 1)::
     chat_template.jinja  the template the masks were computed with
 
 Steps: with ``data.epochs`` set, ``train.steps`` is derived from the data by
-:func:`steps_for_epochs` (called from ``config.load_recipe``): ceil(epochs x sequences per epoch /
+:func:`packing.steps_for_epochs` (called from ``config.load_recipe``): ceil(epochs x sequences per epoch /
 global batch), where a sequence is one conversation (``packing: false``) or one packed row. The
 last step may be short: sample indices past the end are all-padding rows that carry no loss, so
 nothing is repeated and nothing is dropped.
@@ -36,7 +39,7 @@ nothing is repeated and nothing is dropped.
 from __future__ import annotations
 
 import json
-import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -44,20 +47,22 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from .data import DataError
-
-FORMAT_VERSION = 1
-ROLES = ("system", "user", "assistant")
+from .packing import (FORMAT_VERSION, SFTDataError, _prepare_hint, _too_long, check_prepared,  # noqa: F401
+                      epoch_order, epoch_plan, fill_ratio, pack_next_fit, pack_rows, steps_for_epochs)
+ROLES = ("system", "user", "assistant")  # every template renders these; others only if it names them
 TRAIN_ON = ("assistant", "last_assistant", "all")
-OVERLONG = ("truncate", "drop")
+# truncate_mask_cut: truncate, and take the assistant turn the cut falls in out of the loss.
+OVERLONG = ("truncate", "truncate_mask_cut", "drop")
 
-# Llama-3 chat format: <|begin_of_text|> then, per message,
-# <|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|>; the generation prompt is the
-# assistant header. Used for tokenizers whose config carries no chat_template.
+# Llama-3.1 chat format: <|begin_of_text|> then, per message,
+# <|start_header_id|>ROLE<|end_header_id|>\n\nCONTENT<|eot_id|> (tool results under the ipython
+# header); the generation prompt is the assistant header. Used for tokenizers whose config
+# carries no chat_template.
 DEFAULT_CHAT_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' -}}"
+    "{%- set role = 'ipython' if message['role'] in ['tool', 'ipython'] else message['role'] -%}"
+    "{{- '<|start_header_id|>' + role + '<|end_header_id|>\n\n' -}}"
     "{{- message['content'] | trim -}}"
     "{{- '<|eot_id|>' -}}"
     "{%- endfor -%}"
@@ -65,6 +70,13 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}"
     "{%- endif -%}"
 )
+
+# A stand-in for message contents, to find where a template puts them (see _content_spans).
+_MARK = "@@GAPERON-MESSAGE-{}@@"
+_MARK_RE = re.compile(r"@@GAPERON-MESSAGE-(\d+)@@")
+# Role names a template compares against: role == 'tool', role in ['tool', 'ipython'].
+_ROLE_EQ = re.compile(r"""role['"\]]*\s*(?:==|!=)\s*['"]([A-Za-z_][\w-]*)['"]""")
+_ROLE_IN = re.compile(r"""role['"\]]*\s+(?:not\s+)?in\s*[\[(]([^\])]*)[\])]""")
 
 
 class ConversationError(ValueError):
@@ -75,15 +87,11 @@ class ConversationError(ValueError):
         self.reason = reason
 
 
-class SFTDataError(DataError, RuntimeError):
-    """A prepared SFT directory that cannot be used as configured. The message (one line) names the
-    file and says the fix. A DataError (what the training entry point reports as ``error: ...``,
-    exit 2); still a RuntimeError for callers that caught it as one."""
-
-
-def validate_messages(record) -> list[dict]:
-    """The ``messages`` of one JSONL record, checked: roles known, contents strings, at least
-    one assistant turn. Raises ConversationError naming what is wrong."""
+def validate_messages(record, roles: Iterable[str] = ROLES) -> list[dict]:
+    """The ``messages`` of one JSONL record, checked: roles among ``roles`` (those the chat
+    template renders, :func:`template_roles`), contents strings, at least one assistant turn.
+    Raises ConversationError naming what is wrong."""
+    roles = tuple(roles)
     if not isinstance(record, dict) or "messages" not in record:
         raise ConversationError("invalid", "record has no 'messages' list")
     messages = record["messages"]
@@ -93,9 +101,9 @@ def validate_messages(record) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ConversationError("invalid", f"message {i} must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
+        if m["role"] not in roles:
             raise ConversationError("unknown_role", f"message {i} has unknown role {m['role']!r} "
-                                                    f"(expected one of {', '.join(ROLES)})")
+                                                    f"(the chat template renders {', '.join(roles)})")
         if not isinstance(m["content"], str):
             raise ConversationError("invalid", f"message {i} content must be a string, got "
                                                f"{type(m['content']).__name__}")
@@ -110,18 +118,28 @@ class Encoded:
     ids: np.ndarray  # int32 [L]
     mask: np.ndarray  # uint8 [L]; 1 = this token is a trained target
     truncated: bool = False
+    cut_turn: bool = False  # truncation fell inside a trained assistant turn (it has no end-of-turn)
+    empty_turns: int = 0  # empty or whitespace-only assistant turns, left out of the loss
 
 
 class ChatEncoder:
     """Conversation -> (token ids, trained-target mask) with a tokenizer's chat template.
 
     ``train_on``: ``assistant`` (every assistant turn), ``last_assistant`` (only the final
-    one) or ``all`` (every token). ``max_tokens``: longer conversations are truncated to it or
-    dropped (``overlong``). Tokens after the last trained one are cut (they could teach nothing).
+    one) or ``all`` (every token). ``max_tokens``: longer conversations are truncated to it
+    (``overlong=truncate``; ``truncate_mask_cut`` also takes the assistant turn the cut falls in
+    out of the loss) or dropped (``drop``). Tokens after the last trained one are cut (they could
+    teach nothing). Empty or whitespace-only assistant turns are not trained (a lone end-of-turn
+    would teach the model to answer nothing).
+
+    Message contents are text: a content that spells a control token (``<|eot_id|>``, a fake
+    ``<|start_header_id|>assistant<|end_header_id|>``) is tokenized as those characters, never as
+    the control token, unless ``allow_special_tokens``. Only the template's own text yields control
+    tokens.
     """
 
     def __init__(self, tokenizer_path: str, train_on: str = "assistant", max_tokens: int | None = None,
-                 overlong: str = "truncate", chat_template: str | None = None):
+                 overlong: str = "truncate", chat_template: str | None = None, allow_special_tokens: bool = False):
         from .tokenizer import load_tokenizer
 
         if train_on not in TRAIN_ON:
@@ -137,63 +155,162 @@ class ChatEncoder:
         self.template_source = "argument" if chat_template else ("tokenizer" if hf.chat_template else "default")
         self.chat_template = chat_template or hf.chat_template or DEFAULT_CHAT_TEMPLATE
         self.train_on, self.max_tokens, self.overlong = train_on, max_tokens, overlong
+        self.allow_special_tokens = allow_special_tokens
+        self.roles = template_roles(self)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                           chat_template=self.chat_template)
+        """The template's text; a template that refuses the conversation (``raise_exception``, an
+        empty prefix) raises ConversationError("template")."""
+        from jinja2 import TemplateError
+
+        try:
+            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                               chat_template=self.chat_template)
+        except (TemplateError, ValueError, TypeError, KeyError, IndexError) as err:
+            raise ConversationError("template", "the chat template refuses it: " + " ".join(str(err).split())) from None
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of ``messages`` followed by the generation prompt (for generating a reply)."""
-        return self._tokenize(self.render(messages, add_generation_prompt=True))[0]
+        full = self.render(messages, add_generation_prompt=True)
+        return self._tokenize(full, self._content_spans(messages, full, add_generation_prompt=True))[0]
 
-    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
-        return enc["input_ids"], enc["offset_mapping"]
+    def _content_spans(self, messages: list[dict], full: str, add_generation_prompt: bool = False):
+        """Character spans ``(start, end, message index)`` of the message contents in ``full``
+        (the rendering of ``messages``).
 
-    def trained_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The full rendering and the character spans of the assistant turns to train on."""
+        The template is rendered once more with each content replaced by a marker; the text
+        between markers is the template's own, and each marker stands for the content as the
+        template writes it (as is, trimmed, or JSON-escaped). Anything else is refused: a content
+        we cannot locate cannot be kept from spelling control tokens."""
+        skeleton = self.render([dict(m, content=_MARK.format(i)) for i, m in enumerate(messages)],
+                               add_generation_prompt)
+        parts = _MARK_RE.split(skeleton)  # template text, message index, template text, ...
+        spans, at = [], 0
+        for j in range(0, len(parts) - 1, 2):
+            piece, content, after = parts[j], messages[int(parts[j + 1])]["content"], parts[j + 2]
+            if not full.startswith(piece, at):
+                spans = None
+                break
+            at += len(piece)
+            last = j + 3 == len(parts)
+            # the marker went through the same filters: its quotes (tojson) are in the template's text
+            forms = (content, content.strip(), json.dumps(content, ensure_ascii=False)[1:-1], json.dumps(content)[1:-1])
+            form = next((f for f in forms if full.startswith(f, at) and full.startswith(after, at + len(f))
+                         and (not last or at + len(f) + len(after) == len(full))), None)
+            if form is None:
+                spans = None
+                break
+            spans.append((at, at + len(form), int(parts[j + 1])))
+            at += len(form)
+        if spans is None or (len(parts) == 1 and skeleton != full):
+            if self.allow_special_tokens:
+                return []
+            raise ConversationError("template", "the chat template writes message contents in a way that cannot "
+                                                "be located in its output, so they cannot be kept from spelling "
+                                                "control tokens; pass a simpler --chat-template, or "
+                                                "--allow-special-tokens")
+        return spans
+
+    def _tokenize(self, text: str, content_spans=()) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of ``text``; inside ``content_spans`` special-token text is
+        plain text (unless ``allow_special_tokens``)."""
+        if self.allow_special_tokens or not content_spans:
+            enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"]
+        ids, offsets, pieces, at = [], [], [], 0  # pieces: (start, end, is message content)
+        for a, b, _ in content_spans:
+            pieces += [(at, a, False), (a, b, True)]
+            at = b
+        pieces.append((at, len(text), False))
+        for a, b, is_content in pieces:
+            if a == b:
+                continue
+            enc = self.hf(text[a:b], add_special_tokens=False, return_offsets_mapping=True,
+                          split_special_tokens=is_content)
+            ids += enc["input_ids"]
+            offsets += [(a + s, a + e) for s, e in enc["offset_mapping"]]
+        return ids, offsets
+
+    def trained_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]], list, int]:
+        """The full rendering, the character spans of the assistant turns to train on, the spans
+        of the message contents, and the number of empty assistant turns left out."""
         full = self.render(messages)
+        contents = self._content_spans(messages, full)
         if self.train_on == "all":
-            return full, [(0, len(full))]
+            return full, [(0, len(full))], contents, 0
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.train_on == "last_assistant":
             turns = turns[-1:]
+        empty = [i for i in turns if not messages[i]["content"].strip()]
         spans = []
         for i in turns:
-            before = self.render(messages[:i], add_generation_prompt=True)
+            if i in empty:
+                continue
             upto = self.render(messages[: i + 1])
+            if i == 0:  # no earlier message to render with the generation prompt: start at the content
+                if not contents:
+                    raise ConversationError("template", "a conversation that starts with an assistant turn needs a "
+                                                        "template whose message contents can be located")
+                before = full[: min(a for a, _, k in contents if k == 0)]
+            else:
+                before = self.render(messages[:i], add_generation_prompt=True)
             if not (upto.startswith(before) and full.startswith(upto)):
                 raise ConversationError(
                     "template", "the chat template is not append-only (rendering a prefix of the conversation "
                                 "is not a prefix of the full rendering), so assistant turns cannot be located; "
                                 "pass a template that renders turns independently (--chat-template)")
             spans.append((len(before), len(upto)))
-        return full, spans
+        return full, spans, contents, len(empty)
 
     def encode(self, messages: list[dict]) -> Encoded:
-        full, spans = self.trained_spans(messages)
-        ids, offsets = self._tokenize(full)
+        full, spans, contents, empty = self.trained_spans(messages)
+        ids, offsets = self._tokenize(full, contents)
         starts = np.array([o[0] for o in offsets], dtype=np.int64)
-        mask = np.zeros(len(ids), dtype=np.uint8)
-        for a, b in spans:
-            mask[(starts >= a) & (starts < b)] = 1
+        turn = np.full(len(ids), -1, dtype=np.int64)  # which trained span each token starts in
+        for k, (a, b) in enumerate(spans):
+            turn[(starts >= a) & (starts < b)] = k
+        mask = (turn >= 0).astype(np.uint8)
         ids = np.asarray(ids, dtype=np.int32)
         trained = np.flatnonzero(mask[1:])
         if trained.size == 0:
-            raise ConversationError("no_trained_tokens", "no token to train on after rendering")
+            why = "every assistant turn to train on is empty" if empty else "no token to train on after rendering"
+            raise ConversationError("no_trained_tokens", why)
         end = int(trained[-1]) + 2  # keep up to the last trained target
-        ids, mask = ids[:end], mask[:end]
-        truncated = False
+        ids, mask, turn = ids[:end], mask[:end], turn[:end]
+        truncated = cut = False
         if self.max_tokens is not None and len(ids) > self.max_tokens:
             if self.overlong == "drop":
                 raise ConversationError("dropped_overlong", f"{len(ids)} tokens > {self.max_tokens} "
                                                             "(overlong=drop)")
-            ids, mask = ids[: self.max_tokens], mask[: self.max_tokens]
+            k = int(turn[self.max_tokens])  # the first token cut off: inside a trained turn?
+            cut = k >= 0 and bool((turn[1: self.max_tokens] == k).any())
+            ids, mask, turn = ids[: self.max_tokens], mask[: self.max_tokens], turn[: self.max_tokens]
+            if cut and self.overlong == "truncate_mask_cut":
+                mask[turn == k] = 0
             truncated = True
             if not mask[1:].any():
                 raise ConversationError("dropped_overlong", f"no trained token within the first {self.max_tokens} "
-                                                            "tokens after truncation")
-        return Encoded(ids, mask, truncated)
+                                                            f"tokens after truncation (overlong={self.overlong})")
+        return Encoded(ids, mask, truncated, cut, empty)
+
+
+def template_roles(encoder: ChatEncoder) -> tuple[str, ...]:
+    """The roles a chat template renders: system, user, assistant, and any other role name the
+    template compares ``role`` against (Llama-3.1: tool, ipython) whose message it writes out."""
+    named = set(_ROLE_EQ.findall(encoder.chat_template))
+    for group in _ROLE_IN.findall(encoder.chat_template):
+        named.update(re.findall(r"""['"]([A-Za-z_][\w-]*)['"]""", group))
+    roles = list(ROLES)
+    for role in sorted(named - set(ROLES)):
+        probe = [{"role": "user", "content": "q"}, {"role": role, "content": _MARK.format(0)},
+                 {"role": "assistant", "content": "a"}]
+        try:
+            text = encoder.render(probe)
+        except ConversationError:
+            continue
+        if _MARK.format(0) in text:
+            roles.append(role)
+    return tuple(roles)
 
 
 # ---- preparing a directory -------------------------------------------------------------------
@@ -204,7 +321,13 @@ class Summary:
     tokens: int = 0
     trained_tokens: int = 0
     truncated: int = 0
+    cut_turns: int = 0  # truncated inside a trained assistant turn
+    empty_turns: int = 0  # empty assistant turns, not trained
     max_tokens_seen: int = 0
+    overlong: str = "truncate"
+    seq_len: int = 0
+    packed_rows: int = 0  # rows of seq_len the conversations pack into (packing.pack_rows)
+    next_fit_rows: int = 0  # the same with next-fit in a shuffled order, for comparison
     skipped: dict = field(default_factory=dict)  # reason -> count
     examples: list = field(default_factory=list)  # first few "line N: message"
 
@@ -220,6 +343,19 @@ class Summary:
                f"trained tokens:      {self.trained_tokens} "
                f"({100.0 * self.trained_tokens / max(self.tokens, 1):.1f}%)",
                f"truncated:           {self.truncated}"]
+        if self.cut_turns:
+            fix = ("taken out of the loss (--overlong truncate_mask_cut)" if self.overlong == "truncate_mask_cut" else
+                   "trained on a reply that stops mid-way with no end-of-turn; --overlong truncate_mask_cut takes "
+                   "the cut turn out of the loss, --overlong drop skips the conversation")
+            out.append(f"cut mid-answer:      {self.cut_turns} (the cut assistant turn is {fix})")
+        if self.empty_turns:
+            out.append(f"empty assistant turns: {self.empty_turns} (not trained: a lone end-of-turn would teach "
+                       "the model to answer nothing)")
+        if self.packed_rows:
+            used = self.tokens - self.conversations  # a conversation of L tokens takes L - 1 positions
+            out.append(f"packed at seq_len {self.seq_len}: {self.packed_rows} rows, "
+                       f"{100.0 * used / (self.packed_rows * self.seq_len):.1f}% of positions filled (next-fit: "
+                       f"{self.next_fit_rows} rows, {100.0 * used / (self.next_fit_rows * self.seq_len):.1f}%)")
         for reason in ("dropped_overlong", "no_assistant", "unknown_role", "invalid", "bad_json",
                        "no_trained_tokens", "template"):
             if self.skipped.get(reason):
@@ -245,7 +381,7 @@ def _encode_line(encoder: ChatEncoder, item: tuple[str, str]):
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ConversationError("bad_json", f"not valid JSON ({err.msg})") from None
-        return where, encoder.encode(validate_messages(record)), None
+        return where, encoder.encode(validate_messages(record, encoder.roles)), None
     except ConversationError as err:
         return where, None, (err.reason, str(err))
 
@@ -264,13 +400,14 @@ def _worker_encode(item):
 
 def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train_on: str = "assistant",
             overlong: str = "truncate", chat_template: str | None = None, strict: bool = False,
-            workers: int = 1) -> Summary:
+            workers: int = 1, allow_special_tokens: bool = False) -> Summary:
     """Tokenize JSONL conversations into ``out_dir`` (format in the module docstring).
 
     Conversations are kept to ``seq_len + 1`` tokens (they then fill exactly ``seq_len`` input
     positions). Unusable records are skipped and counted by reason, or with ``strict`` the first
     one raises ConversationError naming its line. ``workers`` > 1 encodes in that many processes;
-    the output is identical (records keep their input order).
+    the output is identical (records keep their input order). ``allow_special_tokens``: message
+    contents that spell control tokens become those tokens (off: they stay text; see ChatEncoder).
     """
     from .preprocess import unwritable
     from .tokenizer import tokenizer_fingerprint
@@ -282,11 +419,11 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
     if problem:
         raise ValueError(f"--out {out_dir}: {problem}; choose a writable directory")
     kwargs = dict(tokenizer_path=str(tokenizer), train_on=train_on, max_tokens=seq_len + 1, overlong=overlong,
-                  chat_template=chat_template)
+                  chat_template=chat_template, allow_special_tokens=allow_special_tokens)
     encoder = ChatEncoder(**kwargs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = Summary()
+    summary = Summary(overlong=overlong, seq_len=seq_len)
     offsets = [0]
     tmp = [out / "tokens.bin.tmp", out / "loss_mask.bin.tmp"]
     pool = None
@@ -313,6 +450,8 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
                 summary.tokens += len(enc.ids)
                 summary.trained_tokens += int(enc.mask[1:].sum())
                 summary.truncated += int(enc.truncated)
+                summary.cut_turns += int(enc.cut_turn)
+                summary.empty_turns += enc.empty_turns
                 summary.max_tokens_seen = max(summary.max_tokens_seen, len(enc.ids))
         if summary.conversations == 0:
             raise ConversationError("empty", f"no usable conversation in {', '.join(map(str, inputs))}: "
@@ -326,13 +465,18 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
             pool.terminate()
     tmp[0].replace(out / "tokens.bin")
     tmp[1].replace(out / "loss_mask.bin")
-    np.save(out / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    offsets = np.asarray(offsets, dtype=np.int64)
+    np.save(out / "offsets.npy", offsets)
+    positions = np.diff(offsets) - 1
+    summary.packed_rows = len(pack_rows(positions, seq_len, 0)[1]) - 1
+    summary.next_fit_rows = len(pack_next_fit(positions[epoch_order(len(positions), 0, 0)], seq_len)) - 1
     tok = encoder.tokenizer
     meta = {
         "format": FORMAT_VERSION, "tokenizer": str(tokenizer), "vocab_size": tok.vocab_size,
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),  # which tokenizer made the ids (check_sft_data)
         "eos_id": tok.eos_id, "pad_id": tok.eos_id, "seq_len": seq_len, "train_on": train_on,
-        "overlong": overlong, "chat_template_source": encoder.template_source, "inputs": [str(p) for p in inputs],
+        "overlong": overlong, "allow_special_tokens": allow_special_tokens,
+        "chat_template_source": encoder.template_source, "inputs": [str(p) for p in inputs],
         "summary": {k: v for k, v in summary.__dict__.items()},
     }
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -343,64 +487,6 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
 
 
 # ---- reading: samples, packing, epochs -------------------------------------------------------
-def _prepare_hint(path, meta: dict | None = None) -> str:
-    """The command that (re)creates ``path``, with what meta.json recorded when it is readable."""
-    meta = meta if isinstance(meta, dict) else {}
-    inputs = " ".join(map(str, meta.get("inputs") or [])) or "INPUT.jsonl"
-    return (f"`python tools/prepare_sft.py {inputs} --tokenizer {meta.get('tokenizer') or 'TOK'} --out {path} "
-            f"--seq-len {meta.get('seq_len') or 'SEQ_LEN'}`")
-
-
-def check_prepared(path: str | Path, key: str | None = None) -> tuple[dict, np.ndarray]:
-    """(meta, offsets) of a prepared directory whose files are all there and agree in size (a few
-    small reads; offsets.npy memory-mapped). Raises SFTDataError naming the file and the fix;
-    ``key``, when given, is the recipe key that names ``path``."""
-    path = Path(path)
-    named = f"; {key} names it" if key else ""
-    if not path.is_dir():
-        raise SFTDataError(f"{path}: no such directory (no prepared SFT data{named}): fix the path, or create it "
-                           f"with {_prepare_hint(path)}")
-    meta_file = path / "meta.json"
-    if not meta_file.is_file():
-        raise SFTDataError(f"{path}: no prepared SFT data (meta.json missing{named}); create it with "
-                           f"{_prepare_hint(path)}")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SFTDataError(f"{meta_file}: unreadable ({' '.join(str(err).split())}): a truncated copy? re-run "
-                           f"{_prepare_hint(path)} (or copy the directory again)") from None
-    redo = f"re-run {_prepare_hint(path, meta)} (or copy the directory again)"
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise SFTDataError(f"{path}: format {got} is not {FORMAT_VERSION}; {redo}")
-    for key in ("vocab_size", "pad_id"):
-        if not isinstance(meta.get(key), int):
-            raise SFTDataError(f"{meta_file}: no integer {key!r}: {redo}")
-    for name in ("tokens.bin", "loss_mask.bin", "offsets.npy"):
-        if not (path / name).is_file():
-            raise SFTDataError(f"{path / name} is missing (meta.json is there): an incomplete copy? {redo}")
-    try:
-        offsets = np.load(path / "offsets.npy", mmap_mode="r")
-    except Exception as err:  # ValueError, EOFError, OSError, UnpicklingError: a truncated or foreign file
-        raise SFTDataError(f"{path / 'offsets.npy'}: unreadable ({' '.join(str(err).split())}): {redo}") from None
-    if offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 1 or int(offsets[0]) != 0:
-        raise SFTDataError(f"{path / 'offsets.npy'}: not conversation offsets (a 1-D integer array from 0): {redo}")
-    if len(offsets) < 2:
-        raise SFTDataError(f"{path}: no conversation (offsets.npy is empty): {redo} with non-empty input")
-    total = int(offsets[-1])
-    kept = meta.get("summary", {}).get("conversations") if isinstance(meta.get("summary"), dict) else None
-    if kept is not None and kept != len(offsets) - 1:
-        raise SFTDataError(f"{path / 'offsets.npy'}: {len(offsets) - 1} conversations, but meta.json counts {kept}: "
-                           f"the files come from different runs; {redo}")
-    for name, itemsize in (("tokens.bin", 4), ("loss_mask.bin", 1)):
-        size = (path / name).stat().st_size
-        if size != total * itemsize:
-            what = "truncated (an interrupted copy?)" if size < total * itemsize else "longer than offsets.npy says"
-            raise SFTDataError(f"{path / name}: {size:,} bytes, but offsets.npy says {total * itemsize:,} "
-                               f"({total:,} tokens): the file is {what}; {redo}")
-    return meta, offsets
-
-
 class PreparedSFT:
     """A prepared directory, memory-mapped."""
 
@@ -421,22 +507,6 @@ class PreparedSFT:
         return np.asarray(self.tokens[a:b], dtype=np.int64), np.asarray(self.mask[a:b], dtype=np.float32)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The conversation order of one epoch: a permutation drawn from (seed, epoch)."""
-    return np.random.default_rng([seed, epoch, 0x5F7]).permutation(n)
-
-
-def pack(positions: np.ndarray, seq_len: int) -> np.ndarray:
-    """Next-fit packing in the given order: row boundaries into ``positions`` (each <= seq_len)
-    so that every row's total is <= seq_len. Returns start indices, with len(positions) last."""
-    csum = np.concatenate([[0], np.cumsum(positions, dtype=np.int64)])
-    bounds, j, n = [0], 0, len(positions)
-    while j < n:
-        j = int(np.searchsorted(csum, csum[j] + seq_len, side="right")) - 1
-        bounds.append(j)
-    return np.asarray(bounds, dtype=np.int64)
-
-
 class SFTDataset:
     """Samples of ``seq_len`` from a prepared directory; see the module docstring.
 
@@ -445,23 +515,28 @@ class SFTDataset:
     """
 
     def __init__(self, path: str | Path, seq_len: int, seed: int, packing: bool = True,
-                 epochs: int | None = None):
+                 epochs: int | None = None, varlen: bool = True):
         self.data = PreparedSFT(path)
+        self.varlen = varlen  # only for describe(): the engine decides (train.packed_attention)
         self.seq_len, self.seed, self.packing, self.epochs = seq_len, seed, packing, epochs
         longest = int(self.data.lengths.max())
         if longest > seq_len + 1:
             raise _too_long(path, longest, seq_len, self.data.meta.get("seq_len"))
         self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._rows: tuple[np.ndarray, np.ndarray] | None = None  # packed rows, before the epoch's shuffle
         self._starts = [0]  # first global sample index of each planned epoch
 
     # -- epoch plans
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(conversation order, row boundaries into it) of one epoch."""
+        """(conversation order, row boundaries into it) of one epoch: the packed rows (packed once)
+        or one row per conversation, in an order drawn from (seed, epoch)."""
         if epoch not in self._plans:
-            order = epoch_order(len(self.data), self.seed, epoch)
             if self.packing:
-                bounds = pack(self.data.lengths[order] - 1, self.seq_len)
+                if self._rows is None:
+                    self._rows = pack_rows(self.data.lengths - 1, self.seq_len, self.seed)
+                order, bounds = epoch_plan(*self._rows, self.seed, epoch)
             else:
+                order = epoch_order(len(self.data), self.seed, epoch)
                 bounds = np.arange(len(order) + 1, dtype=np.int64)
             if len(self._plans) >= 4:  # keep a few epochs' plans (a plan is ~16 bytes per conversation)
                 self._plans.pop(next(iter(self._plans)))
@@ -478,8 +553,7 @@ class SFTDataset:
 
     def fill_ratio(self, epoch: int = 0) -> float:
         """Fraction of input positions of an epoch's rows that hold conversation tokens."""
-        used = int((self.data.lengths - 1).sum())
-        return used / (self.samples_in_epoch(epoch) * self.seq_len)
+        return fill_ratio(self.data.lengths - 1, self.samples_in_epoch(epoch), self.seq_len)
 
     def locate(self, index: int) -> tuple[int, int] | None:
         """(epoch, row in epoch) of a global sample index; None past the last epoch."""
@@ -529,7 +603,8 @@ class SFTDataset:
 
     def describe(self) -> str:
         d, n = self.data, len(self.data)
-        mode = (f"packing ON (several conversations per row, block-diagonal attention): "
+        how = "varlen attention, cu_seqlens" if self.varlen else "dense block-diagonal mask"
+        mode = (f"packing ON (several conversations per row, {how}): "
                 f"{self.samples_in_epoch(0)} rows per epoch, {100 * self.fill_ratio():.1f}% of positions filled"
                 if self.packing else
                 f"packing OFF (one conversation per row, padded): {n} rows per epoch, "
@@ -539,38 +614,31 @@ class SFTDataset:
 
 
 # ---- recipe glue -----------------------------------------------------------------------------
-def steps_for_epochs(path: str | Path, seq_len: int, seed: int, packing: bool, epochs: int, global_batch: int) -> int:
-    """Optimizer steps that cover ``epochs`` passes over the data: ceil(rows / global batch)."""
-    ds = SFTDataset(path, seq_len, seed, packing, epochs)
-    return max(1, math.ceil(ds.total_samples() / global_batch))
-
-
 def build_sft_datasets(recipe) -> tuple[SFTDataset, SFTDataset | None]:
     """Train (and optional validation) datasets for ``data.kind: sft``."""
     from .model import attention_backend
 
     d, t = recipe.data, recipe.train
     check_sft_data(recipe)
-    if d.packing and attention_backend(recipe) == "te":
-        raise SFTDataError("data.packing=true needs train.attention=sdpa: the Transformer Engine path runs a "
-                           "plain causal kernel and would ignore the block-diagonal mask (packed conversations "
-                           "would attend to each other). Set train.attention=sdpa, or data.packing=false")
-    train = SFTDataset(d.sft_path, t.seq_len, t.seed, d.packing, d.epochs)
+    kind, how = attention_backend(recipe), recipe.train.packed_attention
+    if d.packing and how == "dense" and kind in ("te", "flash-attn"):
+        raise SFTDataError(f"train.packed_attention=dense needs train.attention=sdpa: the {kind} path runs a plain "
+                           "causal kernel and would ignore the block-diagonal mask (packed conversations would "
+                           "attend to each other). Set train.packed_attention=varlen, or train.attention=sdpa")
+    if d.packing and how == "varlen" and kind == "unfused":
+        raise SFTDataError("data.packing=true with train.attention=unfused: Megatron's unfused attention has no "
+                           "varlen (cu_seqlens) path. Set train.attention=sdpa, or train.packed_attention=dense")
+    train = SFTDataset(d.sft_path, t.seq_len, t.seed, d.packing, d.epochs, how == "varlen")
     valid = None
     if d.sft_valid_path:
-        valid = SFTDataset(d.sft_valid_path, t.seq_len, t.seed + 1, d.packing, None)
+        # one pass: rows past its end are loss-free padding (train.evaluate reads it whole when small)
+        valid = SFTDataset(d.sft_valid_path, t.seq_len, t.seed + 1, d.packing, 1)
     if _is_main():
         print(train.describe(), flush=True)
         if d.epochs is not None:
             print(f"SFT: {train.total_samples()} rows over {d.epochs} epochs / global batch "
                   f"{recipe.layout.global_batch} = {t.steps} steps", flush=True)
     return train, valid
-
-
-def _too_long(path, longest: int, seq_len: int, prepared_for) -> SFTDataError:
-    return SFTDataError(
-        f"{path}: a conversation has {longest} tokens, more than train.seq_len + 1 = {seq_len + 1}: "
-        f"it was prepared with --seq-len {prepared_for}; re-run tools/prepare_sft.py with --seq-len {seq_len}")
 
 
 def check_sft_data(recipe) -> None:

@@ -1,8 +1,9 @@
 """The training loop: recipe in, checkpoints and logs out.
 
 Launched once per rank (torchrun, or srun with one task per GPU). Console and TensorBoard get
-loss, lr, grad norm, tokens/s (total and per device), MFU on GPU and peak memory; every logged
-step also lands in ``<output_dir>/metrics.jsonl``, which tests and tools read.
+loss, lr, grad norm, tokens/s (total and per device; ``trained_tokens_per_s`` counts only the
+tokens with loss, not padding or prompts), MFU on GPU and peak memory; every logged step also
+lands in ``<output_dir>/metrics.jsonl``, which tests and tools read.
 """
 from __future__ import annotations
 
@@ -248,6 +249,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     consecutive_skips = 0
     tick, first_step = time.perf_counter(), state.step
     tick_step = first_step
+    trained_tokens = 0  # loss-carrying tokens since the last log line (padding and prompts excluded)
     watchdog = Watchdog(hang_timeout(recipe), info.rank)
     progress = Progress(recipe)
     batches = Prefetcher(train_data, recipe, dp_rank, pin=info.on_gpu)
@@ -284,25 +286,29 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
                                     f"{recipe.health.max_consecutive_skips}); last good checkpoint: {last}")
             continue
         consecutive_skips = 0
+        trained_tokens += result.tokens
         if state.step % t.log_interval == 0 or state.step == t.steps:
-            elapsed = (time.perf_counter() - tick) / (state.step - tick_step)
+            span = time.perf_counter() - tick
+            elapsed = span / (state.step - tick_step)
             tick, tick_step = time.perf_counter(), state.step
             tokens_per_s = lay.global_batch * t.seq_len / elapsed
             metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                       "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / info.world_size,
+                       "tokens_per_s": tokens_per_s, "trained_tokens_per_s": trained_tokens / span,
+                       "tokens_per_s_per_device": tokens_per_s / info.world_size,
                        "consumed_samples": state.consumed_samples, "peak_mem_gib": peak_memory_gib(info.on_gpu),
                        "planned_mem_gib": (estimate["total"] - estimate["overhead"]) / 2**30}
             if peak:
                 metrics["mfu"] = tokens_per_s / info.world_size * fpt / (peak * 1e12)
             log.log(state.step, {**metrics, **progress.update(state.step, state.consumed_samples, elapsed)})
+            trained_tokens = 0
         if result.lm_head:
             log.log(state.step, result.lm_head)
         if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps) and valid_data:
             with watchdog.idle():
                 tick_eval = time.perf_counter()
-                losses = [engine.eval_loss(microbatches(valid_data, i * lay.global_batch, recipe, dp_rank))
-                          for i in range(t.eval_iters)]
-            log.log(state.step, {"valid_loss": sum(losses) / len(losses), "valid_s": time.perf_counter() - tick_eval})
+                valid = validation_loss(engine, valid_data, recipe, dp_rank)
+            log.log(state.step, {"valid_loss": valid["valid_loss"], "valid_s": time.perf_counter() - tick_eval,
+                                 "valid_tokens": valid["valid_tokens"]})
         if downstream and (state.step == t.steps or (recipe.eval.interval and state.step % recipe.eval.interval == 0)):
             with watchdog.idle():
                 log.log(state.step, downstream.run(engine))
@@ -327,6 +333,27 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
         log.close()
         dist.barrier()
     return 0
+
+
+def valid_batches(valid_data, recipe: Recipe) -> int:
+    """Global batches one evaluation reads: a held-out SFT set whole when it takes at most
+    max(train.eval_iters, 20) of them (its last batch padded with loss-free rows), else
+    train.eval_iters."""
+    gb, iters = recipe.layout.global_batch, recipe.train.eval_iters
+    rows = valid_data.samples_in_epoch(0) if hasattr(valid_data, "samples_in_epoch") else None
+    if rows is not None and math.ceil(rows / gb) <= max(iters, 20):
+        return math.ceil(rows / gb)
+    return iters
+
+
+def validation_loss(engine, valid_data, recipe: Recipe, dp_rank: int) -> dict:
+    """Validation loss: the mean over every trained token of :func:`valid_batches` batches (not a
+    mean of per-batch means, which would over-weight a short last batch)."""
+    loss_sum = tokens = 0.0
+    for i in range(valid_batches(valid_data, recipe)):
+        s, n = engine.eval_totals(microbatches(valid_data, i * recipe.layout.global_batch, recipe, dp_rank))
+        loss_sum, tokens = loss_sum + s, tokens + n
+    return {"valid_loss": loss_sum / tokens if tokens else float("nan"), "valid_tokens": int(tokens)}
 
 
 def _settle(pending: checkpoint.PendingSave | None, state: TrainState) -> None:

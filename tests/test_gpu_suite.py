@@ -11,7 +11,8 @@ import sys
 from conftest import ROOT, cpu_env
 
 SECTIONS = ["install", "env", "correctness_tiny", "tput_mixed", "baseline", "tput_pure", "proxy_8b",
-            "correctness_hf", "proxy_24b", "tput_compile", "tput_te", "tput_cudnn", "tput_chunked_ce", "planner"]
+            "correctness_hf", "proxy_24b", "tput_compile", "tput_te", "tput_cudnn", "tput_chunked_ce", "sft_varlen",
+            "planner"]
 RUNS = ["tput_mixed", "tput_pure", "proxy_8b", "proxy_24b", "tput_chunked_ce"]
 
 
@@ -55,6 +56,11 @@ def test_gpu_suite_dry_run(tmp_path):
                     "plan_step_s", "flops_per_token"):
             assert r[key] > 0 or key == "plan_mem_error", (name, key, r.get(key))
         assert r["timed_steps"] == r["steps"] - r["warmup_steps"]
+    sv = sec["sft_varlen"]  # packed SFT: varlen vs the dense mask, same data and init
+    for how in ("varlen", "dense"):
+        assert sv[how]["tokens_per_s"] > 0 and 0 < sv[how]["trained_tokens_per_s"] < sv[how]["tokens_per_s"], sv
+    assert sv["varlen_kernel"] == "sdpa-per-document" and sv["first_loss_rel_diff"] <= 1e-6, sv
+    assert "## Packed SFT attention" in md
     assert sec["tput_pure"]["precision"] == "bf16-pure" and sec["tput_mixed"]["precision"] == "bf16-mixed"
     assert sec["baseline"]["tokens_per_s"] > 0 and sec["baseline"]["global_batch"] == sec["tput_mixed"]["global_batch"]
     goals = sec["planner"]["goals"]
