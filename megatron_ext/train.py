@@ -165,9 +165,9 @@ def _start(engine, recipe: Recipe, start: checkpoint.Start, info) -> TrainState:
         m = reader.meta
         same_rng = checkpoint.load_rng(reader, recipe)
         if info.is_main:
-            print(f"resumed from {start.resume} at step {m['step']} in {time.perf_counter() - tick:.1f} s "
-                  f"({m['consumed_samples']} samples consumed"
-                  f"{'' if same_rng else '; RNG streams re-seeded (layout changed or none stored)'})", flush=True)
+            print(f"resumed from {start.resume} at step {m['step']} ({m['consumed_samples']} samples consumed"
+                  f"{'' if same_rng else '; RNG streams re-seeded (layout changed or none stored)'}; "
+                  f"loaded in {time.perf_counter() - tick:.1f} s)", flush=True)
         return TrainState(m["step"], m["consumed_samples"], m.get("skipped_steps", 0), saved_step=m["step"])
     if start.parent is not None:
         reader = checkpoint.load(engine, start.parent, with_optimizer=recipe.checkpoint.init_mode == "model+optimizer")
