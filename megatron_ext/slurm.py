@@ -482,6 +482,20 @@ def save_budget_warnings(jobs: list[Job], profile: ClusterProfile, kill_wait: Op
     return out
 
 
+def sbatch_script(sbatch: str, path: Path, script: str, ids: list[str]) -> str:
+    """Write ``script`` to ``path`` and queue it; its job id is appended to ``ids``. A failed
+    sbatch cancels the jobs already in ``ids`` (those this submission queued) and raises."""
+    path.write_text(script)
+    proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True)
+        undone = f"; cancelled the jobs it had queued: {', '.join(ids)}" if ids else ""
+        raise SubmitError(f"sbatch {path} failed: {proc.stderr.strip() or proc.stdout.strip()}{undone}")
+    ids.append(proc.stdout.strip().split(";")[0])
+    return ids[-1]
+
+
 def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
                 time_limit: Optional[str] = None,
                 dependency: Optional[str] = None, max_requeues: Optional[int] = None,
@@ -509,15 +523,7 @@ def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
         job.log_dir.mkdir(parents=True, exist_ok=True)
         if job.recipe is not None:
             recipe_file(job, stamp).write_text(dump_recipe(job.recipe))
-        path = job.log_dir / f"{job.name}.{stamp}.sbatch"
-        path.write_text(script)
-        proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            if ids:
-                subprocess.run(["scancel", *ids], capture_output=True)
-            undone = f"; cancelled the jobs it had queued: {', '.join(ids)}" if ids else ""
-            raise SubmitError(f"sbatch {path} failed: {proc.stderr.strip() or proc.stdout.strip()}{undone}")
-        ids.append(proc.stdout.strip().split(";")[0])
+        sbatch_script(sbatch, job.log_dir / f"{job.name}.{stamp}.sbatch", script, ids)
         echo(f"submitted {job.name}: job {ids[-1]} ({job.nodes} node(s) x {job.tasks_per_node} tasks"
              f"{', after ' + dep if dep else ''}); log {job.log_dir}/{job.name}-{ids[-1]}.out")
     return ids

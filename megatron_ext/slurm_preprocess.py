@@ -159,10 +159,9 @@ def submit_preprocess(spec_path: str | Path, profile: ClusterProfile, dry_run: b
     """Queue (or with ``dry_run`` print) every source's array and merge, then ``train_jobs`` (from
     slurm.plan_jobs) with afterok on every merge. Returns the job ids; a failed sbatch cancels
     what this call queued."""
-    import subprocess
     import time
 
-    from .slurm import sbatch_path, submit_jobs
+    from .slurm import sbatch_path, sbatch_script, submit_jobs
 
     spec = load_spec(spec_path)
     log_dir = default_log_dir(spec)
@@ -178,16 +177,7 @@ def submit_preprocess(spec_path: str | Path, profile: ClusterProfile, dry_run: b
             echo(script)
             return f"<id of {name}>"
         log_dir.mkdir(parents=True, exist_ok=True)
-        path = log_dir / f"{name}.{stamp}.sbatch"
-        path.write_text(script)
-        proc = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            if ids:
-                subprocess.run(["scancel", *ids], capture_output=True)
-            undone = f"; cancelled the jobs it had queued: {', '.join(ids)}" if ids else ""
-            raise SubmitError(f"sbatch {path} failed: {proc.stderr.strip() or proc.stdout.strip()}{undone}")
-        ids.append(proc.stdout.strip().split(";")[0])
-        return ids[-1]
+        return sbatch_script(sbatch, log_dir / f"{name}.{stamp}.sbatch", script, ids)
 
     for s in scripts:
         array = queue(f"pre-{s['name']}", s["array"])
