@@ -398,13 +398,6 @@ class Engine:
         return StepResult(loss, norm, n_tokens, skipped=not math.isfinite(norm), lm_head=lm_head)
 
     @torch.no_grad()
-    def eval_loss(self, microbatches: list[dict]) -> float:
-        self.module.eval()
-        tokens = self._global_tokens(microbatches)
-        loss_sum = self._run_pipeline(microbatches, 1.0, forward_only=True)
-        return self._loss_and_tokens(loss_sum, tokens)[0]
-
-    @torch.no_grad()
     def eval_totals(self, microbatches: list[dict]) -> tuple[float, float]:
         """(summed token loss, trained tokens) of a global batch: for token-weighted means over
         several batches (a batch of padding rows gives (0, 0))."""

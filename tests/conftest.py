@@ -64,6 +64,22 @@ def tiny_recipe() -> Path:
     return TINY
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict[str, Path]:
+    """The offline fr/en/code demo corpus, 60 kB per language (preprocessing tests)."""
+    from megatron_ext.corpus import build_demo_corpus
+
+    return build_demo_corpus(tmp_path_factory.mktemp("demo"), max_bytes_per_lang=60_000)
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus, tmp_path_factory) -> Path:
+    """A 512-token BPE trained on :func:`corpus`."""
+    from megatron_ext.tokenizer import train_tokenizer
+
+    return train_tokenizer(list(corpus.values()), tmp_path_factory.mktemp("tok") / "bpe", vocab_size=512)
+
+
 # The engine parity matrix's settings (tests/test_engine_parity.py), shared with runs reused elsewhere.
 PARITY_STEPS = 10
 PARITY_COMMON = [f"train.steps={PARITY_STEPS}", "train.precision=fp32", "layout.micro_batch=2",

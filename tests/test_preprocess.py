@@ -51,15 +51,6 @@ def no_outputs(prefix: Path) -> bool:
     return not list(prefix.parent.glob(prefix.name + "*"))
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    return build_demo_corpus(tmp_path_factory.mktemp("demo"), max_bytes_per_lang=60_000)
-
-
-@pytest.fixture(scope="module")
-def bpe(corpus, tmp_path_factory) -> Path:
-    return train_tokenizer(list(corpus.values()), tmp_path_factory.mktemp("tok") / "bpe", vocab_size=512)
-
 
 @pytest.fixture(scope="module")
 def docs(corpus) -> list[str]:

@@ -28,15 +28,6 @@ from tools.preprocess_data import main  # noqa: E402
 TOOL = str(ROOT / "tools" / "preprocess_data.py")
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> dict[str, Path]:
-    return build_demo_corpus(tmp_path_factory.mktemp("demo"), max_bytes_per_lang=60_000)
-
-
-@pytest.fixture(scope="module")
-def bpe(corpus, tmp_path_factory) -> Path:
-    return train_tokenizer(list(corpus.values()), tmp_path_factory.mktemp("tok") / "bpe", vocab_size=512)
-
 
 @pytest.fixture(scope="module")
 def texts(corpus) -> list[str]:
@@ -249,11 +240,15 @@ def test_sigusr1_in_process_ends_like_ctrl_c(long_input, bpe, tmp_path, capsys):
     the previous handler back in place."""
     import threading
 
+    # Eight times the long input: the run must still be going when the signal comes 1.5 s in,
+    # even on an idle machine with the tokenizer warm (the plain long input can finish first).
+    longer = tmp_path.parent / f"{tmp_path.name}-longer.jsonl"
+    longer.write_text(long_input.read_text(encoding="utf-8") * 8, encoding="utf-8")
     before = signal.getsignal(signal.SIGUSR1)
     timer = threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGUSR1))
     timer.start()
     try:
-        code = main(["--input", str(long_input), "--output-prefix", str(tmp_path / "ds"), "--tokenizer", str(bpe),
+        code = main(["--input", str(longer), "--output-prefix", str(tmp_path / "ds"), "--tokenizer", str(bpe),
                      "--workers", "1", "--encoder", "hf", "--shard", "0/1", "--no-progress"])
     finally:
         timer.cancel()
