@@ -2,8 +2,8 @@
 """Checkpoint I/O per rank: measured on real CPU runs, and planned for the cluster recipes.
 
 (a) real 4-rank runs of the tiny recipe at (tp, pp, dp, zero) in (1,1,4,1), (2,1,2,1), (2,2,1,1),
-    (1,1,4,2): one run saves, a second resumes from it; every rank counts the checkpoint bytes it
-    read and wrote (checkpoint.IO_BYTES, written out with GAPERON_IO_STATS). The figure is the
+    (1,1,4,2): one run saves, a second resumes from it (at the same layout, then at a TP change
+    2 -> 1 and 1 -> 2); every rank counts the checkpoint bytes it read and wrote (checkpoint.IO_BYTES, written out with GAPERON_IO_STATS). The figure is the
     busiest rank over the ideal, ideal = checkpoint bytes / world size.
 (b) the same rules computed without data (plan.checkpoint_io) for the 1.5b / 8b / 24b recipes at
     their own cluster layouts, with the time at a stated file-system bandwidth per rank, and what
@@ -32,6 +32,7 @@ from megatron_ext.config import load_recipe  # noqa: E402
 from megatron_ext.plan import FS_BANDWIDTH_GBS, checkpoint_io  # noqa: E402
 
 LAYOUTS = [(1, 1, 4, 1), (2, 1, 2, 1), (2, 2, 1, 1), (1, 1, 4, 2)]
+TP_CHANGES = [((2, 1, 2, 1), (1, 1, 4, 1)), ((1, 1, 4, 1), (2, 1, 2, 1))]  # resumed at another TP degree
 
 
 def _port() -> int:
@@ -61,17 +62,18 @@ def measured() -> None:
     print("(a) measured, tiny recipe, fp32, 4 CPU ranks: bytes per rank (busiest / ideal)")
     print(f"| tp,pp,dp,zero | checkpoint bytes | ideal/rank | max written | ratio | max read | ratio |")
     print("|---|---|---|---|---|---|---|")
-    for layout in LAYOUTS:
+    for layout, resume_at in [(lay, lay) for lay in LAYOUTS] + TP_CHANGES:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "run"
             _run(out, Path(tmp) / "save", layout, steps=2)
-            _run(out, Path(tmp) / "load", layout, steps=3)  # resumes from step 2, then trains one more
+            _run(out, Path(tmp) / "load", resume_at, steps=3)  # resumes from step 2, then trains one more
             ckpt = out / "checkpoints" / "step_00000002"
             total = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
             ideal = total / 4
             wrote = max(_per_rank(Path(tmp) / "save", "written"))
             read = max(_per_rank(Path(tmp) / "load", "read"))
-            print(f"| {','.join(map(str, layout))} | {total:,} | {ideal:,.0f} | {wrote:,} | {wrote / ideal:.2f} "
+            name = ",".join(map(str, layout)) + ("" if resume_at == layout else " -> " + ",".join(map(str, resume_at)))
+            print(f"| {name} | {total:,} | {ideal:,.0f} | {wrote:,} | {wrote / ideal:.2f} "
                   f"| {read:,} | {read / ideal:.2f} |", flush=True)
 
 

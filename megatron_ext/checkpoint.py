@@ -8,8 +8,9 @@ moments as flat fragments, each written by the rank that owns it: under ZeRO-1/2
 partition (``param._hp_mapping``: no gather, no copy on the device), otherwise an even 1/dp of
 the replicated states. meta.json's index maps every (tensor, TP shard) to its fragments, so a
 reader takes exactly the element range it needs (safetensors slices are memory-mapped reads):
-see :class:`_ShardSource` for a resume, :meth:`CheckpointReader.get` for whole tensors (the HF
-converter, a TP change). A checkpoint resumes at any other TP/PP/DP/ZeRO.
+see :class:`_ShardSource` for a resume (:meth:`CheckpointReader.read_resharded` at another TP
+degree), :meth:`CheckpointReader.get` for whole tensors (the HF converter). A checkpoint resumes
+at any other TP/PP/DP/ZeRO.
 
 Directory ``<output_dir>/checkpoints``::
 
@@ -54,7 +55,7 @@ from safetensors.torch import save_file
 
 from .config import FUNCTION_KEYS, Recipe, dump_recipe, recipe_from_tree
 from .faults import maybe_kill
-from .sharding import is_norm_gain, merge, shard, te_name
+from .sharding import is_norm_gain, merge, shard, shard_blocks, split_dim, te_name
 
 REQUEUE_EXIT_CODE = 85  # the SLURM script requeues a job that exits with this after saving
 FORMAT_VERSION = 3  # 2: meta.json lists every file with its size; 3: flat fragments, written by their owners
@@ -352,7 +353,7 @@ class CheckpointReader:
     """The tensors of a checkpoint. Each canonical tensor is stored as its TP shards, each shard as
     flat fragments (whoever owned them wrote them, see :func:`save`); :meth:`read_range` reads
     only the bytes of the elements asked for (safetensors slices are memory-mapped reads), and
-    :meth:`get` assembles a whole canonical tensor (the converter's and a TP change's view)."""
+    :meth:`get` assembles a whole canonical tensor (the converter's view)."""
 
     def __init__(self, path: str | Path, verified: bool = False):
         """``verified``: ``path`` is a checkpoint dir already checked by :func:`find` (on rank 0),
@@ -446,6 +447,73 @@ class CheckpointReader:
         """The canonical tensor: every TP shard read whole and merged."""
         key = f"{kind}/{name}"
         return merge(name, [self.read_shard(key, t) for t in range(len(self.shards(key)))])
+
+    def _canonical_shape(self, key: str, name: str) -> list[int]:
+        stored, dim = self.shards(key), split_dim(name)
+        full = list(stored[0].shape)
+        if dim is not None and len(stored) > 1:
+            full[dim] = sum(s.shape[dim] for s in stored)
+        return full
+
+    def shard_numel(self, key: str, name: str, tp: int) -> int:
+        """Elements in the shard a ``tp``-way split of ``key`` gives each rank."""
+        n = math.prod(self._canonical_shape(key, name))
+        return n if split_dim(name) is None else n // tp
+
+    def read_resharded(self, key: str, name: str, tp: int, tp_rank: int, lo: int, hi: int) -> torch.Tensor:
+        """Elements [lo, hi) of the flattened shard that a ``tp``-way split gives ``tp_rank``,
+        whatever TP degree the checkpoint was written at. Only the stored rows that hold them are
+        read, so a TP change costs each rank its own share, not its whole pipeline stage: exactly
+        its share for row-split tensors; for column-split ones (attention output, MLP down
+        projection) whole stored rows, at most new TP / stored TP times the share."""
+        stored = self.shards(key)
+        if len(stored) == tp:
+            return self.read_range(key, tp_rank, lo, hi)
+        dim = split_dim(name)
+        if dim is None:  # replicated: each stored shard is the whole tensor
+            return self.read_range(key, 0, lo, hi)
+        full = self._canonical_shape(key, name)
+        new = shard_blocks(name, full[dim], tp, tp_rank)
+        old = [shard_blocks(name, full[dim], len(stored), k) for k in range(len(stored))]
+        if new is None or None in old or (dim == 1 and len(full) != 2):  # uneven: merge, then cut
+            return shard(name, self.get(name, key.split("/", 1)[0]), tp_rank, tp).reshape(-1)[lo:hi]
+        if dim == 0:
+            return self._rows_resharded(key, math.prod(full[1:]), new, old, lo, hi)
+        return self._columns_resharded(key, new[0], [b[0] for b in old], lo, hi)
+
+    def _rows_resharded(self, key, row: int, new, old, lo: int, hi: int) -> torch.Tensor:
+        """Row-split tensor: elements [lo, hi) of a shard made of canonical row blocks ``new``,
+        read from the stored shards whose blocks are ``old`` (k: that shard's blocks)."""
+        stored = []  # (first row, end row, stored shard, its row offset inside that shard)
+        for k, blocks in enumerate(old):
+            offset = 0
+            for a, b in blocks:
+                stored.append((a, b, k, offset))
+                offset += b - a
+        out, pos = [], 0
+        for a, b in new:
+            x, y = max(lo, pos) - pos + a * row, min(hi, pos + (b - a) * row) - pos + a * row  # canonical
+            for sa, sb, k, offset in sorted(stored):
+                u, v = max(x, sa * row), min(y, sb * row)
+                if u < v:
+                    out.append(self.read_range(key, k, u - (sa - offset) * row, v - (sa - offset) * row))
+            pos += (b - a) * row
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    def _columns_resharded(self, key, new: tuple[int, int], old: list[tuple[int, int]], lo: int,
+                           hi: int) -> torch.Tensor:
+        """Column-split 2-D tensor: elements [lo, hi) of the shard holding canonical columns
+        ``new``; the stored shard k holds columns ``old[k]``. Reads the rows [lo, hi) spans."""
+        c0, c1 = new
+        width = c1 - c0
+        r0, r1 = lo // width, -(-hi // width)
+        cols = []
+        for k, (a, b) in enumerate(old):
+            u, v = max(c0, a), min(c1, b)
+            if u < v:
+                rows = self.read_range(key, k, r0 * (b - a), r1 * (b - a)).view(r1 - r0, b - a)
+                cols.append(rows[:, u - a:v - a])
+        return torch.cat(cols, dim=1).reshape(-1)[lo - r0 * width:hi - r0 * width]
 
 
 # ---- the optimizer's view of a parameter ------------------------------------------------------
@@ -928,10 +996,10 @@ def _gather_flat(piece: torch.Tensor, n: int, group, size: int) -> torch.Tensor:
 class _ShardSource:
     """This rank's TP shard of each stored tensor, read with as few bytes as the layouts allow.
 
-    Same TP degree as the checkpoint: each DP rank reads an even 1/dp of a shard that every DP
-    rank needs whole (the weights; the Adam moments without ZeRO) and the DP group all-gathers
-    it, and a ZeRO partition reads just its own elements. A changed TP degree re-slices from the
-    merged canonical tensor, which reads the whole pipeline stage (a layout change, not a resume)."""
+    Each DP rank reads an even 1/dp of a shard that every DP rank needs whole (the weights; the
+    Adam moments without ZeRO) and the DP group all-gathers it; a ZeRO partition reads just its
+    own elements. At a changed TP degree the same ranges come from the stored shards that hold
+    them (:meth:`CheckpointReader.read_resharded`), so no rank reads its whole stage."""
 
     def __init__(self, reader: CheckpointReader, device):
         from megatron.core import parallel_state as ps
@@ -941,25 +1009,22 @@ class _ShardSource:
         self.group = ps.get_data_parallel_group()
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
-    def same_tp(self, key: str) -> bool:
-        return len(self.reader.shards(key)) == self.tp
+    def _check(self, key: str, name: str, shape: tuple[int, ...]) -> int:
+        n, stored = math.prod(shape), self.reader.shard_numel(key, name, self.tp)
+        if stored != n:
+            raise CheckpointError(f"{name}: the checkpoint's shard has {stored} elements at tp {self.tp}, "
+                                  f"the model's {shape} has {n}: it was saved from a different model shape")
+        return n
 
     def whole(self, key: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        n = math.prod(shape)
-        if not self.same_tp(key):
-            kind = key.split("/", 1)[0]
-            return shard(name, self.reader.get(name, kind), self.tp_rank, self.tp).reshape(-1).to(self.device)
-        stored = self.reader.shards(key)[self.tp_rank].shape
-        if math.prod(stored) != n:
-            raise CheckpointError(f"{name}: checkpoint shape {stored} does not match the model's {shape}")
+        n = self._check(key, name, shape)
         lo, hi = even_range(n, self.dp_rank, self.dp)
-        piece = self.reader.read_range(key, self.tp_rank, lo, hi).to(self.device)
+        piece = self.reader.read_resharded(key, name, self.tp, self.tp_rank, lo, hi).to(self.device)
         return _gather_flat(piece, n, self.group, self.dp) if self.dp > 1 else piece
 
     def part(self, key: str, name: str, shape: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
-        if not self.same_tp(key):
-            return self.whole(key, name, shape)[lo:hi]
-        return self.reader.read_range(key, self.tp_rank, lo, hi).to(self.device)
+        self._check(key, name, shape)
+        return self.reader.read_resharded(key, name, self.tp, self.tp_rank, lo, hi).to(self.device)
 
 
 def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
@@ -989,8 +1054,6 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
                                           f"{name}; load it with checkpoint.init_mode=model")
             want = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
             weight = source.whole(f"model/{name}", name, want)
-            if weight.numel() != math.prod(want):
-                raise CheckpointError(f"{name}: checkpoint shape does not match the model's {want}")
             mapping = getattr(param, "_hp_mapping", _ABSENT)
             if mapping is _ABSENT:  # no ZeRO partition (or ZeRO-3): every state whole
                 values = {"model": weight.view(want)}

@@ -44,6 +44,23 @@ def shard(name: str, full: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Te
     return full.chunk(tp_size, dim=dim)[tp_rank]
 
 
+def shard_blocks(name: str, size: int, tp_size: int, tp_rank: int) -> list[tuple[int, int]] | None:
+    """Where :func:`shard` takes TP rank ``tp_rank``'s part from, as [start, end) intervals of the
+    split dimension (of length ``size``) in the order the shard holds them: one block, or the gate
+    block then the up block of a gated MLP. None when the split is uneven (torch.chunk would give
+    unequal parts): callers then take the whole tensor."""
+    if name.endswith(_GATED):
+        half = size // 2
+        if size % 2 or half % tp_size:
+            return None
+        w = half // tp_size
+        return [(tp_rank * w, (tp_rank + 1) * w), (half + tp_rank * w, half + (tp_rank + 1) * w)]
+    if size % tp_size:
+        return None
+    w = size // tp_size
+    return [(tp_rank * w, (tp_rank + 1) * w)]
+
+
 def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
     """Inverse of :func:`shard`: the canonical tensor from every TP rank's shard, in rank order."""
     dim = split_dim(name)
