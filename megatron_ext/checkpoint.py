@@ -217,9 +217,11 @@ def shape_mismatch(saved: Recipe, recipe: Recipe, ckpt: Path) -> str | None:
             "model. Use the checkpoint's model shape, or another train.output_dir")
 
 
-def function_mismatch(saved: Recipe, recipe: Recipe, ckpt: Path) -> tuple[str | None, list[str]]:
+def function_mismatch(saved: Recipe, recipe: Recipe, ckpt: Path, resume: bool = False) -> tuple[str | None, list[str]]:
     """(refusal, notes) for starting from ``ckpt``: a model field of FUNCTION_KEYS that differs is
-    refused, naming both values, unless checkpoint.init_allow_changes lists it (then a note)."""
+    refused, naming both values, unless checkpoint.init_allow_changes lists it (then a note).
+    ``resume``: ``ckpt`` is the run's own (a requeued job re-reads a recipe someone may have
+    edited since), not ``checkpoint.init_from``."""
     allowed = set(recipe.checkpoint.init_allow_changes)
     diffs = {k: (getattr(saved.model, k), getattr(recipe.model, k)) for k in FUNCTION_KEYS
              if getattr(saved.model, k) != getattr(recipe.model, k)}
@@ -234,7 +236,8 @@ def function_mismatch(saved: Recipe, recipe: Recipe, ckpt: Path) -> tuple[str | 
         return None, notes
     was = ", ".join(f"model.{k}={show(a)}" for k, (a, _) in refused.items())
     now = ", ".join(f"model.{k}={show(b)}" for k, (_, b) in refused.items())
-    return (f"checkpoint.init_from={ckpt} was trained with {was}, but this recipe has {now}: the weights would load "
+    source = f"the run's checkpoint {ckpt}" if resume else f"checkpoint.init_from={ckpt}"
+    return (f"{source} was trained with {was}, but this recipe has {now}: the weights would load "
             f"and compute something else. Set {was} (the checkpoint's), or for a deliberate change (e.g. a context "
             f"extension) list it in checkpoint.init_allow_changes: [{', '.join(refused)}]"), notes
 
@@ -289,7 +292,7 @@ def plan_start(recipe: Recipe) -> Start:
     if found.path is not None:
         meta = read_meta(found.path)
         saved = _saved_recipe(found.path, meta)
-        why = shape_mismatch(saved, recipe, found.path)
+        why = shape_mismatch(saved, recipe, found.path) or function_mismatch(saved, recipe, found.path, resume=True)[0]
         if why:
             raise CheckpointError(why)
         return Start(resume=found.path, notes=tuple(found.notes + resume_changes(saved, recipe, meta)))

@@ -268,7 +268,8 @@ def split_fractions(split: str) -> Optional[tuple[float, float, float]]:
 
 
 # Model fields that change what trained weights compute without changing any tensor's shape: a
-# phase started from a checkpoint keeps them, unless checkpoint.init_allow_changes names them.
+# phase started from a checkpoint, or a run resumed from its own, keeps them, unless
+# checkpoint.init_allow_changes names them.
 FUNCTION_KEYS = ("rope_theta", "rope_scaling", "norm_eps", "max_position_embeddings")
 
 
@@ -281,7 +282,8 @@ class CheckpointConfig(_Strict):
     Either way step, schedule and consumed samples restart for the new phase. The parent's model
     section must match this recipe's in every field of FUNCTION_KEYS, except those listed in
     ``init_allow_changes`` (a deliberate change, e.g. a context extension: rope_scaling,
-    max_position_embeddings, rope_theta).
+    max_position_embeddings, rope_theta). A resume of the run's own checkpoint is held to the same
+    rule (a requeued job re-reads a recipe file that may have been edited since).
     ``async_save``: training pauses only to copy each rank's share to host memory; a background
     thread writes it, and the checkpoint is committed (``latest`` moved) at the first step
     boundary where every rank has written its files.

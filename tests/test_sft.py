@@ -700,6 +700,16 @@ def test_init_from_refuses_a_model_that_computes_otherwise(work, finetuned):
     with pytest.raises(RecipeError, match="init_allow_changes"):
         load_recipe(SFT_TINY, [*base, "checkpoint.init_allow_changes=[hidden_size]"])
 
+    # The same on a plain resume of the run itself (a requeue re-reads an edited recipe).
+    own = [*base[:2], "checkpoint.init_from=null", f"train.output_dir={finetuned}", *LEARN]
+    assert checkpoint.plan_start(load_recipe(SFT_TINY, own)).resume is not None
+    with pytest.raises(checkpoint.CheckpointError, match=r"the run's checkpoint .* was trained with "
+                       r"model.rope_theta=500000.0, but this recipe has model.rope_theta=10000.0"):
+        checkpoint.plan_start(load_recipe(SFT_TINY, [*own, "model.rope_theta=10000"]))
+    start = checkpoint.plan_start(load_recipe(SFT_TINY, [*own, "model.rope_theta=10000",
+                                                         "checkpoint.init_allow_changes=[rope_theta]"]))
+    assert start.resume is not None and any("model.rope_theta" in n for n in start.notes), start.notes
+
 
 def test_sft_learns_to_reverse_words(work, finetuned, megatron_cpu):
     from conftest import read_metrics
