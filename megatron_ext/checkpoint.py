@@ -4,13 +4,14 @@ Why our own format rather than DeepSpeed's: DeepSpeed files are per (mp rank, dp
 checkpoint to its layout (changing it needs the offline universal-checkpoint converter), and
 Megatron's dist_checkpointing cannot see inside DeepSpeed's ZeRO optimizer. We store, per
 canonical parameter name (see sharding.py), each TP shard of the master weight and of the two Adam
-moments as flat fragments, each written by the rank that owns it: under ZeRO-1/2 DeepSpeed's own
-partition (``param._hp_mapping``: no gather, no copy on the device), otherwise an even 1/dp of
-the replicated states. meta.json's index maps every (tensor, TP shard) to its fragments, so a
+moments as flat fragments, each written by the rank that owns it: under ZeRO DeepSpeed's own
+partition (ZeRO-1/2: ``param._hp_mapping``; ZeRO-3: the parameter's partition, padding trimmed;
+views of its buffers: no gather, no copy on the device), otherwise an even 1/dp of the
+replicated states. meta.json's index maps every (tensor, TP shard) to its fragments, so a
 reader takes exactly the element range it needs (safetensors slices are memory-mapped reads):
 see :class:`_ShardSource` for a resume (:meth:`CheckpointReader.read_resharded` at another TP
-degree), :meth:`CheckpointReader.get` for whole tensors (the HF converter). A checkpoint resumes
-at any other TP/PP/DP/ZeRO.
+degree; under ZeRO-3 a rank reads and sets only its own partition), :meth:`CheckpointReader.get`
+for whole tensors (the HF converter). A checkpoint resumes at any other TP/PP/DP/ZeRO.
 
 Directory ``<output_dir>/checkpoints``::
 
@@ -341,11 +342,13 @@ class Shard:
         return math.prod(self.shape)
 
 
-IO_BYTES = {"read": 0, "written": 0}  # this process's checkpoint I/O, for benchmarks/bench_checkpoint.py
+# This process's checkpoint I/O, for benchmarks/bench_checkpoint.py: bytes read, written, and
+# received from other DP ranks by the load's all-gathers (none under ZeRO-3).
+IO_BYTES = {"read": 0, "written": 0, "gathered": 0}
 
 
 def report_io(rank: int) -> None:
-    """With GAPERON_IO_STATS=DIR, write this rank's checkpoint bytes read and written to DIR."""
+    """With GAPERON_IO_STATS=DIR, write this rank's checkpoint bytes read, written and gathered to DIR."""
     where = os.environ.get("GAPERON_IO_STATS")
     if where:
         Path(where).mkdir(parents=True, exist_ok=True)
@@ -568,16 +571,23 @@ def relink_optimizer_states(engine) -> None:
 
 
 def _get_states(engine, param) -> dict[str, torch.Tensor | None]:
-    """Full (un-ZeRO-partitioned) master weight and Adam moments of this rank's TP shard.
-    Collective over the data-parallel group under ZeRO."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    """Master weight and Adam moments of this rank's TP shard where they are not ZeRO-partitioned
+    (no DeepSpeed wrapper: the parameter is its own master copy)."""
+    if not _plain(engine):
+        raise CheckpointError(f"internal error: a parameter of shape {tuple(param.shape)} has neither a ZeRO "
+                              "partition nor replicated states")
+    st = _base_optimizer(engine).state.get(param, {})
+    return {"model": param.detach(), "exp_avg": st.get("exp_avg"), "exp_avg_sq": st.get("exp_avg_sq")}
 
-    if _plain(engine):
-        st = _base_optimizer(engine).state.get(param, {})
-        return {"model": param.detach(), "exp_avg": st.get("exp_avg"), "exp_avg_sq": st.get("exp_avg_sq")}
-    return {"model": safe_get_full_fp32_param(param),
-            "exp_avg": safe_get_full_optimizer_state(param, "exp_avg"),
-            "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq")}
+
+def _zero3_range(param) -> tuple[int, int, int]:
+    """ZeRO-3: the flat range [lo, hi) of ``param`` that this rank's partition holds, and the
+    partition's size p. DeepSpeed pads the tensor to dp * p elements, p = ceil(n / dp), and DP
+    rank r holds elements [r * p, (r + 1) * p): the last partition ends in padding, and a rank
+    with r * p >= n holds nothing but padding (n = 5 at dp = 4: p = 2, rank 3)."""
+    size = param.ds_tensor.ds_numel
+    lo = dist.get_rank(group=param.ds_process_group) * size
+    return min(lo, param.ds_numel), min(lo + size, param.ds_numel), size
 
 
 def _adam_step(engine) -> int:
@@ -670,9 +680,20 @@ def even_range(n: int, rank: int, size: int) -> tuple[int, int]:
 def _owned(engine, param, dp_rank: int, dp_size: int) -> tuple[int, dict[str, torch.Tensor]]:
     """The flat range of this rank's TP shard of ``param`` that this DP rank writes (its start),
     and the master weight and Adam moments over it. Under ZeRO-1/2 that is DeepSpeed's own
-    partition (views of its flat buffers: no copy, no collective); without ZeRO the states are
-    replicated and each DP rank writes an even 1/dp of them; under ZeRO-3 the full states are
-    gathered first (a collective), then split the same way."""
+    partition (views of its flat buffers: no copy, no collective); under ZeRO-3 it is the
+    parameter's own partition, trimmed of its padding (views as well, see :func:`_zero3_range`);
+    without ZeRO the states are replicated and each DP rank writes an even 1/dp of them."""
+    if hasattr(param, "ds_id"):  # ZeRO-3
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        lo, hi, _ = _zero3_range(param)
+        out = {"model": safe_get_local_fp32_param(param)}
+        for kind in ("exp_avg", "exp_avg_sq"):
+            try:
+                out[kind] = safe_get_local_optimizer_state(param, kind)
+            except KeyError:  # no optimizer state yet
+                pass
+        return lo, {k: t[:hi - lo] for k, t in out.items() if t is not None}
     mapping = getattr(param, "_hp_mapping", _ABSENT)
     if mapping is None:  # none of this parameter lies in this rank's partition
         return 0, {}
@@ -822,7 +843,7 @@ def _stage(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) ->
         names = canonical_names(chunk)
         for module_name, param in chunk.named_parameters():
             pname = names[module_name]
-            start, owned = _owned(engine, param, dp_rank, dp_size)  # collective only under ZeRO-3
+            start, owned = _owned(engine, param, dp_rank, dp_size)  # no collective
             shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
             for kind, t in owned.items():
                 if t.numel() == 0:
@@ -949,26 +970,40 @@ def preflight(recipe: Recipe) -> None:
 
 # ---- loading ---------------------------------------------------------------------------------
 def _set_states(engine, param, values: dict[str, torch.Tensor]) -> None:
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+    """Without ZeRO: the parameter (its own master copy) and its Adam moments, whole."""
+    param.data.copy_(values["model"].to(param.dtype))
+    if "exp_avg" in values and _plain(engine):
+        st = _base_optimizer(engine).state[param]
+        st["exp_avg"] = values["exp_avg"].to(param.device, param.dtype).clone()
+        st["exp_avg_sq"] = values["exp_avg_sq"].to(param.device, param.dtype).clone()
 
-    master = values["model"]
-    if hasattr(param, "ds_id"):  # ZeRO-3: the model weight itself is partitioned
-        import deepspeed
 
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            param.data.copy_(master.to(param.dtype))
-    else:
-        param.data.copy_(master.to(param.dtype))
-    if _plain(engine):
-        if "exp_avg" in values:
-            st = _base_optimizer(engine).state[param]
-            st["exp_avg"] = values["exp_avg"].to(param.device, param.dtype).clone()
-            st["exp_avg_sq"] = values["exp_avg_sq"].to(param.device, param.dtype).clone()
-        return
-    safe_set_full_fp32_param(param, master.to(torch.float32))
-    for kind in ("exp_avg", "exp_avg_sq"):
-        if kind in values:
-            safe_set_full_optimizer_state(param, values[kind].to(torch.float32), kind)
+def _set_zero3_partition(param, source: "_ShardSource", name: str, shape: tuple[int, ...], moments: tuple,
+                         gain_ratio: float) -> None:
+    """ZeRO-3: this rank's partition of the master weight, of the Adam moments and of the
+    model's own (low-precision) weight, from only the elements it holds (see :func:`_zero3_range`):
+    no gather, no whole tensor on any rank."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    if param.ds_status == ZeroParamStatus.AVAILABLE:
+        param.partition()  # drop a whole copy (a persistent parameter): the next forward gathers the new partitions
+    lo, hi, size = _zero3_range(param)
+    for kind in ("model", *moments):  # on every rank, even one that holds only padding
+        source.check(f"{kind}/{name}", name, shape)
+    if hi <= lo:
+        return  # this rank's partition is all padding
+    values = {k: source.part(f"{k}/{name}", name, shape, lo, hi) for k in ("model", *moments)}
+    if is_norm_gain(name) and gain_ratio != 1.0:
+        _rescale_gain(values, gain_ratio)
+    param.ds_tensor.data[:hi - lo].copy_(values["model"])
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # DeepSpeed sets whole partitions, padding included
+        return torch.nn.functional.pad(t.float(), (0, size - (hi - lo)))
+
+    safe_set_local_fp32_param(param, padded(values["model"]))
+    for kind in moments:
+        safe_set_local_optimizer_state(param, padded(values[kind]), kind)
 
 
 def _rescale_gain(values: dict[str, torch.Tensor], ratio: float) -> None:
@@ -993,6 +1028,7 @@ def _gather_flat(piece: torch.Tensor, n: int, group, size: int) -> torch.Tensor:
     padded[:piece.numel()] = piece
     out = torch.empty(chunk * size, dtype=piece.dtype, device=piece.device)
     dist.all_gather_into_tensor(out, padded, group=group)
+    IO_BYTES["gathered"] += out.numel() * out.element_size()
     return out[:n]
 
 
@@ -1012,7 +1048,7 @@ class _ShardSource:
         self.group = ps.get_data_parallel_group()
         self.dp, self.dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
 
-    def _check(self, key: str, name: str, shape: tuple[int, ...]) -> int:
+    def check(self, key: str, name: str, shape: tuple[int, ...]) -> int:
         n, stored = math.prod(shape), self.reader.shard_numel(key, name, self.tp)
         if stored != n:
             raise CheckpointError(f"{name}: the checkpoint's shard has {stored} elements at tp {self.tp}, "
@@ -1020,13 +1056,13 @@ class _ShardSource:
         return n
 
     def whole(self, key: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        n = self._check(key, name, shape)
+        n = self.check(key, name, shape)
         lo, hi = even_range(n, self.dp_rank, self.dp)
         piece = self.reader.read_resharded(key, name, self.tp, self.tp_rank, lo, hi).to(self.device)
         return _gather_flat(piece, n, self.group, self.dp) if self.dp > 1 else piece
 
     def part(self, key: str, name: str, shape: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
-        self._check(key, name, shape)
+        self.check(key, name, shape)
         return self.reader.read_resharded(key, name, self.tp, self.tp_rank, lo, hi).to(self.device)
 
 
@@ -1056,9 +1092,12 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
                     raise CheckpointError(f"checkpoint {reader.path} has no optimizer state for "
                                           f"{name}; load it with checkpoint.init_mode=model")
             want = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
+            if hasattr(param, "ds_id"):  # ZeRO-3: only this rank's partition is read and set
+                _set_zero3_partition(param, source, name, want, moments, gain_ratio)
+                continue
             weight = source.whole(f"model/{name}", name, want)
             mapping = getattr(param, "_hp_mapping", _ABSENT)
-            if mapping is _ABSENT:  # no ZeRO partition (or ZeRO-3): every state whole
+            if mapping is _ABSENT:  # no ZeRO partition: every state whole
                 values = {"model": weight.view(want)}
                 values.update({k: source.whole(f"{k}/{name}", name, want).view(want) for k in moments})
                 if is_norm_gain(name) and gain_ratio != 1.0:

@@ -2,11 +2,15 @@
 layout, rotation, loss health, unwritable output."""
 from __future__ import annotations
 
+import inspect
 import json
+import math
+import shutil
 
 import pytest
 
 from conftest import TINY, cpu_env, launch, layout_overrides, per_step, read_metrics
+from megatron_ext import checkpoint
 
 STEPS = 20
 COMMON = [f"train.steps={STEPS}", "train.precision=fp32", "train.tensorboard=false", "checkpoint.interval=5"]
@@ -71,6 +75,45 @@ def test_resume_at_another_dp_size_and_zero_stage(tmp_path):
     expected, got = per_step(ref), per_step(out)
     for step in range(11, STEPS + 1):
         assert abs(got[step] - expected[step]) <= 1e-4 * abs(expected[step]), step
+
+
+def test_zero3_writes_and_reads_only_each_ranks_partition(tmp_path, monkeypatch):
+    """dp 2 x ZeRO-3: each rank writes its own partition and, on resume, reads and sets only that
+    (no gather: DeepSpeed's safe_get_full_* / GatheredParameters put a full fp32 copy of every
+    tensor on every rank); a SIGTERM resume is exact, and the checkpoint resumes at ZeRO-1."""
+    source = inspect.getsource(checkpoint)
+    for gather in ("safe_get_full_", "safe_set_full_", "GatheredParameters", "get_full_hp_param"):
+        assert gather not in source, f"checkpoint.py gathers whole ZeRO-3 tensors again ({gather})"
+    layout, steps = dict(dp=2, zero=3), 12
+    ref, out, stats = tmp_path / "ref", tmp_path / "run", tmp_path / "io"
+    run(2, ref, layout, f"train.steps={steps}")
+    term = run(2, out, layout, f"train.steps={steps}", fault="sigterm:7", check=False)
+    assert "SIGTERM: saved step 7" in term.stdout, term.stdout[-2000:] + term.stderr[-3000:]
+    files = json.loads((out / "checkpoints" / "step_00000007" / "meta.json").read_text())["files"]
+    written = [files[f"tp00_pp00_w{r:03d}.safetensors"] for r in range(2)]
+    assert abs(written[0] - written[1]) <= 0.03 * max(written), written  # each rank wrote half
+
+    monkeypatch.setenv("GAPERON_IO_STATS", str(stats))
+    resumed = run(2, out, layout, f"train.steps={steps}")
+    monkeypatch.delenv("GAPERON_IO_STATS")
+    assert "at step 7" in resumed.stdout
+    io = [json.loads(p.read_text()) for p in sorted(stats.glob("rank*.json"))]
+    assert len(io) == 2 and all(r["read"] <= 1.1 * sum(written) / 2 for r in io), (io, written)
+    assert all(r["gathered"] == 0 for r in io), io  # no rank received another rank's partition
+    expected, got = per_step(ref), per_step(out)
+    assert sorted(got) == list(range(1, steps + 1))
+    for step in expected:  # fp32 on CPU: bitwise identical
+        assert got[step] == expected[step], f"step {step}: {got[step]} != {expected[step]}"
+
+    z1 = tmp_path / "zero1" / "checkpoints"  # the reference's ZeRO-3 step 10, resumed at ZeRO-1
+    shutil.copytree(ref / "checkpoints" / "step_00000010", z1 / "step_00000010")
+    (z1 / "latest").write_text("step_00000010\n")
+    resumed = run(2, z1.parent, dict(dp=2, zero=1), f"train.steps={steps}")
+    assert "at step 10" in resumed.stdout
+    got = per_step(z1.parent)
+    assert sorted(got) == list(range(11, steps + 1))
+    for step in got:  # ZeRO-1 reduces gradients in another order than ZeRO-3: close, not bitwise
+        assert math.isfinite(got[step]) and abs(got[step] - expected[step]) <= 1e-4 * expected[step], step
 
 
 def test_interleaved_pipeline_checkpoint_resumes_without_pipeline(tmp_path):
