@@ -7,7 +7,7 @@ canonical parameter name (see sharding.py), each TP shard of the master weight a
 moments as flat fragments, each written by the rank that owns it: under ZeRO DeepSpeed's own
 partition (ZeRO-1/2: ``param._hp_mapping``; ZeRO-3: the parameter's partition, padding trimmed;
 views of its buffers: no gather, no copy on the device), otherwise an even 1/dp of the
-replicated states. meta.json's index maps every (tensor, TP shard) to its fragments, so a
+stage's replicated states, cut end to end (:func:`replicated_shares`). meta.json's index maps every (tensor, TP shard) to its fragments, so a
 reader takes exactly the element range it needs (safetensors slices are memory-mapped reads):
 see :class:`_ShardSource` for a resume (:meth:`CheckpointReader.read_resharded` at another TP
 degree; under ZeRO-3 a rank reads and sets only its own partition), :meth:`CheckpointReader.get`
@@ -677,12 +677,28 @@ def even_range(n: int, rank: int, size: int) -> tuple[int, int]:
     return min(n, rank * chunk), min(n, (rank + 1) * chunk)
 
 
-def _owned(engine, param, dp_rank: int, dp_size: int) -> tuple[int, dict[str, torch.Tensor]]:
+def replicated_shares(engine, dp_rank: int, dp_size: int) -> dict[int, tuple[int, int]]:
+    """Without ZeRO every DP rank holds the same states: which flat range of each parameter
+    (by ``id``) this DP rank writes. The stage's parameters, end to end, are cut into dp even
+    ranges (as ZeRO-1 cuts its flat buffer), so each rank writes 1/dp of the bytes and a tensor
+    is split only where a cut falls in it: meta.json's index grows by dp fragments per stage,
+    not dp per tensor."""
+    params = [p for chunk in engine.chunks for p in chunk.parameters()]
+    lo, hi = even_range(sum(p.numel() for p in params), dp_rank, dp_size)
+    shares, offset = {}, 0
+    for p in params:
+        shares[id(p)] = (min(max(lo - offset, 0), p.numel()), min(max(hi - offset, 0), p.numel()))
+        offset += p.numel()
+    return shares
+
+
+def _owned(engine, param, shares: dict[int, tuple[int, int]]) -> tuple[int, dict[str, torch.Tensor]]:
     """The flat range of this rank's TP shard of ``param`` that this DP rank writes (its start),
     and the master weight and Adam moments over it. Under ZeRO-1/2 that is DeepSpeed's own
     partition (views of its flat buffers: no copy, no collective); under ZeRO-3 it is the
     parameter's own partition, trimmed of its padding (views as well, see :func:`_zero3_range`);
-    without ZeRO the states are replicated and each DP rank writes an even 1/dp of them."""
+    without ZeRO the states are replicated and each DP rank writes its range in ``shares``
+    (:func:`replicated_shares`)."""
     if hasattr(param, "ds_id"):  # ZeRO-3
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
@@ -705,9 +721,10 @@ def _owned(engine, param, dp_rank: int, dp_size: int) -> tuple[int, dict[str, to
             except (KeyError, ValueError, TypeError):  # no optimizer state yet
                 pass
         return mapping.lp_fragment_address.start, out
-    states = _get_states(engine, param)
-    lo, hi = even_range(states["model"].numel(), dp_rank, dp_size)
-    return lo, {k: t.reshape(-1)[lo:hi] for k, t in states.items() if t is not None}
+    lo, hi = shares[id(param)]
+    if lo == hi:
+        return 0, {}
+    return lo, {k: t.reshape(-1)[lo:hi] for k, t in _get_states(engine, param).items() if t is not None}
 
 
 _HOST_BUFFERS: dict[str, torch.Tensor] = {}  # pinned host copies, reused from one save to the next
@@ -838,12 +855,12 @@ def _stage(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) ->
     relink_optimizer_states(engine)
     # bf16-pure holds every state in bf16 (DeepSpeed's getters hand them back as fp32): store bf16.
     store_dtype = torch.bfloat16 if recipe.train.precision == "bf16-pure" else None
-    fragments, entries = {}, []
+    fragments, entries, shares = {}, [], replicated_shares(engine, dp_rank, dp_size)
     for chunk in engine.chunks:
         names = canonical_names(chunk)
         for module_name, param in chunk.named_parameters():
             pname = names[module_name]
-            start, owned = _owned(engine, param, dp_rank, dp_size)  # no collective
+            start, owned = _owned(engine, param, shares)  # no collective
             shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
             for kind, t in owned.items():
                 if t.numel() == 0:
