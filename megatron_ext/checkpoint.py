@@ -7,8 +7,9 @@ canonical parameter name (see sharding.py), each TP shard of the master weight a
 moments as flat fragments, each written by the rank that owns it: under ZeRO DeepSpeed's own
 partition (ZeRO-1/2: ``param._hp_mapping``; ZeRO-3: the parameter's partition, padding trimmed;
 views of its buffers: no gather, no copy on the device), otherwise an even 1/dp of the
-stage's replicated states, cut end to end (:func:`replicated_shares`). meta.json's index maps every (tensor, TP shard) to its fragments, so a
-reader takes exactly the element range it needs (safetensors slices are memory-mapped reads):
+stage's replicated states, cut end to end (:func:`replicated_shares`). meta.json's index maps
+every (tensor, TP shard) to its fragments, so a reader takes exactly the element range it needs
+(safetensors slices are memory-mapped reads):
 see :class:`_ShardSource` for a resume (:meth:`CheckpointReader.read_resharded` at another TP
 degree; under ZeRO-3 a rank reads and sets only its own partition), :meth:`CheckpointReader.get`
 for whole tensors (the HF converter). A checkpoint resumes at any other TP/PP/DP/ZeRO.
