@@ -78,3 +78,24 @@ def test_resharded_ranges_equal_the_cut_canonical_tensor(tmp_path, stored_tp):
                         assert read <= rows * full.shape[1] // min(tp, stored_tp) * 4, (name, read)
                     else:
                         assert read == share, (name, stored_tp, tp, rank, lo, hi, read, share)
+
+
+@pytest.mark.parametrize("dp", [1, 3, 4, 64])
+def test_replicated_shares_cut_the_stage_end_to_end(dp):
+    """Without ZeRO the DP ranks write the stage's parameters end to end in dp even ranges: every
+    parameter is tiled exactly once, no rank writes more than ceil(total / dp) elements, and a
+    tensor is cut only where a range ends inside it (dp - 1 cuts in all, not dp per tensor)."""
+    from types import SimpleNamespace
+
+    chunks = [torch.nn.Sequential(torch.nn.Linear(8, 24), torch.nn.LayerNorm(24)), torch.nn.Linear(24, 5)]
+    engine = SimpleNamespace(chunks=chunks)
+    params = [p for c in chunks for p in c.parameters()]
+    total = sum(p.numel() for p in params)
+    shares = [checkpoint.replicated_shares(engine, r, dp) for r in range(dp)]
+    for p in params:
+        ranges = sorted(s[id(p)] for s in shares if s[id(p)][0] < s[id(p)][1])
+        assert ranges[0][0] == 0 and ranges[-1][1] == p.numel()
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), ranges
+    assert max(sum(hi - lo for lo, hi in s.values()) for s in shares) == -(-total // dp)
+    fragments = sum(1 for s in shares for lo, hi in s.values() if lo < hi)
+    assert fragments <= len(params) + dp - 1, (fragments, len(params), dp)
