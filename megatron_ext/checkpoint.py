@@ -497,10 +497,11 @@ class CheckpointReader:
             for a, b in blocks:
                 stored.append((a, b, k, offset))
                 offset += b - a
+        stored.sort()
         out, pos = [], 0
         for a, b in new:
             x, y = max(lo, pos) - pos + a * row, min(hi, pos + (b - a) * row) - pos + a * row  # canonical
-            for sa, sb, k, offset in sorted(stored):
+            for sa, sb, k, offset in stored:
                 u, v = max(x, sa * row), min(y, sb * row)
                 if u < v:
                     out.append(self.read_range(key, k, u - (sa - offset) * row, v - (sa - offset) * row))
@@ -571,13 +572,19 @@ def relink_optimizer_states(engine) -> None:
         opt._lazy_init_hp_params_optimizer_state()
 
 
-def _get_states(engine, param) -> dict[str, torch.Tensor | None]:
-    """Master weight and Adam moments of this rank's TP shard where they are not ZeRO-partitioned
-    (no DeepSpeed wrapper: the parameter is its own master copy)."""
+def _replicated_states(engine, param) -> dict:
+    """AdamW's state table, for a parameter that no ZeRO stage partitions (no DeepSpeed wrapper:
+    the parameter is its own master copy); anything else here is a bug, not a checkpoint to
+    write or load without its moments."""
     if not _plain(engine):
         raise CheckpointError(f"internal error: a parameter of shape {tuple(param.shape)} has neither a ZeRO "
                               "partition nor replicated states")
-    st = _base_optimizer(engine).state.get(param, {})
+    return _base_optimizer(engine).state
+
+
+def _get_states(engine, param) -> dict[str, torch.Tensor | None]:
+    """Master weight and Adam moments of this rank's TP shard where they are not ZeRO-partitioned."""
+    st = _replicated_states(engine, param).get(param, {})
     return {"model": param.detach(), "exp_avg": st.get("exp_avg"), "exp_avg_sq": st.get("exp_avg_sq")}
 
 
@@ -989,9 +996,10 @@ def preflight(recipe: Recipe) -> None:
 # ---- loading ---------------------------------------------------------------------------------
 def _set_states(engine, param, values: dict[str, torch.Tensor]) -> None:
     """Without ZeRO: the parameter (its own master copy) and its Adam moments, whole."""
+    states = _replicated_states(engine, param)
     param.data.copy_(values["model"].to(param.dtype))
-    if "exp_avg" in values and _plain(engine):
-        st = _base_optimizer(engine).state[param]
+    if "exp_avg" in values:
+        st = states[param]
         st["exp_avg"] = values["exp_avg"].to(param.device, param.dtype).clone()
         st["exp_avg_sq"] = values["exp_avg_sq"].to(param.device, param.dtype).clone()
 
