@@ -12,6 +12,8 @@ EMBEDDING = (VocabParallel("embedding.word_embeddings.weight", "model.embed_toke
 FINAL = (Norm("decoder.final_layernorm.weight", "model.norm.weight"),
          VocabParallel("output_layer.weight", "lm_head.weight"))
 
+INPUT_NORM = Norm("input_layernorm.weight", "input_layernorm.weight")
+PRE_MLP_NORM = Norm("pre_mlp_layernorm.weight", "post_attention_layernorm.weight")
 QKV = FusedQKV("self_attention.linear_qkv.weight",
                ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"))
 O_PROJ = RowParallel("self_attention.linear_proj.weight", "self_attn.o_proj.weight")
@@ -24,10 +26,7 @@ LLAMA = Family(
     architecture="LlamaForCausalLM", model_type="llama",
     model={"block": "llama", "qk_layernorm": False},
     head=EMBEDDING, tail=FINAL,
-    layer=(Norm("input_layernorm.weight", "input_layernorm.weight"),
-           QKV, O_PROJ,
-           Norm("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-           GATE_UP, DOWN),
+    layer=(INPUT_NORM, QKV, O_PROJ, PRE_MLP_NORM, GATE_UP, DOWN),
     config=lambda cfg, m: {**cfg, "mlp_bias": False, "pretraining_tp": 1},
     refuse=lambda cfg: ["mlp_bias is true; our MLP has no biases"] if cfg.get("mlp_bias") else [],
 )
@@ -39,12 +38,10 @@ QWEN3 = Family(
     architecture="Qwen3ForCausalLM", model_type="qwen3",
     model={"block": "llama", "qk_layernorm": True},
     head=EMBEDDING, tail=FINAL,
-    layer=(Norm("input_layernorm.weight", "input_layernorm.weight"),
-           QKV, O_PROJ,
+    layer=(INPUT_NORM, QKV, O_PROJ,
            Norm("self_attention.q_layernorm.weight", "self_attn.q_norm.weight"),
            Norm("self_attention.k_layernorm.weight", "self_attn.k_norm.weight"),
-           Norm("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-           GATE_UP, DOWN),
+           PRE_MLP_NORM, GATE_UP, DOWN),
     config=lambda cfg, m: {**cfg, "use_sliding_window": False, "sliding_window": None,
                            "max_window_layers": m.num_layers, "layer_types": ["full_attention"] * m.num_layers},
     refuse=lambda cfg: ["use_sliding_window / layer_types ask for sliding-window attention; our attention is "

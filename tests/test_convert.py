@@ -68,6 +68,12 @@ def hf_tensors(d: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_same_hf_tensors(a: Path, b: Path) -> None:
+    """Two HF model dirs hold the same tensor names with bit-identical values."""
+    ta, tb = hf_tensors(a), hf_tensors(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def run_cli(*args, check_rc: int | None = 0, timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, CLI, *map(str, args), "--no-progress"] if args[0] != "verify"
                           else [sys.executable, CLI, *map(str, args)],
@@ -133,8 +139,7 @@ def test_te_spec_names_round_trip(hf_tiny, tmp_path):
     assert "decoder.layers.3.mlp.linear_fc1.layer_norm_weight" in names
     assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
     back = convert.to_hf(ours, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False)
-    a, b = hf_tensors(hf_tiny), hf_tensors(back)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_hf_tensors(hf_tiny, back)
 
 
 def test_import_meta_matches_trainer_checkpoints(hf_tiny, trained, tmp_path):

@@ -18,7 +18,7 @@ from conftest import TINY, launch, layout_overrides
 from megatron_ext import convert
 from megatron_ext.checkpoint import CheckpointReader
 from megatron_ext.config import recipe_from_tree
-from test_convert import TINY_SHAPES, hf_tensors, make_tokenizer, run_cli
+from test_convert import TINY_SHAPES, assert_same_hf_tensors, make_tokenizer, run_cli
 
 # Values chosen so the scaling bites at the tiny model's head dim 16 and theta 500000: of its 8
 # frequencies (wavelengths 6.3, 32, 167, 862, ... positions) the first is kept, the second is in
@@ -30,6 +30,32 @@ SEQ = 256  # = max_position_embeddings: positions far past original_max_position
 
 def diff_of(proc) -> float:
     return float(re.search(r"max abs logit diff ([0-9.e+-]+)", proc.stdout).group(1))
+
+
+def assert_parity(proc, what: str) -> None:
+    """A to-hf / from-hf run verified the whole model's logits against transformers to 1e-4."""
+    assert "the whole model" in proc.stdout and diff_of(proc) <= 1e-4, proc.stdout
+    print(f"{what} parity:", [ln for ln in proc.stdout.splitlines() if "verify:" in ln][-1])
+
+
+def export_and_load(run: Path, out: Path, architecture: str, model_type: str, q_norm: torch.Tensor,
+                    timeout: int = 300) -> None:
+    """Export ``run`` at fp32 with the whole model verified; transformers loads it as
+    ``architecture`` with layer 1's q_norm equal to ``q_norm``."""
+    assert_parity(run_cli("to-hf", run, out, "--dtype", "fp32", "--verify-layers", "0", timeout=timeout),
+                  f"{model_type} export")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [architecture] and cfg["model_type"] == model_type
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert type(model).__name__ == architecture
+    assert torch.equal(model.model.layers[1].self_attn.q_norm.weight.detach(), q_norm)
+
+
+def assert_reexports_identically(back: Path, out: Path, again: Path) -> None:
+    convert.to_hf(back, again, dtype="fp32", verify_layers=None, progress=False)
+    assert_same_hf_tensors(out, again)
 
 
 def make_hf_llama3(path: Path, vocab: int = 512, seed: int = 0) -> Path:
@@ -117,8 +143,7 @@ def test_llama3_import_logit_parity(tmp_path):
     assert diff_of(plain) > 1e-3, plain.stdout  # the scaling matters at these positions (FAILED)
 
     back = convert.to_hf(ours, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False)
-    a, b = hf_tensors(src), hf_tensors(back)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_hf_tensors(src, back)
     from transformers import AutoConfig
 
     assert (AutoConfig.from_pretrained(back).rope_parameters == AutoConfig.from_pretrained(src).rope_parameters
@@ -252,21 +277,10 @@ def test_qk_norm_exports_to_qwen3_with_equal_logits(tmp_path):
     qn = reader.get("decoder.layers.1.self_attention.q_layernorm.weight")
     assert qn.shape == (16,) and (qn - qn.mean()).abs().max() > 1e-3  # trained: not all one value
     out = tmp_path / "hf"
-    proc = run_cli("to-hf", run, out, "--dtype", "fp32", "--verify-layers", "0")
-    assert "the whole model" in proc.stdout and diff_of(proc) <= 1e-4, proc.stdout
-    print("qwen3 export parity:", [ln for ln in proc.stdout.splitlines() if "verify:" in ln][-1])
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == ["Qwen3ForCausalLM"] and cfg["model_type"] == "qwen3"
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
-    assert type(model).__name__ == "Qwen3ForCausalLM"
-    assert torch.equal(model.model.layers[1].self_attn.q_norm.weight.detach(), qn)
+    export_and_load(run, out, "Qwen3ForCausalLM", "qwen3", qn)
     back = convert.from_hf(out, tmp_path / "back", tp=2, pp=1, verify_layers=None, progress=False)
     assert CheckpointReader(back).recipe.model.qk_layernorm
-    again = convert.to_hf(back, tmp_path / "again", dtype="fp32", verify_layers=None, progress=False)
-    a, b = hf_tensors(out), hf_tensors(again)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_reexports_identically(back, out, tmp_path / "again")
 
 
 # ---- OLMo-2 blocks -> Olmo2ForCausalLM -----------------------------------------------------------
@@ -279,25 +293,11 @@ def test_olmo2_exports_to_olmo2_and_imports_back(olmo2_tp2pp2, tmp_path):
     qn = reader.get("decoder.layers.1.self_attention.q_proj_layernorm.weight")
     assert qn.shape == (64,) and (qn - qn.mean()).abs().max() > 1e-3  # trained, per head and dim
     out = tmp_path / "hf"
-    proc = run_cli("to-hf", olmo2_tp2pp2, out, "--dtype", "fp32", "--verify-layers", "0", timeout=900)
-    assert "the whole model" in proc.stdout and diff_of(proc) <= 1e-4, proc.stdout
-    print("olmo2 export parity:", [ln for ln in proc.stdout.splitlines() if "verify:" in ln][-1])
-    cfg = json.loads((out / "config.json").read_text())
-    assert cfg["architectures"] == ["Olmo2ForCausalLM"] and cfg["model_type"] == "olmo2"
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
-    assert type(model).__name__ == "Olmo2ForCausalLM"
-    assert torch.equal(model.model.layers[1].self_attn.q_norm.weight.detach(), qn)
-
+    export_and_load(olmo2_tp2pp2, out, "Olmo2ForCausalLM", "olmo2", qn, timeout=900)
     back = tmp_path / "back"
-    proc = run_cli("from-hf", out, back, "--tp", "2", "--verify-layers", "0", timeout=900)
-    assert "the whole model" in proc.stdout and diff_of(proc) <= 1e-4, proc.stdout
-    print("olmo2 import parity:", [ln for ln in proc.stdout.splitlines() if "verify:" in ln][-1])
+    assert_parity(run_cli("from-hf", out, back, "--tp", "2", "--verify-layers", "0", timeout=900), "olmo2 import")
     assert CheckpointReader(back).recipe.model.block == "olmo2"
-    again = convert.to_hf(back, tmp_path / "again", dtype="fp32", verify_layers=None, progress=False)
-    a, b = hf_tensors(out), hf_tensors(again)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_reexports_identically(back, out, tmp_path / "again")
 
 
 def test_family_rules_split_like_the_model():
