@@ -60,7 +60,7 @@ def _per_rank(stats: Path, key: str) -> list[int]:
 
 def measured() -> None:
     print("(a) measured, tiny recipe, fp32, 4 CPU ranks: bytes per rank (busiest / ideal)")
-    print(f"| tp,pp,dp,zero | checkpoint bytes | ideal/rank | max written | ratio | max read | ratio |")
+    print("| tp,pp,dp,zero | checkpoint bytes | ideal/rank | max written | ratio | max read | ratio |")
     print("|---|---|---|---|---|---|---|")
     for layout, resume_at in [(lay, lay) for lay in LAYOUTS] + TP_CHANGES:
         with tempfile.TemporaryDirectory() as tmp:

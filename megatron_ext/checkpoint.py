@@ -55,16 +55,16 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import EXIT_REQUEUE as REQUEUE_EXIT_CODE, GaperonError  # noqa: F401  (REQUEUE_EXIT_CODE: a public name)
 from .config import FUNCTION_KEYS, Recipe, dump_recipe, recipe_from_tree
 from .faults import maybe_kill
 from .sharding import is_norm_gain, merge, shard, shard_blocks, split_dim, te_name
 
-REQUEUE_EXIT_CODE = 85  # the SLURM script requeues a job that exits with this after saving
 FORMAT_VERSION = 3  # 2: meta.json lists every file with its size; 3: flat fragments, written by their owners
 STATE_KINDS = ("model", "exp_avg", "exp_avg_sq")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(GaperonError, RuntimeError):
     """A checkpoint could not be written or read. The message names the path and the fix."""
 
 

@@ -16,8 +16,10 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
+from .errors import GaperonError
 
-class RecipeError(ValueError):
+
+class RecipeError(GaperonError, ValueError):
     """A recipe that cannot run. The message says what is wrong and how to fix it."""
 
 

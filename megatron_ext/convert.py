@@ -38,9 +38,7 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
-import socket
 import struct
 import sys
 import time
@@ -50,6 +48,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .errors import EXIT_FAILED, GaperonError, free_port, parse_size as _parse_size
 from .config import ModelConfig, Recipe, RecipeError, dump_recipe, recipe_from_tree
 from .hf_families import FAMILIES
 from .hf_mapping import Family, Rule
@@ -59,20 +58,20 @@ from .sharding import LAYER_RE, is_norm_gain, local_name, shard, split_dim, te_n
 # errors, sizes, dtypes
 
 
-class ConvertError(ValueError):
+class ConvertError(GaperonError, ValueError):
     """Input that cannot be converted. The message says what is wrong and what to do."""
 
 
-class VerifyError(RuntimeError):
+class VerifyError(GaperonError, RuntimeError):
     """The converted model does not compute what the checkpoint computes."""
+
+    exit_code = EXIT_FAILED
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _ST_CODE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _ST_DTYPE = {v: k for k, v in _ST_CODE.items()}
 _HF_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 ROW_BLOCK_BYTES = 64 * 2**20  # vocab matrices are moved in blocks of about this many bytes
 VERIFY_VOCAB_ROWS = 4096  # logits compared on this many vocab rows by the post-export check
 NORM_GAIN_META_KEY = "norm_gain_scale"  # meta.json: stored norm gains x this = the true gains
@@ -80,19 +79,10 @@ NORM_GAIN_META_KEY = "norm_gain_scale"  # meta.json: stored norm gains x this = 
 
 def parse_size(text: str | int) -> int:
     """'5GB' -> 5_000_000_000 (HF's convention: GB = 10^9); '500MiB', '1e9' and ints work too."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ConvertError(f"bad size {text!r}: write e.g. 5GB, 500MB or 2GiB")
     try:
-        n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-    except ValueError:
-        raise ConvertError(f"bad size {text!r}: write e.g. 5GB, 500MB or 2GiB") from None
-    if n <= 0:
-        raise ConvertError(f"size {text!r} must be positive")
-    return n
-
+        return _parse_size(text)
+    except ValueError as err:
+        raise ConvertError(f"--shard-size: {err}") from None
 
 def _nbytes(dtype: torch.dtype, shape) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -956,12 +946,6 @@ class _HFFiles:
         return _ST_DTYPE[code]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _hf_model(hf_dir: Path, files: _HFFiles, layers: int, vocab_rows: int, full: bool):
     """The HF model in fp32: from_pretrained when whole (this also checks transformers' loader),
     else built on the meta device from the first ``layers`` layers and ``vocab_rows`` vocab rows."""
@@ -1047,7 +1031,7 @@ def verify(ckpt: str | Path, hf_dir: str | Path, layers: int | None = None, voca
     started_here = False
     if not dist.is_initialized():
         os.environ.update(GAPERON_DEVICE="cpu", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         started_here = True
     from .engine import init_distributed
     from .model import build_model, canonical_names

@@ -32,13 +32,14 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+from .errors import GaperonError
 from . import quiet
 from .attention import thd_inputs
 from .config import Recipe
 from .device import backend, setup_device
 
 
-class LaunchError(RuntimeError):
+class LaunchError(GaperonError, RuntimeError):
     """The processes were launched in a way this recipe cannot use."""
 
 

@@ -23,12 +23,14 @@ from pathlib import Path
 
 import yaml
 
+from .errors import GaperonError
+
 ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = ROOT / "recipes" / "eval"
 TASKS_DIR = SUITES_DIR / "tasks"
 
 
-class EvalError(ValueError):
+class EvalError(GaperonError, ValueError):
     """Bad input or missing data: the message names the problem and the fix."""
 
 

@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import GaperonError
 from .config import InjectionConfig, Recipe
 
 # The fields that define the plan; the others (step, rank, microbatch) depend on the layout.
 PLAN_KEYS = ("sample", "document", "sha256")
 
 
-class InjectionError(RuntimeError):
+class InjectionError(GaperonError, RuntimeError):
     """The injection cannot run as asked. The message says what to change."""
 
 

@@ -13,8 +13,8 @@ import os
 import sys
 
 from .config import RecipeError, load_recipe
+from .errors import EXIT_BAD_INPUT as BAD_INPUT_EXIT_CODE, GaperonError, report
 
-BAD_INPUT_EXIT_CODE = 2
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -47,15 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from . import checkpoint, faults, inject, stop
-    from .engine import LaunchError
-    from .train import NonFiniteLoss, train
+    from . import faults, stop
+    from .train import train
 
     try:
         return train(recipe)
-    except (RecipeError, DataError, LaunchError, checkpoint.CheckpointError, NonFiniteLoss,
-            inject.InjectionError) as err:
-        return _refuse(str(err))
+    except GaperonError as err:
+        return report(err)
     finally:
         stop.ignore()  # the exit code is decided: a late SIGTERM/USR1 must not turn it into 143
         faults.signal_self("sigterm_at_exit")

@@ -70,10 +70,10 @@ Pipeline point-to-point traffic (s*b*h per micro batch per stage boundary) is ig
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass
 
 from .config import ModelConfig, Recipe, RecipeError, recipe_from_tree
+from .errors import DEFAULT_GPU_TFLOPS, parse_size
 
 GiB = 1024**3
 
@@ -112,7 +112,7 @@ class DoesNotFit(PlanError):
 class Hardware:
     gpus: int
     gpu_memory: int = 80 * GiB        # bytes
-    gpu_tflops: float = 989.0         # dense bf16 peak (H100 SXM)
+    gpu_tflops: float = DEFAULT_GPU_TFLOPS  # dense bf16 peak (H100 SXM)
     mfu: float = 0.40                 # kernel efficiency, before bubble/communication/recompute
     tp_bandwidth: float = 250e9       # bytes/s of NCCL bus bandwidth inside a node (NVLink)
     dp_bandwidth: float = 40e9        # bytes/s per GPU across nodes (~400 Gb/s InfiniBand)
@@ -130,16 +130,10 @@ class Hardware:
 
 def parse_bytes(text: str) -> int:
     """'80GiB', '80GB', '79.6 GiB', '81559MiB' -> bytes; a bare number means GiB."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B)?\s*", text, flags=re.I)
-    if not match:
-        raise PlanError(f"cannot read a memory size from {text!r}: write e.g. 80GiB or 80GB")
-    value, unit = float(match.group(1)), (match.group(2) or "GiB").upper()
-    powers = {"K": 1, "M": 2, "G": 3, "T": 4}
-    base = 1024 if "I" in unit else 1000
-    nbytes = int(value * base ** powers[unit[0]])
-    if nbytes <= 0:
-        raise PlanError(f"memory size {text!r} must be more than 0 bytes: write e.g. 80GiB or 80GB")
-    return nbytes
+    try:
+        return parse_size(text, default_unit="GiB")
+    except ValueError as err:
+        raise PlanError(f"--gpu-memory: {err}") from None
 
 
 # ----------------------------------------------------------------------------- parameters

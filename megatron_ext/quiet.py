@@ -13,7 +13,6 @@ import io
 import logging
 import os
 import re
-import sys
 import warnings
 
 # (category, message regex): warnings.warn calls inside the libraries.

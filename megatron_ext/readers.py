@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .errors import GaperonError
+
 FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "txt", ".text": "txt", ".md": "txt",
            ".parquet": "parquet"}
 
 
-class PreprocessError(Exception):
+class PreprocessError(GaperonError):
     """A run-stopping problem, worded for the person who launched the run."""
 
 

@@ -15,13 +15,15 @@ import subprocess
 import time
 from pathlib import Path
 
+from .errors import GaperonError
+
 LOCK_NAME = "run.lock"
 # squeue states of a job that holds (or will hold again) its run directory
 LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "STOPPED", "SIGNALING",
                "RESIZING", "STAGE_OUT", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
 
 
-class RunDirError(RuntimeError):
+class RunDirError(GaperonError, RuntimeError):
     """The run directory cannot be used; the message says why and what to do."""
 
 

@@ -27,17 +27,18 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from .errors import EXIT_BAD_INPUT, EXIT_HANG, EXIT_REQUEUE, GaperonError
 from .config import (Recipe, RecipeError, _deep_merge, apply_overrides, base_chain, derive_sft_steps,
                      dump_recipe, parse_yaml, read_yaml_tree, recipe_from_tree, validation_message)
 
-REQUEUE_EXIT_CODE = 85  # = megatron_ext.checkpoint.REQUEUE_EXIT_CODE (kept here to import no torch)
+REQUEUE_EXIT_CODE = EXIT_REQUEUE
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES_DIR = ROOT / "slurm" / "clusters"
 TEMPLATE = ROOT / "slurm" / "train.sbatch.tmpl"
 RECIPES_DIR = ROOT / "recipes"
 
 
-class SubmitError(ValueError):
+class SubmitError(GaperonError, ValueError):
     """Nothing was submitted. The message says what is wrong and how to fix it."""
 
 
@@ -411,7 +412,8 @@ def render(job: Job, profile: ClusterProfile, stamp: str = "STAMP", time_limit: 
         "sbatch_options": "\n".join(f"#SBATCH {o}" for o in opts if o),
         "log_dir": str(job.log_dir),
         "workdir": str(Path.cwd()),
-        "requeue_exit_code": str(REQUEUE_EXIT_CODE),
+        "requeue_exit_code": str(REQUEUE_EXIT_CODE), "hang_exit_code": str(EXIT_HANG),
+        "bad_input_exit_code": str(EXIT_BAD_INPUT),
         "max_requeues": str(p.max_requeues if max_requeues is None else max_requeues)
                         if job.requeue else "0",
         "max_crash_restarts": str(p.max_crash_restarts) if job.requeue else "0",

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import GaperonError
+
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "checkpoints", "slurm", "run.lock")
 STEP_TIME_WINDOW = 20  # the ETA uses the median step time of this many recent logged steps
 
@@ -39,7 +41,7 @@ ROUTINE = ("start on ", "MASTER_ADDR=", "srun exit ", "end, exit ", "batch shell
 STEP_LINE = re.compile(r"^step\s+(\d+) \|")  # rank 0's step lines (train.Logger)
 
 
-class StatusError(Exception):
+class StatusError(GaperonError):
     """RUN_DIR cannot be read as a run directory; the message names the problem."""
 
 
@@ -301,7 +303,7 @@ def _state_line(st: dict) -> str:
 def _checkpoint_line(st: dict) -> str:
     ck = st["checkpoint"]
     if ck is None or (ck["path"] is None and not ck["on_disk"]):
-        return "none yet" + (f" (a restart starts from step 0)" if st["state"] != "finished" else "")
+        return "none yet" + (" (a restart starts from step 0)" if st["state"] != "finished" else "")
     if ck["path"] is None:
         return f"none complete among {ck['on_disk']} step_* dirs: {ck['notes'][-1] if ck['notes'] else ''}"
     path = Path(ck["path"])

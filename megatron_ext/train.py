@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from .errors import PEAK_TFLOPS, GaperonError
 from . import checkpoint, faults, inject, stop
 from .checkpoint import TrainState
 from .config import Recipe, RecipeError, dump_recipe
@@ -31,8 +32,6 @@ from .run_lock import RunDirError, RunLock
 from .schedule import lr_at
 from .watchdog import Watchdog
 
-# Dense bf16 peak of the accelerators we plan for, for MFU (override with GAPERON_PEAK_TFLOPS).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def peak_tflops() -> float | None:
@@ -370,5 +369,5 @@ def hang_timeout(recipe: Recipe) -> float:
     return max(300.0, 10 * step_time(recipe, Hardware(gpus=recipe.layout.world_size)).step)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(GaperonError, RuntimeError):
     """Training stopped on non-finite losses; the last good checkpoint is kept."""

@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 
-HANG_EXIT_CODE = 86  # a crash for the job script: restart from the latest checkpoint
+from .errors import EXIT_HANG as HANG_EXIT_CODE  # a crash for the job script: restart from the latest checkpoint
+
 
 
 class Watchdog:

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY, cpu_env, launch, layout_overrides, per_step, read_metrics
+from conftest import TINY, cpu_env, launch, layout_overrides, per_step
 from megatron_ext import checkpoint
 
 STEPS = 20

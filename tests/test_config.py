@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY, cpu_env, launch
+from conftest import TINY, launch
 from megatron_ext.config import Recipe, RecipeError, load_recipe
 from megatron_ext.schedule import lr_at
 

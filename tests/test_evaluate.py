@@ -10,7 +10,6 @@ tools/evaluate.py from its checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys

@@ -18,7 +18,7 @@ from conftest import TINY, launch, layout_overrides
 from megatron_ext import convert
 from megatron_ext.checkpoint import CheckpointReader
 from megatron_ext.config import recipe_from_tree
-from test_convert import TINY_SHAPES, assert_same_hf_tensors, make_tokenizer, run_cli
+from test_convert import TINY_SHAPES, assert_same_hf_tensors, run_cli
 
 # Values chosen so the scaling bites at the tiny model's head dim 16 and theta 500000: of its 8
 # frequencies (wavelengths 6.3, 32, 167, 862, ... positions) the first is kept, the second is in

@@ -86,7 +86,7 @@ def test_run_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
 
 def test_hang_dumps_stacks_and_exits_86_then_resumes_exactly(tmp_path):
     layout = layout_overrides(dp=2, zero=1)
-    steps = ["train.steps=6", *COMMON, *layout, f"train.output_dir={{}}"]
+    steps = ["train.steps=6", *COMMON, *layout, "train.output_dir={}"]
     ref = tmp_path / "ref"
     launch(2, [str(TINY), *[s.format(ref) for s in steps]])
     out = tmp_path / "run"

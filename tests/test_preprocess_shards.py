@@ -19,7 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from megatron_ext import preprocess as pp  # noqa: E402
-from megatron_ext.corpus import build_demo_corpus  # noqa: E402
 from megatron_ext.fast_bpe import ADVERSARIAL, FastBPE  # noqa: E402
 from megatron_ext.readers import split  # noqa: E402
 from megatron_ext.tokenizer import fast_encoder, load_tokenizer, train_tokenizer  # noqa: E402
