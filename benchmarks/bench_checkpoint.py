@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from megatron_ext.config import load_recipe  # noqa: E402
 from megatron_ext.plan import FS_BANDWIDTH_GBS, checkpoint_io  # noqa: E402

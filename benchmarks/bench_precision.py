@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 CONFIGS = [("fp32", 0), ("fp32", 1), ("fp32", 2), ("fp32", 3), ("bf16-mixed", 1), ("bf16-mixed", 2),
            ("bf16-mixed", 3), ("bf16-pure", 0), ("bf16-pure", 1), ("bf16-pure", 2), ("bf16-pure", 3)]

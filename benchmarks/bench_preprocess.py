@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from megatron_ext.corpus import build_demo_corpus  # noqa: E402
 from megatron_ext.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402

@@ -7,6 +7,7 @@ names the problem and the fix, and a CLI ends with `error: <message>` and the er
 """
 from __future__ import annotations
 
+import argparse
 import re
 import socket
 import sys
@@ -47,6 +48,13 @@ def cli_main(run: Callable[[], int | None]) -> int:
         return run() or EXIT_OK
     except GaperonError as err:
         return report(err)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and exit 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import GaperonError
+from .errors import ArgParser, GaperonError
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = ROOT / "recipes" / "eval"
@@ -307,7 +307,7 @@ def evaluate(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="evaluate.py", description="Evaluate an HF export or a checkpoint with lm-eval, offline.",
         epilog=f"suites: {', '.join(known_suites())} (recipes/eval/); local tasks: recipes/eval/tasks/")
     p.add_argument("model", nargs="?", help="HF directory, or a checkpoint / run / checkpoints dir (exported first)")

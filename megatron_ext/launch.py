@@ -13,12 +13,12 @@ import os
 import sys
 
 from .config import RecipeError, load_recipe
-from .errors import EXIT_BAD_INPUT as BAD_INPUT_EXIT_CODE, GaperonError, report
+from .errors import EXIT_BAD_INPUT as BAD_INPUT_EXIT_CODE, ArgParser, GaperonError, report
 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train.py", description="Train a Gaperon model from a recipe.",
+    p = ArgParser(prog="train", description="Train a Gaperon model from a recipe.",
                                 epilog="Overrides: section.key=value, e.g. train.steps=100 layout.tp=2")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optimizer.lr=3e-4")

@@ -133,7 +133,7 @@ def parse_bytes(text: str) -> int:
     try:
         return parse_size(text, default_unit="GiB")
     except ValueError as err:
-        raise PlanError(f"--gpu-memory: {err}") from None
+        raise PlanError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- parameters

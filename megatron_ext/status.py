@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import GaperonError
+from .errors import ArgParser, GaperonError
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "checkpoints", "slurm", "run.lock")
 STEP_TIME_WINDOW = 20  # the ETA uses the median step time of this many recent logged steps
@@ -425,10 +425,9 @@ def plot(run_dir: str | Path, png: str | Path, size=(8.0, 6.0), dpi: int = 100) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="status.py", description="Where a training run stands, from its files.")
+    p = ArgParser(prog="status", description="Where a training run stands, from its files.")
     p.add_argument("run_dir", help="the run directory (the recipe's train.output_dir)")
     p.add_argument("--plot", nargs="?", const="", metavar="PNG",
                    help="also write loss / valid loss / lr curves to PNG (default RUN_DIR/status.png)")

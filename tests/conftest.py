@@ -3,21 +3,19 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_ext.errors import free_port  # noqa: F401  (tests import it from here)
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "recipes" / "tiny.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Every process a test starts (tools, torchrun ranks, SLURM jobs: sbatch exports the environment)
+# imports this checkout's megatron_ext, whichever checkout the venv's editable install points at.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def cpu_env(**extra) -> dict:

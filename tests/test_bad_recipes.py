@@ -194,7 +194,7 @@ def test_submit_refuses_bad_input(args, profile, needles, tmp_path):
     out = tmp_path / "run"
     proc = run("submit.py", TINY, *cluster, *args, "layout.dp=2", f"train.output_dir={out}", "--dry-run")
     line = assert_refused(proc, needles)
-    assert line.startswith("submit: error: ")
+    assert line.startswith("error: ")
     assert proc.stdout == "" and not out.exists(), "nothing rendered, nothing written"
 
 

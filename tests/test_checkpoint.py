@@ -139,7 +139,7 @@ def test_nonfinite_loss_skip_then_stop(tmp_path):
     run(1, out, {}, "train.steps=6", "checkpoint.interval=0", fault="nan_loss:3")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("skipped")] == [3]
-    assert all(r["loss"] == r["loss"] for r in rows if not r.get("skipped"))  # finite afterwards
+    assert all(math.isfinite(r["loss"]) for r in rows if not r.get("skipped"))  # finite afterwards
 
     out = tmp_path / "stop"
     proc = run(1, out, {}, "train.steps=6", "checkpoint.interval=2", "health.on_nonfinite=stop",

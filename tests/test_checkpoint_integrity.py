@@ -142,7 +142,7 @@ def test_nonfinite_gradient_with_finite_loss_is_skipped_on_all_ranks(tmp_path, l
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in rows if r.get("skipped")]
     assert [r["step"] for r in skipped] == [3]
-    assert skipped[0]["loss"] == skipped[0]["loss"]  # the loss was finite
+    assert math.isfinite(skipped[0]["loss"])  # the loss was finite
     assert not math.isfinite(skipped[0]["grad_norm"])  # the gradient norm was not
     later = [r for r in rows if r["step"] > 3 and not r.get("skipped")]
     assert later and all(torch.isfinite(torch.tensor(r["loss"])) for r in later)
@@ -244,7 +244,8 @@ def test_background_save_killed_mid_write_keeps_the_previous_checkpoint(tmp_path
     assert_no_fake_complete(out)
     assert per_step(out) == reference
     blocking = [r for r in per_step(out, "checkpoint_blocking_s").values()]
-    assert blocking and all(b >= 0 for b in blocking)
+    # an async save blocks the loop only while it stages (a positive, measured time, under a second here)
+    assert blocking and all(0 < b < 5 for b in blocking), blocking
 
 
 def test_each_rank_reads_and_writes_only_its_share(tmp_path):

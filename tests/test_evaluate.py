@@ -160,11 +160,9 @@ def test_evaluate_adds_one_eval_job_after_each_phase(tmp_path):
 
 @pytest.mark.slurm
 def test_chain_with_evaluate_runs_eval_job_after_the_phase(data, tmp_path):
-    from test_submit import _cluster_problem, wait_job
+    from test_submit import need_cluster, wait_job
 
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
+    need_cluster()
     out = tmp_path / "phase"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "submit.py"), str(TINY), "--cluster", "local",
                            f"train.output_dir={out}", "train.steps=4", *data,

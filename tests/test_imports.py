@@ -12,20 +12,44 @@ from conftest import ROOT
 PACKAGE = ROOT / "megatron_ext"
 
 
-def project_imports(path) -> set[str]:
-    """The megatron_ext modules a file imports, anywhere in it."""
+def module_name(path) -> str:
+    """megatron_ext/checkpoint/save.py -> 'checkpoint.save'; a package is its __init__: 'checkpoint'."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if module_name(p)}
+
+
+def project_imports(path, modules) -> set[str]:
+    """The megatron_ext modules a file imports, anywhere in it (a name imported from a package that
+    is one of its submodules counts as that submodule)."""
+    here = module_name(path).split(".") if module_name(path) else []
+    package = here if path.name == "__init__.py" else here[:-1]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-            elif node.module and node.module.startswith("megatron_ext"):
-                rest = node.module.split(".")[1:]
-                out |= {rest[0]} if rest else {a.name for a in node.names}
+            if node.level:
+                base = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            elif node.module and node.module.split(".")[0] == "megatron_ext":
+                base = []
+            else:
+                continue
+            target = base + (node.module.split(".")[1:] if not node.level and node.module else
+                             (node.module.split(".") if node.module else []))
+            for alias in node.names:
+                sub = ".".join(target + [alias.name])
+                out.add(sub if sub in modules else ".".join(target))
         elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("megatron_ext.")}
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    return (out & modules) - {path.stem}
+            out |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("megatron_ext.")}
+    me = module_name(path)
+    return {m for m in out if m in modules and m != me}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = all_modules()
+    return {name: project_imports(path, modules) for name, path in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -50,7 +74,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycle_and_schema_at_the_bottom():
-    graph = {p.stem: project_imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = import_graph()
+    assert {"config", "errors", "cli", "cli.plan", "engine"} <= set(graph), sorted(graph)
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     assert not {"model", "data", "engine", "train", "sft", "checkpoint"} & closure(graph, "config")
     # The schema loads without torch: a bad recipe is refused in half a second (megatron_ext/launch.py).
@@ -68,15 +93,42 @@ def closure(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+# Third-party libraries are imported once, then every project module is imported in a process
+# forked from that one, with no other megatron_ext module loaded: what "imports alone" means, at
+# the cost of one fork per module instead of one torch + megatron + DeepSpeed start-up each.
+ALONE = """
+import os, sys, importlib
+import torch, megatron.core, deepspeed, transformers  # noqa: F401  (shared, not project code)
+assert not [m for m in sys.modules if m.startswith("megatron_ext")]
+failed = []
+for name in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module("megatron_ext." + name)
+        except BaseException as err:
+            print(f"{name}: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            os._exit(1)
+        os._exit(0)
+    if os.waitpid(pid, 0)[1] != 0:
+        failed.append(name)
+print("failed:", failed)
+sys.exit(1 if failed else 0)
+"""
+
+
 def test_every_module_imports_alone_in_a_fresh_interpreter():
-    """In dependency order, each in its own interpreter: no module needs another imported first."""
-    graph = {p.stem: project_imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    order, done = [], set()
-    while len(order) < len(graph):
-        ready = sorted(m for m in graph if m not in done and graph[m] <= done)
-        assert ready, f"import cycle among {sorted(set(graph) - done)}"
-        order += ready
-        done |= set(ready)
-    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module('megatron_ext.' + m)\n"
-    proc = subprocess.run([sys.executable, "-c", code, *order], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """Each module in a process where no other project module was imported before it."""
+    modules = sorted(import_graph())
+    proc = subprocess.run([sys.executable, "-c", ALONE, *modules], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "failed: []" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    # the check can fail: a module that needs another imported first is caught
+    bad = PACKAGE / "_needs_first.py"
+    bad.write_text("import sys\nassert 'megatron_ext.config' in sys.modules, 'imported alone'\n")
+    try:
+        proc = subprocess.run([sys.executable, "-c", ALONE, "config", "_needs_first"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        bad.unlink()
+    assert proc.returncode == 1 and "failed: ['_needs_first']" in proc.stdout, proc.stdout + proc.stderr

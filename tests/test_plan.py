@@ -10,15 +10,15 @@ measure a small model; summing storages counts exactly what is live, views of on
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from megatron_ext.errors import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from megatron_ext.config import RecipeError, load_recipe  # noqa: E402
 from megatron_ext.plan import (BYTES_PER_PARAM, STATE_KEYS, GiB, Hardware, PlanError, activation_bytes,  # noqa: E402
@@ -170,12 +170,6 @@ def test_cli():
 
 # ----------------------------------------------------------------------------- built models (torch)
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mcore():
     """A one-rank gloo world with Megatron's parallel state, as tools use on CPU."""
@@ -190,7 +184,7 @@ def mcore():
         pytest.skip("CPU measurement tests: run with GAPERON_DEVICE=cpu")
     created = not dist.is_initialized()
     if created:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(1, 1)

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from megatron_ext import preprocess as pp  # noqa: E402
 from megatron_ext.corpus import build_demo_corpus  # noqa: E402
@@ -69,7 +68,7 @@ def test_round_trip_two_workers_cli(tmp_path, bpe, docs, capsys):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tools.preprocess_data import main
+    from megatron_ext.cli.preprocess import main
 
     jsonl = write_jsonl(tmp_path / "a.jsonl", [{"text": d, "id": i} for i, d in enumerate(docs[:20])])
     txts = []
@@ -135,7 +134,7 @@ def test_bad_input_fail_names_file_and_line(tmp_path, bpe, case):
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_bad_input_skip_counts_and_reports(tmp_path, bpe, case, capsys):
-    from tools.preprocess_data import main
+    from megatron_ext.cli.preprocess import main
 
     bad_line, reason = BAD_CASES[case]
     src = bad_file(tmp_path, bad_line)
@@ -228,7 +227,7 @@ def test_tokenizer_too_big_for_model(tmp_path, bpe):
 
 
 def test_train_tokenizer_cli_loads_offline_in_transformers(tmp_path, corpus, monkeypatch):
-    from tools.preprocess_data import main
+    from megatron_ext.cli.preprocess import main
 
     out = tmp_path / "tok"
     assert main(["train-tokenizer", "--input", *map(str, corpus.values()), "--vocab-size", "600",

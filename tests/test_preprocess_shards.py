@@ -16,13 +16,12 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from megatron_ext import preprocess as pp  # noqa: E402
 from megatron_ext.fast_bpe import ADVERSARIAL, FastBPE  # noqa: E402
 from megatron_ext.readers import split  # noqa: E402
 from megatron_ext.tokenizer import fast_encoder, load_tokenizer, train_tokenizer  # noqa: E402
-from tools.preprocess_data import main  # noqa: E402
+from megatron_ext.cli.preprocess import main  # noqa: E402
 
 TOOL = str(ROOT / "tools" / "preprocess_data.py")
 
@@ -304,7 +303,7 @@ def test_fast_encoder_falls_back_when_not_the_same_pipeline(bpe, inputs, tmp_pat
 def test_plan_reads_token_counts_for_epochs_per_blend_component(unsharded, tmp_path, capsys):
     from megatron_ext.config import load_recipe
     from megatron_ext.plan import blend_epochs
-    from tools.plan import main as plan_main
+    from megatron_ext.cli.plan import main as plan_main
 
     one, ref = unsharded
     blend = json.dumps([[3, str(one)], [1, str(tmp_path / "missing")]])

@@ -29,7 +29,7 @@ import yaml
 
 from conftest import ROOT, TINY
 from megatron_ext import slurm
-from test_submit import TERMINAL, _cluster_problem, job_info
+from test_submit import TERMINAL, need_cluster, job_info
 
 pytestmark = pytest.mark.slurm
 
@@ -42,12 +42,10 @@ CLEAR_FAULT = '[ "${SLURM_RESTART_COUNT:-0}" -eq 0 ] || unset GAPERON_FAULT  # a
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory) -> Path:
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
+    need_cluster()
     nodes = subprocess.run(["sinfo", "-h", "-p", "debug", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
     if len(set(nodes)) < 2:
-        pytest.skip(f"the test cluster has {len(set(nodes))} node(s), these tests need 2: rerun slurm/local_cluster.sh")
+        pytest.fail(f"the test cluster has {len(set(nodes))} node(s), these tests need 2: rerun slurm/local_cluster.sh")
     path = tmp_path_factory.mktemp("profile") / "lifecycle.yaml"
     local = yaml.safe_load((slurm.PROFILES_DIR / "local.yaml").read_text())
     path.write_text(yaml.safe_dump({**local, "setup": CLEAR_FAULT}))

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, TINY, per_step
-from test_submit import _cluster_problem, submit, wait_job
+from test_submit import need_cluster, submit, wait_job
 
 from megatron_ext.slurm_preprocess import load_spec
 
@@ -67,7 +67,7 @@ def test_dry_run_array_then_merge_then_training(tiny_data, tmp_path):
 def test_bad_spec_is_one_line_and_queues_nothing(tiny_data, tmp_path, change, message):
     spec = write_spec(tmp_path, tiny_data["tok"], tiny_data["src"], **change)
     proc = submit("preprocess", spec, "--cluster", "local")
-    assert proc.returncode == 2 and proc.stderr.startswith("submit: error: ") and message in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
 
 
@@ -79,9 +79,7 @@ def test_shipped_phase1_spec_is_valid_and_names_the_naive_blend():
 
 @pytest.mark.slurm
 def test_real_array_merge_and_training_chain(tiny_data, tmp_path):
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
+    need_cluster()
     root = tmp_path
     spec = write_spec(root, tiny_data["tok"], tiny_data["src"])
     prefix = root / "out" / "mix"

@@ -1,15 +1,8 @@
 #!/usr/bin/env python
-"""Convert checkpoints: `convert_checkpoint.py to-hf CKPT OUT`, `from-hf HF_DIR OUT`, `verify CKPT HF_DIR`.
+"""Convert checkpoints: `to-hf CKPT OUT`, `from-hf HF_DIR OUT`, `verify CKPT HF_DIR` (`gaperon convert`).
 
-See megatron_ext/convert.py (and `--help` of each command). Exit codes: 0 ok, 1 verification
-failed, 2 bad input.
-"""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from megatron_ext.convert import main  # noqa: E402
+Exit codes: 0 ok, 1 verification failed, 2 bad input."""
+from megatron_ext.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run("convert")

@@ -16,11 +16,9 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[4]))
 
 from megatron_ext.corpus import build_demo_corpus  # noqa: E402
 
