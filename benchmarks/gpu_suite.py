@@ -64,7 +64,6 @@ import shutil
 import sys
 
 from gpu_suite_parts.baseline import BASELINE_WORKER, step_baseline, worker_baseline
-from gpu_suite_parts.common import ROOT
 from gpu_suite_parts.correctness import HF_LOSS_WORKER, step_correctness_hf, step_correctness_tiny, worker_hf_loss
 from gpu_suite_parts.environment import step_env, step_install
 from gpu_suite_parts.planner import step_planner
@@ -95,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.parallel > 1 and not args.dry_run:
         p.error("--parallel is for --dry-run only: parallel runs would share the GPU")
     if args._worker:
-        sys.path.insert(0, str(ROOT))
         kind, spec = args._worker
         {BASELINE_WORKER: worker_baseline, HF_LOSS_WORKER: worker_hf_loss}[kind](json.loads(spec))
         return 0

@@ -6,4 +6,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="$(command -v python3 || command -v python)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # megatron_ext from this copy (nothing is installed there)
 exec "$PY" benchmarks/gpu_suite.py --install-carried "$@"

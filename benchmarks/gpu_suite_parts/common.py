@@ -2,20 +2,18 @@
 against, and the entry script the worker processes re-run.
 
 The suite runs as ``python benchmarks/gpu_suite.py`` (sys.path[0] = benchmarks/), on a GPU machine
-with that machine's own Python, before anything is installed: the repository root goes on sys.path
-here, and megatron_ext.errors needs nothing beyond the standard library. Child processes get the
+with that machine's own Python, before anything is installed: gpu_suite.sh puts the repository root
+on PYTHONPATH (a venv made by setup.sh has the project installed), and megatron_ext.errors needs
+nothing beyond the standard library. Child processes get the
 root (and .gpu_suite_site) through PYTHONPATH (runner.Suite.env).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from megatron_ext.errors import PEAK_TFLOPS, free_port
 
-from megatron_ext.errors import PEAK_TFLOPS, free_port  # noqa: E402 - needs ROOT on sys.path
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 __all__ = ["FLOPS_NOTE", "PEAK", "ROOT", "SCRIPT", "SITE", "TINY", "WHEELS", "free_port"]
 

@@ -2,10 +2,10 @@
 and the planner sub-step with the issue's goals."""
 from __future__ import annotations
 
-import sys
+import site
 from typing import TYPE_CHECKING
 
-from .common import PEAK, ROOT, SITE
+from .common import PEAK, SITE
 from .metrics import mfu
 from .runner import Suite
 
@@ -14,10 +14,8 @@ if TYPE_CHECKING:
 
 
 def plan_tools(s: Suite):
-    if s.use_site and str(SITE) not in sys.path:
-        sys.path.insert(0, str(SITE))
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    if s.use_site:
+        site.addsitedir(str(SITE))  # the carried wheels, installed by --install-carried
     from megatron_ext import plan
     from megatron_ext.config import load_recipe
 
