@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import struct
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import inject
+from . import idx_format, inject
 from .config import Recipe
 from .errors import DataError  # noqa: F401  (defined below the schema; callers import it from here)
 
@@ -75,13 +74,8 @@ class MegatronSamples:
 
 
 # ---- checking the data before anything is built ---------------------------------------------
-# Megatron-Core's .idx: magic, version <Q, dtype code <B, sequence count <Q, document count <Q,
-# then int32 lengths [sequences], int64 byte pointers into the .bin [sequences], int64 document
-# indices [document count] (sequence boundaries: 0, ..., sequences).
-_IDX_MAGIC = b"MMIDIDX\x00\x00"
-_IDX_HEADER = len(_IDX_MAGIC) + 8 + 1 + 8 + 8
-_IDX_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-               8: np.uint16}
+# Megatron-Core's .idx (megatron_ext/idx_format.py).
+_IDX_MAGIC, _IDX_HEADER, _IDX_DTYPES = idx_format.MAGIC, idx_format.HEADER_BYTES, idx_format.DTYPES
 _FIRST_TOKENS = 1 << 16  # tokens of the first document read to check the ids (at most 256 KiB)
 
 
@@ -126,16 +120,17 @@ def read_index(prefix: str, where: str = "data.blend") -> IndexInfo:
         idx_bytes, bin_bytes = os.path.getsize(idx), os.path.getsize(bin_)
         with open(idx, "rb") as f:
             head = f.read(_IDX_HEADER)
-            if len(head) < _IDX_HEADER or head[:len(_IDX_MAGIC)] != _IDX_MAGIC:
+            header = idx_format.parse(head)
+            if header is None:
                 what = (f"truncated ({idx_bytes} bytes, shorter than the {_IDX_HEADER}-byte header)"
                         if len(head) < _IDX_HEADER and _IDX_MAGIC.startswith(head[:len(_IDX_MAGIC)])
                         else f"not a Megatron indexed-dataset index (bad magic {head[:len(_IDX_MAGIC)]!r})")
                 raise DataError(f"{idx}: {what}: {redo}")
-            version, code, sequences, boundaries = struct.unpack("<QBQQ", head[len(_IDX_MAGIC):])
+            version, code, sequences, boundaries = header
             if version != 1 or code not in _IDX_DTYPES:
                 raise DataError(f"{idx}: corrupt header (version {version}, dtype code {code}; expected version 1 "
                                 f"and a code in 1-8): {redo}")
-            want = _IDX_HEADER + 12 * sequences + 8 * boundaries
+            want = header.index_bytes()
             if idx_bytes != want:
                 raise DataError(f"{idx}: {'truncated' if idx_bytes < want else 'corrupt'}: its header says "
                                 f"{sequences:,} sequences and {boundaries:,} document indices, which take {want:,} "

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import idx_format
 from .readers import DocError, EmptyDocument, Piece, PreprocessError, input_format, parse, split
 from .tokenizer import check_vocab_fits, fast_encoder, load_tokenizer, tokenizer_fingerprint
 
@@ -386,23 +387,21 @@ def read_idx_header(path: str) -> tuple[int, int, int]:
     header exactly; PreprocessError otherwise (a truncated or foreign file)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(34)
+            header = idx_format.parse(f.read(idx_format.HEADER_BYTES))
         size = os.path.getsize(path)
     except OSError as e:
         raise PreprocessError(f"{path}: cannot be read ({e.strerror})") from None
-    if len(head) < 34 or head[:9] != b"MMIDIDX\x00\x00" or struct.unpack("<Q", head[9:17])[0] != 1:
+    if header is None or header.version != idx_format.VERSION:
         raise PreprocessError(f"{path}: not a Megatron-Core index (bad header)")
-    code, = struct.unpack("<B", head[17:18])
-    n_seq, n_doc = struct.unpack("<QQ", head[18:34])
-    if size != 34 + 12 * n_seq + 8 * n_doc:
-        raise PreprocessError(f"{path}: {size} bytes, but its header says {34 + 12 * n_seq + 8 * n_doc}: truncated")
-    return code, n_seq, n_doc
+    if size != header.index_bytes():
+        raise PreprocessError(f"{path}: {size} bytes, but its header says {header.index_bytes()}: truncated")
+    return header.code, header.sequences, header.boundaries
 
 
 def dataset_tokens(prefix: str) -> int:
     """Tokens in an indexed dataset (the sum of its sequence lengths), read from its .idx alone."""
     _, n_seq, _ = read_idx_header(prefix + ".idx")
-    lengths = np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=34, shape=(n_seq,)) if n_seq else []
+    lengths = np.memmap(prefix + ".idx", dtype=np.int32, mode="r", offset=idx_format.HEADER_BYTES, shape=(n_seq,)) if n_seq else []
     return int(np.sum(lengths, dtype=np.int64))
 
 
@@ -624,17 +623,16 @@ def _concat(prefix: str, shards: int, code: int, headers: list[tuple[int, int, i
                     while chunk := f.read(1 << 24):
                         out.write(chunk)
         with open(tmp + ".idx", "wb") as out:
-            out.write(b"MMIDIDX\x00\x00" + struct.pack("<Q", 1) + struct.pack("<B", code)
-                      + struct.pack("<QQ", n_seq, n_doc))
+            out.write(idx_format.pack(code, n_seq, n_doc))
             idxs = [part_prefix(prefix, i, shards) + ".idx" for i in range(shards)]
             for path, (_, s, _) in zip(idxs, headers):       # sequence lengths
-                lengths = np.memmap(path, np.int32, "r", 34, (s,)) if s else np.empty(0, np.int32)
+                lengths = np.memmap(path, np.int32, "r", idx_format.HEADER_BYTES, (s,)) if s else np.empty(0, np.int32)
                 for a in range(0, s, block):
                     out.write(np.ascontiguousarray(lengths[a:a + block]).tobytes())
             byte_offset = 0
             for path, (_, s, _) in zip(idxs, headers):       # sequence pointers, shifted
                 if s:
-                    ptrs = np.memmap(path, np.int64, "r", 34 + 4 * s, (s,))
+                    ptrs = np.memmap(path, np.int64, "r", idx_format.HEADER_BYTES + 4 * s, (s,))
                     for a in range(0, s, block):
                         out.write((ptrs[a:a + block] + byte_offset).astype(np.int64).tobytes())
                 byte_offset += os.path.getsize(path[:-len(".idx")] + ".bin")
@@ -642,7 +640,7 @@ def _concat(prefix: str, shards: int, code: int, headers: list[tuple[int, int, i
             seq_offset = 0
             for path, (_, s, d) in zip(idxs, headers):       # document indices, shifted, leading 0 once
                 if d > 1:
-                    docs = np.memmap(path, np.int64, "r", 34 + 12 * s + 8, (d - 1,))
+                    docs = np.memmap(path, np.int64, "r", idx_format.HEADER_BYTES + 12 * s + 8, (d - 1,))
                     for a in range(0, d - 1, block):
                         out.write((docs[a:a + block] + seq_offset).astype(np.int64).tobytes())
                 seq_offset += s
