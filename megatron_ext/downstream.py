@@ -15,9 +15,11 @@ choice's length in characters, first index on ties (lm-eval's rules).
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import time
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from functools import partial
 
@@ -51,6 +53,22 @@ def encode_pair(encode, context: str, continuation: str) -> tuple[list[int], lis
     return ctx, whole[len(ctx):]
 
 
+@contextmanager
+def _quiet_loading():
+    """No datasets/lm-eval progress bars in the training log (one line per eval is what it gets):
+    their bars go to stderr, which is set aside while tasks load; errors still raise."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bar()
+    try:
+        with redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bar()
+
+
 def load_items(recipe: Recipe) -> list[Item]:
     """Every task's first ``eval.limit`` documents, tokenized (rank 0: lm-eval and the data live there)."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -63,12 +81,13 @@ def load_items(recipe: Recipe) -> list[Item]:
     max_len = recipe.model.max_position_embeddings  # the export's, so lm-eval's max_length too
     items = []
     for name in recipe.eval.downstream:
-        tasks = build_tasks(Suite(name, [name]))
-        task = tasks.get(name)
+        with _quiet_loading():
+            task = build_tasks(Suite(name, [name])).get(name)
         if task is None or getattr(task, "OUTPUT_TYPE", None) != "multiple_choice":
             raise ValueError(f"eval.downstream: {name} is not one multiple-choice lm-eval task (groups and "
                              "generation tasks are for tools/evaluate.py)")
-        task.build_all_requests(limit=recipe.eval.limit, rank=0, world_size=1)
+        with _quiet_loading():
+            task.build_all_requests(limit=recipe.eval.limit, rank=0, world_size=1)
         by_doc: dict[int, list] = {}
         for inst in task.instances:
             by_doc.setdefault(inst.doc_id, []).append(inst)

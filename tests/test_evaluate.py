@@ -53,7 +53,9 @@ def data(tmp_path_factory) -> list[str]:
 
 def _train_and_evaluate(tmp: Path, nproc: int, overrides: list[str]) -> dict:
     out = tmp / "run"
-    launch(nproc, [str(TINY), f"train.output_dir={out}", f"eval.downstream=[{TASK}]", *overrides])
+    train = launch(nproc, [str(TINY), f"train.output_dir={out}", f"eval.downstream=[{TASK}]", *overrides])
+    # the training log has one line per eval, no datasets/lm-eval progress bars
+    assert "examples/s" not in train.stderr + train.stdout and "it/s]" not in train.stderr + train.stdout
     proc = evaluate(out, "--tasks", "gaperon_demo", "--dtype", "fp32", "--log-to-run", home=tmp)
     assert proc.returncode == 0, proc.stderr[-4000:]
     step = max(per_step(out, f"eval/{TASK}/acc"))
