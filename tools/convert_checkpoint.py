@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert checkpoints: `convert_checkpoint.py to-hf CKPT OUT`, `from-hf HF_DIR OUT`, `verify CKPT HF_DIR`.
 
-See megatron_ext/convert.py (and `--help` of each command). Exit codes: 0 ok, 1 verification
+See megatron_ext/convert/ (and `--help` of each command). Exit codes: 0 ok, 1 verification
 failed, 2 bad input.
 """
 import sys
