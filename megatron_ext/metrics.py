@@ -25,6 +25,7 @@ def peak_tflops() -> float | None:
 
 
 def peak_memory_gib(on_gpu: bool) -> float:
+    """GPU: the allocator's peak (what the planner counts). CPU: the process's peak RSS."""
     if on_gpu:
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
@@ -70,9 +71,11 @@ def _console(metrics: dict) -> str:
     if "tokens_per_s" in m:
         per_device = m.pop("tokens_per_s_per_device", None)
         parts.append(f"tokens/s {m.pop('tokens_per_s'):.4g}" + (f" ({per_device:.4g}/device)" if per_device else ""))
-    if "peak_mem_gib" in m:
+    if "peak_mem_gib" in m:  # like with like: the allocator's peak against the planner's tensors
         planned = m.pop("planned_mem_gib", None)
         parts.append(f"mem {m.pop('peak_mem_gib'):.3g} GiB" + (f" (planned {planned:.3g})" if planned else ""))
+    if "peak_rss_gib" in m:  # on CPU only the process's resident set is known: libraries included, no plan
+        parts.append(f"rss {m.pop('peak_rss_gib'):.3g} GiB")
     m.pop("consumed_samples", None)
     if "tokens_seen" in m:
         n = m.pop("tokens_seen")
@@ -133,7 +136,9 @@ class StepMetrics:
             metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                        "tokens_per_s": tokens_per_s, "trained_tokens_per_s": self.trained_tokens / span,
                        "tokens_per_s_per_device": tokens_per_s / self.world_size,
-                       "consumed_samples": state.consumed_samples, "peak_mem_gib": peak_memory_gib(self.on_gpu),
+                       "consumed_samples": state.consumed_samples,
+                       # the allocator's peak vs the plan on GPU; the process's peak resident set on CPU
+                       "peak_mem_gib" if self.on_gpu else "peak_rss_gib": peak_memory_gib(self.on_gpu),
                        "planned_mem_gib": self.planned_mem_gib}
             if self.peak:
                 metrics["mfu"] = tokens_per_s / self.world_size * self.fpt / (self.peak * 1e12)

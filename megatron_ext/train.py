@@ -242,8 +242,10 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     estimate = estimate_memory(recipe, attention=attention_backend(recipe))
     planned_mem_gib = (estimate["total"] - estimate["overhead"]) / 2**30
     if info.is_main:
-        print(f"planner estimate per GPU: {planned_mem_gib:.2f} GiB "
-              "(allocator view; compare with peak_mem_gib below)", flush=True)
+        print(f"planner estimate per GPU: {planned_mem_gib:.2f} GiB " + (
+              "(allocator view; compare with the step line's mem)" if info.on_gpu else
+              "(tensors on a GPU; on CPU the step line's rss is the whole process: torch and libraries included)"),
+              flush=True)
     downstream = DownstreamEval(recipe, info.is_main) if recipe.eval.downstream else None
     chunks = build_model(recipe, info.on_gpu)
     engine = Engine(recipe, chunks, info)
