@@ -48,8 +48,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from .checkpoint.format import build_meta, norm_gain_scale
 from .errors import EXIT_FAILED, GaperonError, free_port, parse_size as _parse_size
-from .config import ModelConfig, Recipe, RecipeError, dump_recipe, recipe_from_tree
+from .config import ModelConfig, Recipe, RecipeError, recipe_from_tree
 from .hf_families import FAMILIES
 from .hf_mapping import Family, Rule
 from .sharding import LAYER_RE, is_norm_gain, local_name, shard, split_dim, te_name
@@ -74,7 +75,6 @@ _ST_DTYPE = {v: k for k, v in _ST_CODE.items()}
 _HF_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 ROW_BLOCK_BYTES = 64 * 2**20  # vocab matrices are moved in blocks of about this many bytes
 VERIFY_VOCAB_ROWS = 4096  # logits compared on this many vocab rows by the post-export check
-NORM_GAIN_META_KEY = "norm_gain_scale"  # meta.json: stored norm gains x this = the true gains
 
 
 def parse_size(text: str | int) -> int:
@@ -199,7 +199,7 @@ def norm_gain_multiplier(meta: dict, recipe: Recipe | None = None) -> float:
     Pure-bf16 training keeps the gains divided by a factor (Gaperon used 20; see model.RMSNorm)
     so that small Adam updates survive bf16 rounding near 1.0. Every checkpoint states its factor
     in ``meta.json`` under ``norm_gain_scale``; absent (older checkpoints), the gains are plain."""
-    return float(meta.get(NORM_GAIN_META_KEY, 1.0))
+    return norm_gain_scale(meta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1097,8 +1097,6 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
     ``canonical(name)`` gives each non-vocab canonical tensor (fp32); ``vocab_rows(name, a, b)``
     rows [a, b) of a vocab matrix below ``model.vocab_size`` (the padding rows are zeros). One
     layer is in memory at a time; the vocab matrices go by blocks of rows."""
-    from .checkpoint import FORMAT_VERSION
-
     if spec not in ("local", "te"):
         raise ConvertError(f"spec {spec!r}: choose local or te")
     m, lay = recipe.model, recipe.layout
@@ -1141,13 +1139,10 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
                     for r in range(tp):
                         writers[(r, p)].append(key, shard(n, full, r, tp).contiguous())
                     del full
-        meta = {"format": FORMAT_VERSION, "step": 0, "consumed_samples": 0, "skipped_steps": 0, "adam_step": 0,
-                "layout": {"tp": tp, "pp": pp, "vpp": lay.vpp, "dp": 1, "zero_stage": lay.zero_stage,
-                           "world_size": tp * pp},
-                "precision": recipe.train.precision, "recipe": dump_recipe(recipe),
-                NORM_GAIN_META_KEY: 1.0,  # HF gains are the true gains; loading rescales them
-                "files": {fname[k]: (staging.tmp / fname[k]).stat().st_size for k in sorted(fname)},
-                "index": dict(sorted(index.items())), **(extra_meta or {})}
+        files = {fname[k]: (staging.tmp / fname[k]).stat().st_size for k in sorted(fname)}
+        # Step 0, weights only, dp 1; norm gain scale 1.0: HF gains are the true gains (loading rescales them).
+        meta = {**build_meta(recipe, 0, 0, 0, 0, 1, tp * pp, 1.0, files, dict(sorted(index.items()))),
+                **(extra_meta or {})}
         (staging.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         staging.commit([fname[k] for k in sorted(fname)] + ["meta.json"])
     return Path(out)

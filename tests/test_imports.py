@@ -12,20 +12,39 @@ from conftest import ROOT
 PACKAGE = ROOT / "megatron_ext"
 
 
+def module_name(path) -> str:
+    """``train``, ``checkpoint`` (a package's __init__.py), ``checkpoint.save``."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, object]:
+    """Every module of megatron_ext (subpackages' modules included) but the top __init__."""
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if p != PACKAGE / "__init__.py"}
+
+
 def project_imports(path) -> set[str]:
-    """The megatron_ext modules a file imports, anywhere in it."""
+    """The megatron_ext modules a file imports, anywhere in it (relative imports resolved)."""
+    name = module_name(path)
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    package = [p for p in package if p]
+    modules = set(all_modules())
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:
-                out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-            elif node.module and node.module.startswith("megatron_ext"):
-                rest = node.module.split(".")[1:]
-                out |= {rest[0]} if rest else {a.name for a in node.names}
+            parts = node.module.split(".") if node.module else []
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+            elif parts[:1] == ["megatron_ext"]:
+                base, parts = [], parts[1:]
+            else:
+                continue
+            target = ".".join(base + parts)
+            subs = {f"{target}.{a.name}" if target else a.name for a in node.names}
+            out |= ({target} | subs) & modules
         elif isinstance(node, ast.Import):
-            out |= {a.name.split(".")[1] for a in node.names if a.name.startswith("megatron_ext.")}
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    return (out & modules) - {path.stem}
+            out |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("megatron_ext.")} & modules
+    return out - {name}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -50,9 +69,10 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycle_and_schema_at_the_bottom():
-    graph = {p.stem: project_imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = {m: project_imports(p) for m, p in all_modules().items()}
+    assert "checkpoint.format" in graph, sorted(graph)  # subpackages' modules are checked too
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
-    assert not {"model", "data", "engine", "train", "sft", "checkpoint"} & closure(graph, "config")
+    assert not {"model", "data", "engine", "train", "sft", "checkpoint"} & {m.split(".")[0] for m in closure(graph, "config")}
     # The schema loads without torch: a bad recipe is refused in half a second (megatron_ext/launch.py).
     code = "import sys, megatron_ext.config\nprint(sorted(m for m in ('torch', 'megatron', 'deepspeed') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -70,7 +90,7 @@ def closure(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_every_module_imports_alone_in_a_fresh_interpreter():
     """In dependency order, each in its own interpreter: no module needs another imported first."""
-    graph = {p.stem: project_imports(p) for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = {m: project_imports(p) for m, p in all_modules().items()}
     order, done = [], set()
     while len(order) < len(graph):
         ready = sorted(m for m in graph if m not in done and graph[m] <= done)

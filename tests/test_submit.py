@@ -220,8 +220,8 @@ def test_save_budget_warnings_are_one_line_each(fake_sbatch, tmp_path):
 
 
 def test_requeue_exit_code_matches_the_training_loop():
-    """slurm.py keeps its own copy (importing checkpoint.py would pull in torch)."""
-    tree = ast.parse((ROOT / "megatron_ext" / "checkpoint.py").read_text())
+    """slurm.py keeps its own copy (importing checkpoint/ would pull in torch)."""
+    tree = ast.parse((ROOT / "megatron_ext" / "checkpoint" / "__init__.py").read_text())
     values = [n.value.value for n in tree.body if isinstance(n, ast.Assign)
               and any(getattr(t, "id", None) == "REQUEUE_EXIT_CODE" for t in n.targets)]
     assert values == [slurm.REQUEUE_EXIT_CODE] == [85]
