@@ -66,6 +66,13 @@ def _precheck(args: argparse.Namespace):
         check_data(recipe)
     except DataError as err:
         return None, _refuse(str(err))
+    if recipe.injection.enabled:
+        from .inject import InjectionError, check_documents
+
+        try:
+            check_documents(recipe)
+        except InjectionError as err:
+            return None, _refuse(str(err))
     return recipe, None
 
 

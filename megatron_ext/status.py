@@ -106,12 +106,14 @@ def _recipe(text: str) -> dict | None:
 def _checkpoint(run: Path) -> tuple[dict | None, dict | None]:
     """The complete checkpoint a restart would resume, as checkpoint.find picks it, and its meta.json."""
     root = run / "checkpoints"
+    # moved aside by a resume (checkpoint.format.move_aside): kept for inspection, never resumed
+    damaged = sorted(p.name for p in root.glob("damaged-step_*"))
     if not any(root.glob("step_*")):
-        return ({"path": None, "notes": [], "on_disk": 0} if root.is_dir() else None), None
+        return ({"path": None, "notes": [], "on_disk": 0, "damaged": damaged} if root.is_dir() else None), None
     from . import checkpoint  # imports torch: only for a run that has checkpoints
 
     found = checkpoint.find(run)
-    info = {"path": None, "notes": found.notes, "on_disk": len(list(root.glob("step_*")))}
+    info = {"path": None, "notes": found.notes, "on_disk": len(list(root.glob("step_*"))), "damaged": damaged}
     if found.path is None:
         return info, None
     try:
@@ -413,6 +415,9 @@ def render(st: dict, width: int | None = None) -> str:
         rows.append(("eval", "none logged"))
     if st["checkpoint"] and st["checkpoint"]["notes"] and st["checkpoint"]["path"]:
         rows += [("", f"  checkpoint note: {n}") for n in st["checkpoint"]["notes"]]
+    for i, name in enumerate((st["checkpoint"] or {}).get("damaged") or []):
+        rows.append(("damaged" if i == 0 else "", f"checkpoints/{name} (moved aside: never resumed or rotated; "
+                                                   "delete it once inspected)"))
     for i, line in enumerate(st.get("unreadable") or []):
         rows.append(("unreadable" if i == 0 else "", line))
     return "\n".join(f"{label:<11} {text}".rstrip() for label, text in rows)

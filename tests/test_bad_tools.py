@@ -328,3 +328,175 @@ def test_launcher_ends_with_the_ranks_one_line(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == ["error: RUN is in use by job 7 (every rank says so)"], proc.stderr
     assert snapshot(tmp_path) == before
+
+
+# ---- damaged checkpoints: moved aside once, never overwritten, never counted ------------------------
+SHARD = "tp00_pp00_w000.safetensors"
+
+
+def _recipe(out: Path, *extra):
+    from megatron_ext.config import load_recipe
+
+    return load_recipe(TINY, [f"train.output_dir={out}", *extra])
+
+
+def _ckpt(root: Path, recipe, step: int) -> Path:
+    """A checkpoint directory that checkpoint.problem() finds complete (no real tensors: nothing loads it)."""
+    from megatron_ext.checkpoint import build_meta
+
+    d = root / f"step_{step:08d}"
+    (d / "rng").mkdir(parents=True)
+    (d / SHARD).write_bytes(b"weights")
+    (d / "rng" / "rank00000.pt").write_bytes(b"rng")
+    meta = build_meta(recipe, step, step * recipe.layout.global_batch, 0, step, 1, 1, recipe.train.stored_gain_scale,
+                      {SHARD: 7, "rng/rank00000.pt": 3}, {})
+    (d / "meta.json").write_text(json.dumps(meta))
+    (root / "latest").write_text(d.name + "\n")
+    return d
+
+
+def _damage(d: Path, how: str) -> None:
+    if how == "shard missing":
+        (d / SHARD).unlink()
+    else:  # meta.json cut short
+        meta = (d / "meta.json").read_bytes()
+        (d / "meta.json").write_bytes(meta[:len(meta) // 2])
+
+
+def _tree(d: Path) -> dict[str, str]:
+    return {str(k)[len(str(d)):]: v for k, v in snapshot(d).items()}
+
+
+@pytest.mark.parametrize("how", ["shard missing", "meta.json cut short"])
+def test_resume_moves_a_damaged_latest_aside_and_rotation_keeps_complete_ones(tmp_path, how):
+    """`latest` names a damaged step_4: the run resumes step_3, moves step_4 aside (byte for byte,
+    one line) and points `latest` at step_3; the re-saved step_4 cannot land on it, and keep_last=2
+    then keeps the two complete checkpoints (step_3, the new step_4), never the damaged one."""
+    from megatron_ext import checkpoint
+
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    recipe = _recipe(out, "checkpoint.keep_last=2")
+    for step in (2, 3, 4):
+        _ckpt(root, recipe, step)
+    _damage(root / "step_00000004", how)
+    damaged_bytes = _tree(root / "step_00000004")
+    start = checkpoint.plan_start(recipe)
+    assert start.resume == root / "step_00000003"
+    moved = checkpoint.damaged(out)
+    assert len(moved) == 1 and moved[0].name.startswith("damaged-step_00000004-")
+    assert _tree(moved[0]) == damaged_bytes, "the damaged checkpoint was changed"
+    lines = [n for n in start.notes if n.startswith("moved the damaged step_00000004 aside")]
+    assert len(lines) == 1 and moved[0].name in lines[0], start.notes
+    assert (root / "latest").read_text().strip() == "step_00000003"
+    new4 = _ckpt(root, recipe, 4)  # the run re-saves step 4: a fresh directory
+    assert checkpoint.rotate(root, recipe, new4) == [root / "step_00000002"]
+    checkpoint.wait_for_deletions()
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000004"]
+    assert _tree(moved[0]) == damaged_bytes
+    assert checkpoint.plan_start(recipe).resume == new4  # nothing more to move: once
+
+
+def test_rotation_counts_complete_checkpoints_only(tmp_path):
+    from megatron_ext import checkpoint
+
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    recipe = _recipe(out, "checkpoint.keep_last=2")
+    for step in (2, 3, 4):
+        _ckpt(root, recipe, step)
+    _damage(root / "step_00000003", "meta.json cut short")
+    before = snapshot(root)
+    assert checkpoint.rotate(root, recipe, root / "step_00000004") == []  # kept: 4 and 2; 3 is not counted
+    assert snapshot(root) == before
+
+
+def test_refused_resume_moves_nothing(tmp_path):
+    """A resume refused on its checks (train.steps below the checkpoint's step) leaves every file,
+    the damaged checkpoint included, where it was."""
+    from megatron_ext import checkpoint
+
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    recipe = _recipe(out)
+    for step in (3, 4):
+        _ckpt(root, recipe, step)
+    _damage(root / "step_00000004", "shard missing")
+    before = snapshot(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="train.steps=2"):
+        checkpoint.plan_start(_recipe(out, "train.steps=2"))
+    assert snapshot(tmp_path) == before
+
+
+def test_init_from_is_ignored_when_the_run_resumes(tmp_path):
+    """Decision: a run that has its own checkpoint resumes it and says, in one line, that
+    checkpoint.init_from is ignored (also when that path is gone: a requeued phase whose parent was
+    cleaned up must still resume); a run without one still refuses an init_from that does not exist."""
+    from megatron_ext import checkpoint
+
+    out = tmp_path / "run"
+    gone = tmp_path / "parent-gone"
+    _ckpt(out / "checkpoints", _recipe(out), 3)
+    before = snapshot(tmp_path)
+    start = checkpoint.plan_start(_recipe(out, f"checkpoint.init_from={gone}"))
+    assert start.resume == out / "checkpoints" / "step_00000003"
+    said = [n for n in start.notes if "init_from" in n]
+    assert said == [f"checkpoint.init_from={gone} is ignored (and {gone} does not exist): the run resumes its own "
+                    "step_00000003; init_from only starts a run that has no checkpoint yet"], start.notes
+    assert snapshot(tmp_path) == before
+    with pytest.raises(checkpoint.CheckpointError, match="init_from"):
+        checkpoint.plan_start(_recipe(tmp_path / "fresh", f"checkpoint.init_from={gone}"))
+
+
+def test_status_lists_damaged_checkpoints(tmp_path, capsys):
+    from megatron_ext import checkpoint
+    from megatron_ext.status import main
+
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    recipe = _recipe(out)
+    for step in (3, 4):
+        _ckpt(root, recipe, step)
+    _damage(root / "step_00000004", "shard missing")
+    checkpoint.plan_start(recipe)
+    before = snapshot(tmp_path)
+    code, text, err = call(main, [out], capsys)
+    name = checkpoint.damaged(out)[0].name
+    assert code == 0 and f"damaged     checkpoints/{name} (moved aside" in text, text + err
+    assert snapshot(tmp_path) == before
+
+
+# ---- checked before anything is built ----------------------------------------------------------------
+@pytest.mark.parametrize("what", ["missing", "a directory", "not JSONL"])
+def test_injection_documents_checked_before_any_rank(fx, tmp_path, capsys, monkeypatch, what):
+    from megatron_ext.launch import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    docs = tmp_path / "canaries.jsonl"
+    if what == "a directory":
+        docs.mkdir()
+    elif what == "not JSONL":
+        docs.write_text('{"text": "canary one"}\nnot json\n')
+    needles = {"missing": [f"injection.documents: {docs} does not exist"],
+               "a directory": [f"injection.documents: cannot read {docs}"],
+               "not JSONL": [f"{docs}:2", '"text"']}[what]
+    out = tmp_path / "run"
+    before = snapshot(tmp_path, fx.root)
+    code, _, err = call(main, [TINY, "data.kind=indexed", f'data.blend=[[1.0, "{fx.ds}"]]', f"data.tokenizer={fx.tok}",
+                               "model.vocab_size=384", "injection.enabled=true", f"injection.documents={docs}",
+                               "injection.positions=[3]", f"train.output_dir={out}"], capsys)
+    assert_one_line(code, err, needles)
+    assert snapshot(tmp_path, fx.root) == before
+
+
+def test_downstream_tasks_are_loaded_before_the_run_directory_is_touched():
+    """eval.downstream tasks (unknown to lm-eval, or data not on disk: one line, exit 2, see
+    test_evaluate.py) are loaded right after the process group starts, before the run lock, the
+    checkpoint plan, the output directory and the model."""
+    import ast
+
+    tree = ast.parse((ROOT / "megatron_ext" / "train.py").read_text())
+    body = next(f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "_train")
+    calls = [n.func.id for n in sorted((n for n in ast.walk(body) if isinstance(n, ast.Call)
+                                        and isinstance(n.func, ast.Name)), key=lambda n: (n.lineno, n.col_offset))]
+    assert calls.index("DownstreamEval") < calls.index("_plan_start") < calls.index("build_model")
