@@ -330,6 +330,23 @@ def test_launcher_ends_with_the_ranks_one_line(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+# ---- convert from-hf ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, needles", [
+    ('{"architectures": ["LlamaForCausalLM"],\n "hidden_size": 64,,\n}', ["not valid JSON", "line 2, column 20"]),
+    ('["LlamaForCausalLM"]', ["is not a JSON object (it holds a list)"]),
+], ids=["unparsable", "not an object"])
+def test_from_hf_names_an_unreadable_config_json(tmp_path, capsys, text, needles):
+    from megatron_ext.convert import main
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(text)
+    before = snapshot(tmp_path)
+    code, _, err = call(main, ["from-hf", hf, tmp_path / "out", "--no-progress"], capsys)
+    assert_one_line(code, err, [f"{hf / 'config.json'}", *needles, "re-download"])
+    assert snapshot(tmp_path) == before
+
+
 # ---- damaged checkpoints: moved aside once, never overwritten, never counted ------------------------
 SHARD = "tp00_pp00_w000.safetensors"
 
