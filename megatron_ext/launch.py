@@ -79,7 +79,8 @@ def _precheck(args: argparse.Namespace):
 def launch_local(args: argparse.Namespace, argv: list[str]) -> int:
     """N ranks of this command on this machine, started by torchrun's machinery in this process."""
     n = args.nproc_per_node
-    if "RANK" in os.environ or "SLURM_PROCID" in os.environ:
+    env = os.environ
+    if "RANK" in env or ("SLURM_STEP_ID" in env and int(env.get("SLURM_NTASKS", "1") or 1) > 1):
         return _refuse("--nproc-per-node starts the ranks itself: leave it out under torchrun or srun "
                        "(they start one process per rank)")
     if n < 1:

@@ -81,8 +81,8 @@ def _preprocess(fx, tmp, *extra):
 PREPROCESS = {
     "--workers 0": (["--output-prefix", "{tmp}/ds", "--workers", "0"], ["--workers", "'0'", "integer >= 1"]),
     "--workers -3": (["--output-prefix", "{tmp}/ds", "--workers", "-3"], ["--workers", "'-3'", "integer >= 1"]),
-    "--shard -1/2": (["--output-prefix", "{tmp}/ds", "--shard", "-1/2"], ["--shard", "'-1/2'", "0 <= I < N"]),
-    "--shard 2/2": (["--output-prefix", "{tmp}/ds", "--shard", "2/2"], ["--shard", "'2/2'", "0 <= I < N"]),
+    "--shard -1/2": (["--output-prefix", "{tmp}/ds", "--shard", "-1/2"], ["--shard -1/2: write I/N", "0 <= I < N"]),
+    "--shard x/2": (["--output-prefix", "{tmp}/ds", "--shard", "x/2"], ["--shard", "'x/2' is not I/N"]),
     "prefix under a read-only place": (["--output-prefix", f"{READ_ONLY}/gaperon/new/ds", "--workers", "1"],
                                        ["--output-prefix", f"cannot create {READ_ONLY}/gaperon/new",
                                         f"{READ_ONLY} is not writable", "choose a writable location"]),

@@ -65,11 +65,8 @@ def _shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        i = n = -1
-    if not (n >= 1 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"{text!r} is not I/N: write e.g. 3/16, with 0 <= I < N "
-                                         "(I: this part, from 0; N: the number of parts)")
-    return i, n
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 3/16, I from 0 to N-1)") from None
+    return i, n  # the range (0 <= I < N) is checked by preprocess(), in one line naming --shard I/N
 
 
 def build_parser() -> argparse.ArgumentParser:
