@@ -88,14 +88,23 @@ def init_distributed(recipe: Recipe) -> DistInfo:
                                 timeout=timedelta(minutes=int(os.environ.get("GAPERON_DIST_TIMEOUT_MIN", 30))))
     with quiet.known_prints_dropped():  # DeepSpeed prints that it built its CPU shm op, per rank
         deepspeed.init_distributed(dist_backend=backend(), verbose=False)
+    init_model_parallel(recipe)
+    model_parallel_cuda_manual_seed(recipe.train.seed)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def init_model_parallel(recipe: Recipe, gloo_side_groups: bool = True) -> None:
+    """Megatron's tensor/pipeline/data groups for the recipe's layout (this rank's place in them).
+    ``gloo_side_groups=False``: without Megatron's gloo side groups, which the rehearsal's fake
+    process group cannot create (and nothing of ours uses)."""
+    lay = recipe.layout
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=lay.tp,
         pipeline_model_parallel_size=lay.pp,
         virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
+        create_gloo_process_groups=gloo_side_groups,
     )
-    model_parallel_cuda_manual_seed(recipe.train.seed)
-    return DistInfo(rank, world, local_rank, device)
 
 
 class MegatronMPU:

@@ -436,8 +436,22 @@ class GaperonGPTModel(GPTModel):
         return chunked_lm_loss(self.output_layer, hidden_states, labels, self.loss_chunk_tokens)
 
 
-def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
-    """This rank's model chunks (one per virtual pipeline stage), initialised."""
+def build_model(recipe: Recipe, on_gpu: bool, meta: bool = False) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), initialised. ``meta``: on the
+    meta device, shapes only, not initialised (the rehearsal: a 24B stage in no memory)."""
+    if meta:
+        with torch.device("meta"):
+            return _build_chunks(recipe, on_gpu=False)
+    chunks = _build_chunks(recipe, on_gpu)
+    init_weights(chunks, recipe)
+    if recipe.train.compile:
+        for chunk in chunks:
+            for layer in chunk.decoder.layers:
+                layer.compile()  # in place: parameter names (and so checkpoints) are unchanged
+    return chunks
+
+
+def _build_chunks(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
     config = transformer_config(recipe, on_gpu)
     vpp = recipe.layout.vpp
     chunks = []
@@ -460,11 +474,6 @@ def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
         if on_gpu:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
-    init_weights(chunks, recipe)
-    if recipe.train.compile:
-        for chunk in chunks:
-            for layer in chunk.decoder.layers:
-                layer.compile()  # in place: parameter names (and so checkpoints) are unchanged
     return chunks
 
 
