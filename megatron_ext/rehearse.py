@@ -368,11 +368,11 @@ def index_bytes(recipe, lay: Layout, world: int) -> int | None:
     return len(json.dumps(saved.meta))
 
 
-def run(recipe, steps: int, resume: dict | None, out=sys.stdout) -> int:
+def run(recipe, steps: int, resume: dict | None, out=None) -> int:
     from . import plan as planner
 
     t0 = time.perf_counter()
-    say = lambda s="": print(s, file=out, flush=True)  # noqa: E731
+    say = lambda s="": print(s, file=out or sys.stdout, flush=True)  # noqa: E731
     lay_ = recipe.layout
     say(f"rehearse {recipe.model.name} at world {lay_.world_size}: tp={lay_.tp} pp={lay_.pp} vpp={lay_.vpp} "
         f"dp={lay_.dp} zero={lay_.zero_stage} {recipe.train.precision}; fake process group, meta tensors")
