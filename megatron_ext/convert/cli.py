@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import sys
 
-from ..config import RecipeError
+from ..errors import ArgParser, GaperonError, report
 from .from_hf import from_hf
-from .names import ConvertError, VerifyError
 from .to_hf import to_hf
 from .verify import verify
 
 
 def build_parser():
-    import argparse
 
-    p = argparse.ArgumentParser(
+    p = ArgParser(
         prog="convert_checkpoint.py",
         description="Convert between our training checkpoints and Hugging Face directories "
                     "(LlamaForCausalLM, Qwen3ForCausalLM, Olmo2ForCausalLM).")
@@ -53,8 +51,6 @@ def build_parser():
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 verification failed, 2 bad input (the message says which and why)."""
-    from ..checkpoint import CheckpointError
-
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "to-hf":
@@ -70,14 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                             num_seqs=args.seqs, seq_len=args.seq_len, tol=args.tol)
             print(result, flush=True)
             return 0 if result.ok else 1
-    except (ConvertError, CheckpointError, RecipeError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
+    except GaperonError as err:  # bad input: 2; a failed verification: 1 (VerifyError.exit_code)
+        return report(err)
     except OSError as err:  # an unwritable output path, a full disk: nothing was moved into place
         print(f"error: {err.filename or ''}: {err.strerror or err}: choose a writable output directory with "
               "free space (nothing was written there)", file=sys.stderr, flush=True)
         return 2
-    except VerifyError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
     return 0
