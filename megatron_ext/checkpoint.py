@@ -188,7 +188,8 @@ def leftovers(output_dir: str | Path) -> list[Path]:
 # ---- where a run starts ----------------------------------------------------------------------
 # Model fields that decide tensor shapes: a checkpoint loads only into a model that agrees on all.
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "kv_channels",
-              "ffn_hidden_size", "padded_vocab_size", "qk_layernorm", "block")
+              "ffn_hidden_size", "padded_vocab_size", "qk_layernorm", "block",
+              "tie_embeddings")
 
 
 @dataclass
@@ -867,6 +868,8 @@ def _stage(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) ->
     for chunk in engine.chunks:
         names = canonical_names(chunk)
         for module_name, param in chunk.named_parameters():
+            if getattr(param, "tied_copy", False):
+                continue  # the last stage's copy of a tied embedding: the first stage writes it
             pname = names[module_name]
             start, owned = _owned(engine, param, shares)  # no collective
             shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
