@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import subprocess
+from pathlib import Path
 import sys
 
 from conftest import ROOT
