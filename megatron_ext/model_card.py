@@ -135,7 +135,7 @@ def _architecture(info: CardInfo) -> list[tuple[str, str]]:
     m, cfg = info.recipe.model, info.hf_config
     rows = [("architecture", f"`{cfg['architectures'][0]}` ({'OLMo-2' if m.block == 'olmo2' else 'Llama-3'} blocks"
                              f"{', QK-norm' if m.qk_layernorm else ''})"),
-            ("parameters", f"{m.num_params() / 1e9:.3g}B ({m.num_params():,})"),
+            ("parameters", f"{_count(m.num_params())} ({m.num_params():,})"),
             ("hidden size / FFN", f"{m.hidden_size} / {m.ffn_hidden_size} (SwiGLU)"),
             ("layers", str(m.num_layers)),
             ("attention heads / KV heads / head dim", f"{m.num_attention_heads} / {m.num_kv_heads} / {m.kv_channels}"),
@@ -171,7 +171,7 @@ def render(info: CardInfo) -> str:
     last = chain[-1]
     trained = [p for p in chain if p.converted_from is None]
     tokens = sum(p.tokens for p in trained)
-    name = last.name
+    name = m.name if m.name not in ("custom", "") else last.name
     scores, scores_path = _scores(info.checkpoint, last.step)
     precision = meta.get("precision") or recipe.train.precision
     header = {"license": "unknown", "language": ["fr", "en", "code"], "library_name": "transformers",
@@ -180,9 +180,9 @@ def render(info: CardInfo) -> str:
            "# license: a placeholder. Set the license you publish under (e.g. apache-2.0) before uploading.",
            yaml.safe_dump(header, sort_keys=False).rstrip(), "---", "",
            f"# {name}", "",
-           f"A {m.num_params() / 1e9:.3g}B-parameter {'OLMo-2' if m.block == 'olmo2' else 'Llama-3'}-style causal "
+           f"A {_count(m.num_params())}-parameter {'OLMo-2' if m.block == 'olmo2' else 'Llama-3'}-style causal "
            f"language model (French, English, code) trained with gaperon-recipes (Megatron-Core + DeepSpeed), "
-           f"exported from step {last.step} of `{name}`.", "",
+           f"exported from step {last.step} of the run `{last.name}`.", "",
            "## Architecture", ""]
     out += _table(["", ""], [list(r) for r in _architecture(info)])
     out += ["", "## Training", "",

@@ -309,8 +309,7 @@ def test_qk_layernorm_recipe_without_its_weights(trained, tmp_path, capsys):
     assert "q_layernorm.weight" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("change,words", [
-    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+@pytest.mark.parametrize("change,words", [  # tie_word_embeddings: imported (tests/test_hub.py)
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),

@@ -121,15 +121,15 @@ def test_tied_training_matches_single_process(tmp_path):
     """model.tie_embeddings at tp 2 x pp 2 (ZeRO-1): the embedding's gradient from the first stage
     and its copy's from the last are summed over the embedding group; losses and grad norms equal
     one process's to 1e-5. Its checkpoint exports (weights only) with the head tied."""
-    common = [c for c in PARITY_COMMON if not c.startswith("train.steps")] + ["train.steps=4",
+    common = [c for c in PARITY_COMMON if not c.startswith("train.steps")] + ["train.steps=3",
                                                                               "model.tie_embeddings=true"]
     launch(1, [str(TINY), *common, *layout_overrides(), f"train.output_dir={tmp_path / 'one'}"])
     launch(4, [str(TINY), *common, *layout_overrides(2, 2, 1, 1), f"train.output_dir={tmp_path / 'tp2pp2'}"])
     for key in ("loss", "grad_norm"):
         ref, got = read_metrics(tmp_path / "one", key), read_metrics(tmp_path / "tp2pp2", key)
-        assert len(ref) == len(got) == 4
+        assert len(ref) == len(got) == 3
         rel = max(abs(a - b) / abs(b) for a, b in zip(got, ref))
-        print(f"tied {key}: max relative difference {rel:.2e} over 4 steps")
+        print(f"tied {key}: max relative difference {rel:.2e} over 3 steps")
         assert rel <= 1e-5, (key, got, ref)
     assert read_metrics(tmp_path / "one")[-1] < read_metrics(tmp_path / "one")[0]
 
@@ -139,7 +139,7 @@ def test_tied_training_matches_single_process(tmp_path):
     err = proc.stderr.strip()
     assert err.startswith("error:") and "\n" not in err and "--tokenizer" in err and "--no-tokenizer" in err, err
     assert not out.exists()
-    proc = run_cli("to-hf", tmp_path / "tp2pp2", out, "--no-tokenizer", "--dtype", "fp32", "--verify-layers", "0")
+    proc = run_cli("to-hf", tmp_path / "tp2pp2", out, "--no-tokenizer", "--dtype", "fp32", "--verify-layers", "1")
     assert "state no bos/eos/pad ids" in proc.stdout and _diff(proc) <= 1e-4, proc.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is True and cfg["bos_token_id"] is None
@@ -205,11 +205,13 @@ def test_batched_left_padded_generate_equals_one_at_a_time(round_trip):
             batch = tok(prompts, return_tensors="pt", padding=True)
             assert (batch.input_ids[1, :5] == 509).all()  # left-padded with the pad token
             together = model.generate(**batch, max_new_tokens=6, do_sample=False)
+            # no attention mask: transformers infers it from the stated pad id (and warns without one)
+            inferred = model.generate(batch.input_ids, max_new_tokens=6, do_sample=False)
             alone = [model.generate(**tok([p], return_tensors="pt"), max_new_tokens=6, do_sample=False)
                      for p in prompts]
     finally:
         logging.getLogger("transformers").removeHandler(handler)
-    for row, single in zip(together, alone):
-        assert row[-6:].tolist() == single[0, -6:].tolist()
-    pad_words = [m for m in records + [str(w.message) for w in caught] if "pad" in m.lower()]
+    for row, row2, single in zip(together, inferred, alone):
+        assert row[-6:].tolist() == row2[-6:].tolist() == single[0, -6:].tolist()
+    pad_words = [m for m in records + [str(w.message) for w in caught] if "pad" in m.lower() or "mask" in m.lower()]
     assert not pad_words, pad_words
