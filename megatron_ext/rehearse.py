@@ -145,7 +145,7 @@ def rank_writes(recipe, coord: Coord, specs) -> list[tuple]:
 
     out = []
     for spec, (lo, hi) in zip(specs, owned_ranges(specs, recipe.layout.zero_stage, coord.dp, coord.dp_size)):
-        if hi > lo:
+        if hi > lo and spec.stored:
             for kind in KINDS:
                 out.append((f"{kind}/{spec.name}", coord.tp, spec.shape, fragment_key(kind, spec.name, lo), lo, hi - lo))
     return out

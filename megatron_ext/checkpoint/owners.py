@@ -28,6 +28,7 @@ class ParamSpec:
     name: str
     shape: tuple[int, ...]
     group: int
+    stored: bool = True  # False: a tied head's copy of the embedding, read as it, written by the first stage only
 
     @property
     def numel(self) -> int:
@@ -47,7 +48,8 @@ def param_specs(chunks, weight_decay: float) -> list:
         names = canonical_names(chunk)
         for module_name, param in chunk.named_parameters():
             shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
-            out.append((param, ParamSpec(names[module_name], shape, group_of.get(id(param), -1))))
+            out.append((param, ParamSpec(names[module_name], shape, group_of.get(id(param), -1),
+                                         stored=not getattr(param, "tied_copy", False))))
     return out
 
 

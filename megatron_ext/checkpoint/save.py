@@ -185,6 +185,8 @@ def _stage(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) ->
     store_dtype = torch.bfloat16 if recipe.train.precision == "bf16-pure" else None
     fragments, entries = {}, []
     for (param, spec), (lo, hi) in _plan(engine, recipe, dp_rank, dp_size):
+        if not spec.stored:
+            continue  # the last stage's copy of a tied embedding: the first stage writes it
         for kind, t in _owned(engine, param, lo, hi).items():  # no collective
             if t.numel() == 0:
                 continue
