@@ -158,7 +158,6 @@ def save_in_background(engine, recipe: Recipe, state: TrainState, output_dir: st
 def _stage(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> tuple | None:
     """Prepare the ``.tmp-`` directory and copy this rank's share to host memory (collective):
     the arguments of :func:`_write_files`, or None when this step is already saved."""
-    from ..model import canonical_names
 
     root = checkpoints_dir(output_dir)
     name = f"step_{state.step:08d}"

@@ -6,6 +6,7 @@ import sys
 
 from ..errors import ArgParser, GaperonError, report
 from .from_hf import from_hf
+from .names import ConvertError
 from .to_hf import to_hf
 from .verify import verify
 

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint.format import build_meta
-from ..config import Recipe
+from ..config import Recipe, dump_recipe
 from ..sharding import shard, te_name
 from .ckpt_read import _rows_block
 from .hf_config import recipe_from_hf_config
