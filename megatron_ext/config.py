@@ -80,6 +80,10 @@ class ModelConfig(_Strict):
     # outputs of attention and MLP before each residual add, QK-norm over the whole q and k projections.
     block: Literal["llama", "olmo2"] = "llama"
     init_std: float = 0.02
+    # Tied input/output embeddings (Llama-3.2 1B/3B, SmolLM, small Qwen): the LM head is the input
+    # embedding. Under pipeline parallelism the last stage keeps a copy that Megatron-Core's
+    # embedding group keeps equal (the engine all-reduces its gradient with the first stage's).
+    tie_embeddings: bool = False
 
     @property
     def kv_channels(self) -> int:
@@ -91,13 +95,14 @@ class ModelConfig(_Strict):
         return int(math.ceil(self.vocab_size / m) * m)
 
     def num_params(self) -> int:
-        """Exact parameter count of the Llama block stack (unpadded vocab, untied head)."""
+        """Exact parameter count of the Llama block stack (unpadded vocab; the head counted once
+        more unless tied)."""
         h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
         q, kv = self.num_attention_heads * d, self.num_kv_heads * d
         attn = h * (q + 2 * kv) + q * h
         mlp = 3 * h * f
         norms = 2 * h + (2 * d if self.qk_layernorm else 0) + (q + kv if self.block == "olmo2" else 0)
-        return self.num_layers * (attn + mlp + norms) + 2 * self.vocab_size * h + h
+        return self.num_layers * (attn + mlp + norms) + (1 if self.tie_embeddings else 2) * self.vocab_size * h + h
 
 
 class LayoutConfig(_Strict):

@@ -160,7 +160,8 @@ def count_params(m: ModelConfig, padded: bool = False) -> int:
     """Whole model; ``padded`` counts the embedding and output rows the built model allocates."""
     vocab = m.padded_vocab_size if padded else m.vocab_size
     split, replicated = layer_params(m)
-    return m.num_layers * (split + replicated) + 2 * vocab * m.hidden_size + m.hidden_size
+    tables = 1 if m.tie_embeddings else 2  # input embedding, and the output layer unless tied
+    return m.num_layers * (split + replicated) + tables * vocab * m.hidden_size + m.hidden_size
 
 
 def matmul_params(m: ModelConfig) -> int:
@@ -177,7 +178,9 @@ def stage_params(recipe: Recipe, pp_rank: int) -> int:
     if pp_rank == 0:
         n += m.padded_vocab_size // lay.tp * m.hidden_size
     if pp_rank == lay.pp - 1:
-        n += m.padded_vocab_size // lay.tp * m.hidden_size + m.hidden_size
+        n += m.hidden_size
+        if not (m.tie_embeddings and lay.pp == 1):  # tied at pp > 1: the last stage holds a copy
+            n += m.padded_vocab_size // lay.tp * m.hidden_size
     return n
 
 
