@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from .config import RecipeError, load_recipe
@@ -122,14 +123,15 @@ def run_ranks(n: int, script: str, rank_argv: list[str]) -> int:
             run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={n}", script, *rank_argv]))
             return 0
         except ChildFailedError as err:
-            codes = {f.exitcode for f in err.failures.values()}
+            # torchrun ends the other ranks with SIGTERM once one has failed: those followed the first
+            codes = {f.exitcode for f in err.failures.values()} - {-signal.SIGTERM}
             lines = []
             for name in sorted(os.listdir(errors)):
                 with open(os.path.join(errors, name)) as f:
                     lines += [ln for ln in f.read().splitlines() if ln and ln not in lines]
             for line in lines:
                 print(line, file=sys.stderr, flush=True)
-            code = codes.pop() if len(codes) == 1 else None
+            code = codes.pop() if len(codes) == 1 else None  # none left: every rank was terminated
             if code is not None and code > 0:  # every failed rank ended alike: its code is the run's
                 if code != BAD_INPUT_EXIT_CODE or not lines:
                     print(f"launch: ranks exited with {code}", file=sys.stderr, flush=True)

@@ -18,17 +18,8 @@ import pytest
 from conftest import BAD_SEQ as SEQ, ROOT, TINY, cpu_env
 
 from megatron_ext import preprocess as pp
+from test_bad_data import snapshot
 from megatron_ext import sft
-
-
-def snapshot(*dirs: Path) -> dict[str, str]:
-    import hashlib
-
-    out = {}
-    for d in dirs:
-        for p in sorted(Path(d).rglob("*")):
-            out[str(p)] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def call(main, argv: list, capsys) -> tuple[int, str, str]:
