@@ -18,6 +18,10 @@ if __name__ == "__main__":
                                            f"train.cwt_temperature={temperature}"])
         init_distributed(recipe)
         (chunk,) = build_model(recipe, on_gpu=False)
+        from megatron_ext.plan import count_params
+
+        assert chunk.output_layer is None and not any("output_layer" in n for n, _ in chunk.named_parameters())
+        assert sum(p.numel() for p in chunk.parameters()) == count_params(recipe.model, padded=True)
         captured = {}
         chunk.decoder.final_layernorm.register_forward_hook(lambda m, a, o: captured.update(hidden=o.detach()))
         gen = torch.Generator().manual_seed(0)

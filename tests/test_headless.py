@@ -74,3 +74,45 @@ def test_headless_layout_matches_single_process(headless_reference, tmp_path, tp
     print(f"\nparity {(tp, pp, dp, zero, sp)}: max rel loss "
           f"{max(_rel(a, b) for a, b in zip(loss, ref_loss)):.2e}, grad norm "
           f"{max(_rel(a, b) for a, b in zip(norm, ref_norm)):.2e}")
+
+
+# ---- recipe keys and the planner -------------------------------------------------------------
+@pytest.mark.parametrize("overrides,needle", [
+    (["train.objective=cwt"], "set model.head=none"),
+    (["model.head=none"], "set train.objective=cwt"),
+    (["model.head=none", "train.objective=cwt", "train.cwt_temperature=0"], "train.cwt_temperature=0"),
+    (["model.head=none", "train.objective=cwt", "train.loss_chunk_tokens=64"], "train.loss_chunk_tokens=0"),
+    (["checkpoint.init_head=from_embeddings"], "set checkpoint.init_from"),
+    (["checkpoint.init_mode=cooldown", "checkpoint.init_from=/x"], "set schedule.kind=wsd"),
+    (["checkpoint.init_mode=transfer"], "checkpoint.init_mode"),
+])
+def test_bad_headless_recipes_are_one_line(overrides, needle):
+    from megatron_ext.config import RecipeError, load_recipe
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(TINY, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_planner_counts_both_objectives():
+    """1.5B at seq 4096: headless holds no output layer and no [tokens, vocab] logits, but a
+    [tokens, tokens of the micro batch] similarity matrix; its FLOPs replace 6*V*h by 6*T*h."""
+    from megatron_ext.config import load_recipe
+    from megatron_ext.plan import count_params, estimate_memory, flops_per_token, last_stage_bytes
+
+    path = ROOT / "recipes" / "1.5b.yaml"
+    lm, hl = load_recipe(path), load_recipe(path, HEADLESS)
+    m, t, lay = lm.model, lm.train, lm.layout
+    assert count_params(lm.model) - count_params(hl.model) == m.vocab_size * m.hidden_size
+    assert hl.model.num_params() == count_params(hl.model)
+    tokens = lay.micro_batch * t.seq_len
+    assert last_stage_bytes(lm) >= tokens * m.padded_vocab_size * 4  # the fp32 softmax at least
+    assert tokens * tokens * 4 <= last_stage_bytes(hl) < last_stage_bytes(lm) / 4
+    mem_lm, mem_hl = estimate_memory(lm), estimate_memory(hl)
+    assert mem_hl["total"] < mem_lm["total"] and mem_hl["weights"] < mem_lm["weights"]
+    assert flops_per_token(lm) - flops_per_token(hl) == pytest.approx(
+        6 * m.vocab_size * m.hidden_size - 6 * tokens * m.hidden_size)
+    # pp > 1: the last stage holds a copy of the embedding (weights + gradient, no Adam state)
+    lm_pp, hl_pp = (load_recipe(path, extra + ["layout.pp=2", "layout.dp=4"]) for extra in ([], HEADLESS))
+    last = estimate_memory(hl_pp, pp_rank=1)
+    assert last["optimizer_states"] < estimate_memory(lm_pp, pp_rank=1)["optimizer_states"]
