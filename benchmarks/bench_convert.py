@@ -61,7 +61,8 @@ def write_random_checkpoint(path: Path) -> None:
     std = recipe.model.init_std
 
     def canonical(name: str):
-        from megatron_ext.convert import canonical_shapes, is_norm_gain
+        from megatron_ext.convert import canonical_shapes
+        from megatron_ext.sharding import is_norm_gain
 
         shape = canonical_shapes(recipe.model)[name]
         if is_norm_gain(name):

@@ -11,7 +11,8 @@ import re
 
 import torch
 
-# name suffix -> dim split across TP ranks (absent: replicated on every TP rank)
+# name suffix -> dim split across TP ranks (absent: replicated on every TP rank). The one place
+# this is known: model init, checkpoints and the converter's rules (convert/mapping.py) all ask split_dim.
 _SPLIT_DIM = {
     "embedding.word_embeddings.weight": 0,
     "self_attention.linear_qkv.weight": 0,
@@ -70,6 +71,22 @@ def merge(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
         gates, ups = zip(*(s.chunk(2, dim=0) for s in shards))
         return torch.cat([*gates, *ups], dim=0)
     return torch.cat(shards, dim=dim)
+
+
+def merge_into(name: str, out: torch.Tensor, part: torch.Tensor, tp_rank: int, tp_size: int) -> None:
+    """Copy TP shard ``part`` into its place in the canonical tensor ``out`` (any dtype): after
+    every rank's call, ``out`` equals :func:`merge` of the shards, cast to ``out.dtype``, made
+    in one pass (no merged fp32 copy first)."""
+    dim = split_dim(name)
+    if dim is None or tp_size == 1:
+        if tp_rank == 0:
+            out.copy_(part)
+        return
+    if name.endswith(_GATED):  # [gate; up]: each shard is [gate_r; up_r]
+        for half, piece in zip(out.chunk(2, dim=0), part.chunk(2, dim=0)):
+            half.chunk(tp_size, dim=0)[tp_rank].copy_(piece)
+        return
+    out.chunk(tp_size, dim=dim)[tp_rank].copy_(part)
 
 
 def is_norm_gain(name: str) -> bool:

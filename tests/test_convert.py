@@ -112,7 +112,7 @@ def trained(tmp_path_factory) -> Path:
 def test_round_trip_is_bit_identical(tmp_path, monkeypatch, vocab, dtype, export):
     """vocab 500 is padded to 512 in our format and cut again on export. Vocab matrices move in
     blocks of 7 rows here, so block edges fall inside TP shards and inside the padding."""
-    monkeypatch.setattr(convert, "ROW_BLOCK_BYTES", 7 * 64 * 4)
+    monkeypatch.setattr(convert.ckpt_read, "ROW_BLOCK_BYTES", 7 * 64 * 4)
     src = make_hf(tmp_path / "src", vocab=vocab, dtype=dtype)
     ours = convert.from_hf(src, tmp_path / "ours", tp=2, pp=2, verify_layers=None, progress=False)
     assert sorted(p.name for p in ours.iterdir()) == sorted(

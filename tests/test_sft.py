@@ -314,7 +314,7 @@ def test_roles_come_from_the_template_and_odd_turns_are_handled(work):
 
     # a conversation that opens with the assistant: trained from its first reply, header excluded
     plain = sft.ChatEncoder(tok_dir)
-    tok, sid = plain.tokenizer, plain.tokenizer.hf.convert_tokens_to_ids
+    tok = plain.tokenizer
     got = plain.encode(ASSISTANT_FIRST)
     ids, mask = expected_layout(tok, ASSISTANT_FIRST, {0, 2})
     assert got.ids.tolist() == ids and got.mask.tolist() == mask

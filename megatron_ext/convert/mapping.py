@@ -1,9 +1,10 @@
 """Rules that map one Megatron tensor to its Hugging Face tensor(s), one class per kind of tensor.
 
-A Hugging Face *family* (hf_families.py) is a table of these rules plus its config.json builder;
-the converter (convert.py) streams every tensor through its family's rule. A rule knows the names
-on both sides, how the tensor's TP shards are cut (``tp_split``, the dim sharding.py splits; a test
-holds the two equal), and how to reshape the tensor each way. Names in a family's layer table are
+A Hugging Face *family* (families.py) is a table of these rules plus its config.json builder;
+the converter (this package) streams every tensor through its family's rule. A rule knows the names
+on both sides, how the tensor's TP shards are cut (``tp_split``: asked of sharding.split_dim, the
+one owner of split dims; the class names ColumnParallel / RowParallel only say so to the reader),
+and how to reshape the tensor each way. Names in a family's layer table are
 relative to one layer (``decoder.layers.<i>.`` / the family's ``hf_layer`` prefix).
 """
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Callable, ClassVar
 
 import torch
 
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..sharding import split_dim
 
 
 @dataclass(frozen=True)
@@ -23,8 +25,12 @@ class Rule:
 
     megatron: str                 # canonical (local-spec) name
     hf: str | tuple[str, ...]     # the HF name(s) it becomes
-    tp_split: ClassVar[int | None] = None  # dim split across TP ranks (None: replicated)
     gain: ClassVar[bool] = False  # an RMSNorm gain: stored gains x the checkpoint's factor on export
+
+    @property
+    def tp_split(self) -> int | None:
+        """The dim split across TP ranks (None: replicated), as sharding.split_dim says."""
+        return split_dim(self.megatron)
 
     @property
     def hf_names(self) -> tuple[str, ...]:
@@ -58,20 +64,14 @@ class Norm(Replicated):
 class ColumnParallel(Rule):
     """Output rows split across TP ranks."""
 
-    tp_split = 0
-
 
 class RowParallel(Rule):
     """Input columns split across TP ranks."""
-
-    tp_split = 1
 
 
 class ColumnParallelNorm(Norm):
     """An RMSNorm gain over a whole column-parallel projection (OLMo-2's QK-norm): split like the
     heads of that projection."""
-
-    tp_split = 0
 
 
 class VocabParallel(ColumnParallel):
@@ -135,7 +135,7 @@ class Family:
     """One transformers architecture: which recipes it holds, and its tensors' rules.
 
     ``model`` holds the recipe model fields that select this family (and that an import sets);
-    ``config`` turns the keys every family shares (convert.hf_config) into this family's
+    ``config`` turns the keys every family shares (hf_config.hf_config) into this family's
     config.json; ``refuse`` lists what of an HF config.json of this type we cannot represent."""
 
     architecture: str

@@ -1,12 +1,12 @@
 """The Hugging Face families our models convert to and from: per family, its tensor mapping and
-its config.json. The rules (hf_mapping.py) say how each kind of tensor moves; convert.py streams.
+its config.json. The rules (mapping.py) say how each kind of tensor moves; the converter streams.
 
 Canonical Megatron names (sharding.py) on the left, transformers' on the right; layer names are
 relative to ``decoder.layers.<i>.`` and ``model.layers.<i>.``.
 """
 from __future__ import annotations
 
-from .hf_mapping import (ColumnParallelNorm, Family, FusedQKV, GatedMLP, Norm, RowParallel, VocabParallel)
+from .mapping import (ColumnParallelNorm, Family, FusedQKV, GatedMLP, Norm, RowParallel, VocabParallel)
 
 EMBEDDING = (VocabParallel("embedding.word_embeddings.weight", "model.embed_tokens.weight"),)
 FINAL = (Norm("decoder.final_layernorm.weight", "model.norm.weight"),
