@@ -116,3 +116,100 @@ def test_planner_counts_both_objectives():
     lm_pp, hl_pp = (load_recipe(path, extra + ["layout.pp=2", "layout.dp=4"]) for extra in ([], HEADLESS))
     last = estimate_memory(hl_pp, pp_rank=1)
     assert last["optimizer_states"] < estimate_memory(lm_pp, pp_rank=1)["optimizer_states"]
+
+
+# ---- load modes: one parent (the parity reference, headless, step 10), one child per mode -------
+def _child(parent, out, mode: str, *extra: str, nproc: int = 1):
+    """A child run from ``parent`` that first saves what its start loaded (faults.save_at_start),
+    under another train.seed (so that fresh RNG streams differ from the parent's)."""
+    from conftest import cpu_env
+
+    args = [str(TINY), *PARITY_COMMON, *HEADLESS, "train.seed=77", f"checkpoint.init_from={parent}",
+            f"checkpoint.init_mode={mode}", f"train.output_dir={out}", *extra]
+    launch(nproc, args, env=cpu_env(GAPERON_FAULT="save_at_start:0"))
+    return args[1:]
+
+
+CHILDREN = {  # mode: (overrides, nproc); step-keeping modes count train.steps from the parent's start
+    "model": (["train.steps=2"], 1),
+    "model+data": (["train.steps=2"], 1),
+    "model+optimizer": (["train.steps=2", "layout.tp=2"], 2),  # and a layout change
+    "model+optimizer+data": (["train.steps=2"], 1),
+    "model+optimizer+lr": (["train.steps=11"], 1),
+    "cooldown": (["train.steps=12", "schedule.kind=wsd", "schedule.decay_steps=2"], 1),
+    "continue": (["train.steps=11"], 1),
+}
+
+
+def _start_checkpoint(out):
+    from megatron_ext.checkpoint import CheckpointReader
+
+    first = sorted((out / "checkpoints").glob("step_*"))[0]
+    return CheckpointReader(first)
+
+
+@pytest.mark.parametrize("mode", list(CHILDREN))
+def test_load_mode_keeps_exactly_what_it_says(headless_reference, tmp_path, mode):
+    """What the child's start holds against the parent's last checkpoint: step, the next sample
+    index, Adam moments (bitwise, every tensor) and the Adam step, RNG streams, and the LR of
+    the child's first step."""
+    import torch
+
+    from megatron_ext.checkpoint import CheckpointReader, find
+    from megatron_ext.config import KEEPS, load_recipe
+    from megatron_ext.schedule import lr_at
+
+    parent = CheckpointReader(find(headless_reference / "checkpoints").path)
+    p_step, p_samples = parent.meta["step"], parent.meta["consumed_samples"]
+    assert (p_step, p_samples) == (10, 80)
+    extra, nproc = CHILDREN[mode]
+    out = tmp_path / "child"
+    args = _child(headless_reference, out, mode, *extra, nproc=nproc)
+    keeps_opt, keeps_data, keeps_step, keeps_rng = KEEPS[mode]
+    start = _start_checkpoint(out)
+    m = start.meta
+    assert m["step"] == (p_step if keeps_step else 0)
+    assert m["consumed_samples"] == (p_samples if keeps_data else 0)
+    assert m["adam_step"] == (parent.meta["adam_step"] if keeps_opt else 0)
+    for name in parent.names():
+        assert torch.equal(start.get(name), parent.get(name)), name  # weights: always kept
+        for kind in ("exp_avg", "exp_avg_sq"):
+            if keeps_opt:
+                assert torch.equal(start.get(name, kind), parent.get(name, kind)), (name, kind)
+            else:  # a fresh optimizer: no moments yet (none stored) or zeros
+                assert not start.has(name, kind) or not start.get(name, kind).any(), (name, kind)
+    rng = [torch.load(r / "rng" / "rank00000.pt", weights_only=True) for r in (parent.path, start.path)]
+    trackers = [r["tracker"] for r in rng]  # Megatron's model-parallel streams, seeded from train.seed
+    same = torch.equal(rng[0]["torch"], rng[1]["torch"]) and trackers[0].keys() == trackers[1].keys() and all(
+        torch.equal(trackers[0][k], trackers[1][k]) for k in trackers[0])
+    assert same == keeps_rng
+    # the first new step: its LR is this recipe's schedule at the step the child starts from
+    recipe = load_recipe(TINY, args)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "lr" in r)
+    assert first["step"] == m["step"] + 1
+    assert first["lr"] == pytest.approx(lr_at(m["step"], recipe), rel=1e-12)
+    expected = {"cooldown": 3e-3 + (3e-4 - 3e-3) / 2,  # the first of a 2-step linear decay from the stable LR
+                "model": 1.5e-3, "model+data": 1.5e-3, "model+optimizer": 1.5e-3, "model+optimizer+data": 1.5e-3}
+    if mode in expected:
+        assert first["lr"] == pytest.approx(expected[mode], rel=1e-12)
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == recipe.train.steps
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["checkpoint.init_mode=cooldown", "schedule.kind=wsd", "schedule.decay_steps=2", "train.steps=11"],
+     "set train.steps=12"),
+    (["checkpoint.init_mode=model+optimizer+lr", "train.steps=10"], "set train.steps > 10"),
+    (["checkpoint.init_mode=continue", "train.steps=11", "optimizer.lr=1e-3"], "init_mode=cooldown"),
+    (["model.head=lm", "train.objective=lm"], "checkpoint.init_head=from_embeddings"),
+])
+def test_load_mode_refusals_name_the_fix(headless_reference, tmp_path, overrides, needle):
+    """Refused by rank 0 before the model is built: one line, exit 2."""
+    from megatron_ext.checkpoint import CheckpointError, plan_start
+    from megatron_ext.config import load_recipe
+
+    recipe = load_recipe(TINY, [*PARITY_COMMON, *HEADLESS, f"checkpoint.init_from={headless_reference}",
+                                f"train.output_dir={tmp_path}", *overrides])
+    with pytest.raises(CheckpointError) as err:
+        plan_start(recipe)
+    assert needle in str(err.value) and "\n" not in str(err.value)

@@ -61,9 +61,16 @@ class _ShardSource:
         return self.reader.read_resharded(key, name, self.tp, self.tp_rank, lo, hi).to(self.device)
 
 
-def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
+# checkpoint.init_head=from_embeddings (the hooldown): the LM head a headless checkpoint lacks is
+# read from its input embedding (both are vocab-parallel [V, H], split the same way).
+HEAD, EMBEDDING = "output_layer.weight", "embedding.word_embeddings.weight"
+
+
+def load(engine, path: str | Path, with_optimizer: bool, head_from_embeddings: bool = False) -> CheckpointReader:
     """Load weights (and Adam states) from a checkpoint written at any layout; ``path`` is one
-    :func:`plan_start` chose. See :class:`_ShardSource` for what each rank reads."""
+    :func:`plan_start` chose. See :class:`_ShardSource` for what each rank reads.
+    ``head_from_embeddings``: the output layer is set to an exact copy of the stored input
+    embedding and its Adam moments stay zero (the checkpoint is headless)."""
     from ..model import canonical_names
 
     reader = CheckpointReader(path, verified=True)
@@ -77,24 +84,30 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
         names = canonical_names(chunk)
         for module_name, param in chunk.named_parameters():
             name = names[module_name]
+            param_moments = moments
+            if head_from_embeddings and name == HEAD:
+                name, param_moments = EMBEDDING, ()
             if not reader.has(name) and reader.has(te_name(name)):
                 name = te_name(name)  # written before checkpoints always used local-spec names
             if not reader.has(name):
-                raise CheckpointError(f"checkpoint {reader.path} has no weights for {name}: it was "
-                                      "saved from a different model shape")
-            for kind in moments:
+                headless = name == HEAD and "head: none" in str(reader.meta.get("recipe", ""))
+                raise CheckpointError(f"checkpoint {reader.path} has no weights for {name}: " + (
+                    "it is headless (model.head=none); start an LM head from its input embeddings with "
+                    "checkpoint.init_head=from_embeddings (the hooldown)" if headless else
+                    "it was saved from a different model shape"))
+            for kind in param_moments:
                 if not reader.has(name, kind):
                     raise CheckpointError(f"checkpoint {reader.path} has no optimizer state for "
                                           f"{name}; load it with checkpoint.init_mode=model")
             want = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
             if hasattr(param, "ds_id"):  # ZeRO-3: only this rank's partition is read and set
-                _set_zero3_partition(param, source, name, want, moments, gain_ratio)
+                _set_zero3_partition(param, source, name, want, param_moments, gain_ratio)
                 continue
             weight = source.whole(f"model/{name}", name, want)
             mapping = getattr(param, "_hp_mapping", _ABSENT)
             if mapping is _ABSENT:  # no ZeRO partition: every state whole
                 values = {"model": weight.view(want)}
-                values.update({k: source.whole(f"{k}/{name}", name, want).view(want) for k in moments})
+                values.update({k: source.whole(f"{k}/{name}", name, want).view(want) for k in param_moments})
                 if is_norm_gain(name) and gain_ratio != 1.0:
                     _rescale_gain(values, gain_ratio)
                 _set_states(engine, param, values)
@@ -108,7 +121,7 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
             a = mapping.lp_fragment_address
             lo, hi = a.start, a.start + a.numel
             frag = {"model": weight[lo:hi]}
-            frag.update({k: source.part(f"{k}/{name}", name, want, lo, hi) for k in moments})
+            frag.update({k: source.part(f"{k}/{name}", name, want, lo, hi) for k in param_moments})
             if is_norm_gain(name) and gain_ratio != 1.0:
                 _rescale_gain(frag, gain_ratio)
             for kind, t in frag.items():
