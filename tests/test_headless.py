@@ -213,3 +213,55 @@ def test_load_mode_refusals_name_the_fix(headless_reference, tmp_path, overrides
     with pytest.raises(CheckpointError) as err:
         plan_start(recipe)
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+# ---- the hooldown: an LM head from the input embeddings, then a normal HF export ---------------
+def test_hooldown_head_is_the_embedding_and_exports_with_the_trainers_loss(headless_reference, tmp_path, capsys):
+    """cooldown + init_head=from_embeddings at tp=2 (a layout change): the new head is an exact
+    copy of the parent's input embedding with zero Adam moments, every other tensor keeps its
+    moments; to-hf refuses the headless parent in one line naming the hooldown, and exports the
+    hooldown's checkpoint as a LlamaForCausalLM whose loss on the trainer's validation samples is
+    the logged valid_loss."""
+    import torch
+
+    from megatron_ext import convert
+    from megatron_ext.checkpoint import CheckpointReader, find
+    from megatron_ext.config import load_recipe
+    from megatron_ext.data import build_datasets, microbatches
+    from megatron_ext.train import valid_batches
+
+    parent_path = find(headless_reference / "checkpoints").path
+    assert convert.main(["to-hf", str(parent_path), str(tmp_path / "refused"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error:") and "hooldown" in err and "init_head" in err, err
+
+    out = tmp_path / "hooldown"
+    args = _child(headless_reference, out, "cooldown", "model.head=lm", "train.objective=lm",
+                  "checkpoint.init_head=from_embeddings", "schedule.kind=wsd", "schedule.decay_steps=2",
+                  "train.steps=12", "train.eval_interval=2", "layout.tp=2", nproc=2)
+    parent, start = CheckpointReader(parent_path), _start_checkpoint(out)
+    emb = "embedding.word_embeddings.weight"
+    assert torch.equal(start.get("output_layer.weight"), parent.get(emb))
+    assert not start.get("output_layer.weight", "exp_avg").any()
+    for name in parent.names():
+        assert torch.equal(start.get(name, "exp_avg_sq"), parent.get(name, "exp_avg_sq")), name
+
+    hf = tmp_path / "hf"
+    assert convert.main(["to-hf", str(find(out / "checkpoints").path), str(hf), "--dtype", "fp32",
+                         "--verify-layers", "0", "--no-progress"]) == 0
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf, local_files_only=True).eval()
+    recipe = load_recipe(TINY, args)
+    _, valid = build_datasets(recipe)
+    total = count = 0.0
+    with torch.no_grad():
+        for i in range(valid_batches(valid, recipe)):
+            for mb in microbatches(valid, i * recipe.layout.global_batch, recipe, 0):
+                logits = model(mb["tokens"]).logits.double()
+                ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), mb["labels"].flatten(), reduction="none")
+                total += float((ce * mb["loss_mask"].flatten()).sum())
+                count += float(mb["loss_mask"].sum())
+    logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "valid_loss" in r]
+    assert logged[-1]["step"] == 12
+    assert _rel(total / count, logged[-1]["valid_loss"]) <= 1e-5, (total / count, logged[-1]["valid_loss"])
