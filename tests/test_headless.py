@@ -265,3 +265,47 @@ def test_hooldown_head_is_the_embedding_and_exports_with_the_trainers_loss(headl
     logged = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "valid_loss" in r]
     assert logged[-1]["step"] == 12
     assert _rel(total / count, logged[-1]["valid_loss"]) <= 1e-5, (total / count, logged[-1]["valid_loss"])
+
+
+# ---- tools/submit.py --cooldown-from (dry run) -------------------------------------------------
+def test_submit_cooldown_from_branches_a_wsd_run(tmp_path):
+    """One cooldown job per listed step, each in its own output dir, starting from that step's
+    checkpoint with init_mode=cooldown and train.steps = step + decay; a step already on disk is
+    branched at once, the others wait (afterok) for the stable run, submitted first."""
+    import subprocess
+
+    from megatron_ext import slurm
+
+    run = tmp_path / "stable"
+    (run / "checkpoints" / "step_00000020").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000020" / "meta.json").write_text("{}")
+    over = ["schedule.kind=wsd", "schedule.warmup_steps=2", "schedule.decay_steps=10", "train.steps=100",
+            "checkpoint.interval=20", "checkpoint.keep_every=20", f"train.output_dir={run}"]
+    profile = slurm.load_profile("local")
+    jobs = slurm.plan_jobs(TINY, over, profile, cooldown_from=[20, 40, 60])
+    stable, *branches = jobs
+    assert stable.recipe.train.output_dir == str(run) and stable.after is None
+    for job, step in zip(branches, (20, 40, 60)):
+        r = job.recipe
+        assert r.train.output_dir == f"{run}-cooldown{step}"
+        assert r.checkpoint.init_from == str(run / "checkpoints" / f"step_{step:08d}")
+        assert (r.checkpoint.init_mode, r.schedule.kind, r.schedule.decay_steps, r.train.steps) == (
+            "cooldown", "wsd", 10, step + 10)
+        assert job.after == (None if step == 20 else 0)
+    # every checkpoint on disk: only the branches; --cooldown-steps sets their length
+    jobs = slurm.plan_jobs(TINY, over, profile, cooldown_from=[20], cooldown_steps=5)
+    assert len(jobs) == 1 and jobs[0].after is None and jobs[0].recipe.train.steps == 25
+    # the CLI, dry run: three cooldown scripts, the two later ones after the stable run
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "submit.py"), str(TINY), *over, "--cluster", "local",
+                           "--cooldown-from", "20,40,60", "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("# ---- job") == 4 and proc.stdout.count("afterok:<id of stable>") == 2
+    assert proc.stdout.count("cooldown of ") == 3
+    # refusals: one line, exit 2
+    for extra, needle in ((["--cooldown-from", "30"], "would not keep step 30"),
+                          (["--cooldown-from", "95"], "stable phase, 1..90"),
+                          (["--cooldown-from", "x"], "positive integers"),
+                          (["--cooldown-from", "20", "schedule.kind=cosine"], "branches a WSD run")):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "submit.py"), str(TINY), *over, "--cluster",
+                               "local", "--dry-run", *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
