@@ -6,8 +6,12 @@ from pathlib import Path
 
 import torch
 
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
 from megatron_ext.config import load_recipe
-from megatron_ext.engine import init_distributed
+from megatron_ext.device import backend, setup_device
 from megatron_ext.model import build_model
 
 if __name__ == "__main__":
@@ -16,7 +20,11 @@ if __name__ == "__main__":
     for temperature in (1.0, 0.5):
         recipe = load_recipe(recipe_path, ["model.head=none", "train.objective=cwt", "train.precision=fp32",
                                            f"train.cwt_temperature={temperature}"])
-        init_distributed(recipe)
+        if not dist.is_initialized():  # one process, no DeepSpeed: just Megatron's groups
+            setup_device(0)
+            dist.init_process_group(backend(), rank=0, world_size=1)
+            ps.initialize_model_parallel()
+            model_parallel_cuda_manual_seed(recipe.train.seed)
         (chunk,) = build_model(recipe, on_gpu=False)
         from megatron_ext.plan import count_params
 
