@@ -83,6 +83,10 @@ class ModelConfig(_Strict):
     # lm: the output layer (LM head). none: headless (train.objective=cwt): no output layer at all;
     # the final hidden states are scored against the input embeddings (megatron_ext/cwt_loss.py).
     head: Literal["lm", "none"] = "lm"
+    # Tied input/output embeddings (Llama-3.2 1B/3B, SmolLM, small Qwen): the LM head is the input
+    # embedding. Under pipeline parallelism the last stage keeps a copy that Megatron-Core's
+    # embedding group keeps equal (the engine all-reduces its gradient with the first stage's).
+    tie_embeddings: bool = False
 
     @property
     def kv_channels(self) -> int:
@@ -94,14 +98,15 @@ class ModelConfig(_Strict):
         return int(math.ceil(self.vocab_size / m) * m)
 
     def num_params(self) -> int:
-        """Exact parameter count of the Llama block stack (unpadded vocab, untied head)."""
+        """Exact parameter count of the Llama block stack (unpadded vocab; the head counted once
+        more unless tied)."""
         h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
         q, kv = self.num_attention_heads * d, self.num_kv_heads * d
         attn = h * (q + 2 * kv) + q * h
         mlp = 3 * h * f
         norms = 2 * h + (2 * d if self.qk_layernorm else 0) + (q + kv if self.block == "olmo2" else 0)
-        heads = 0 if self.head == "none" else 1
-        return self.num_layers * (attn + mlp + norms) + (1 + heads) * self.vocab_size * h + h
+        tables = 1 if self.tie_embeddings or self.head == "none" else 2  # input embedding (+ output layer)
+        return self.num_layers * (attn + mlp + norms) + tables * self.vocab_size * h + h
 
 
 class LayoutConfig(_Strict):
@@ -585,6 +590,11 @@ def recipe_problems(r: Recipe) -> list[str]:
     if m.head == "none" and t.objective != "cwt":
         out.append("model.head=none has no output layer to train with train.objective=lm: set "
                    "train.objective=cwt (headless pretraining) or model.head=lm")
+    if m.head == "none" and m.tie_embeddings:
+        out.append("model.head=none has no LM head to tie to the input embeddings: set model.tie_embeddings=false")
+    if r.checkpoint.init_head and m.tie_embeddings:
+        out.append("checkpoint.init_head=from_embeddings copies the input embeddings into an untied LM head; with "
+                   "model.tie_embeddings=true the head is the embedding already: drop checkpoint.init_head")
     if m.head == "none" and t.loss_chunk_tokens:
         out.append("train.loss_chunk_tokens chunks the LM head's logits; a headless model (model.head=none) has "
                    "none: set train.loss_chunk_tokens=0")

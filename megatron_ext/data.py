@@ -368,14 +368,20 @@ def _build_base(recipe: Recipe) -> tuple[SampleDataset, SampleDataset | None]:
     return build_indexed(recipe, t.steps * lay.global_batch, valid_samples if t.eval_interval else 0)
 
 
-def microbatches(dataset: SampleDataset, consumed_samples: int, recipe: Recipe, dp_rank: int) -> list[dict]:
-    """This DP rank's microbatches of the global batch that starts at ``consumed_samples``."""
+def sample_indices(consumed_samples: int, recipe: Recipe, dp_rank: int) -> list[range]:
+    """The global sample indices of this DP rank's microbatches of the global batch that starts at
+    ``consumed_samples`` (a pure function: the rehearsal calls it for every rank)."""
     lay = recipe.layout
     per_rank = lay.global_batch // lay.dp
     start = consumed_samples + dp_rank * per_rank
+    return [range(start + m * lay.micro_batch, start + (m + 1) * lay.micro_batch) for m in range(lay.num_microbatches)]
+
+
+def microbatches(dataset: SampleDataset, consumed_samples: int, recipe: Recipe, dp_rank: int) -> list[dict]:
+    """This DP rank's microbatches of the global batch that starts at ``consumed_samples``."""
     out = []
-    for m in range(lay.num_microbatches):
-        items = [dataset[start + m * lay.micro_batch + j] for j in range(lay.micro_batch)]
+    for indices in sample_indices(consumed_samples, recipe, dp_rank):
+        items = [dataset[i] for i in indices]
         out.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
     return out
 

@@ -89,14 +89,23 @@ def init_distributed(recipe: Recipe) -> DistInfo:
                                 timeout=timedelta(minutes=int(os.environ.get("GAPERON_DIST_TIMEOUT_MIN", 30))))
     with quiet.known_prints_dropped():  # DeepSpeed prints that it built its CPU shm op, per rank
         deepspeed.init_distributed(dist_backend=backend(), verbose=False)
+    init_model_parallel(recipe)
+    model_parallel_cuda_manual_seed(recipe.train.seed)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def init_model_parallel(recipe: Recipe, gloo_side_groups: bool = True) -> None:
+    """Megatron's tensor/pipeline/data groups for the recipe's layout (this rank's place in them).
+    ``gloo_side_groups=False``: without Megatron's gloo side groups, which the rehearsal's fake
+    process group cannot create (and nothing of ours uses)."""
+    lay = recipe.layout
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=lay.tp,
         pipeline_model_parallel_size=lay.pp,
         virtual_pipeline_model_parallel_size=lay.vpp if lay.vpp > 1 else None,
+        create_gloo_process_groups=gloo_side_groups,
     )
-    model_parallel_cuda_manual_seed(recipe.train.seed)
-    return DistInfo(rank, world, local_rank, device)
 
 
 class MegatronMPU:
@@ -192,7 +201,8 @@ def param_groups(chunks: list[torch.nn.Module], weight_decay: float) -> list[dic
         for name, p in chunk.named_parameters():
             if not p.requires_grad:
                 continue
-            skip = p.ndim < 2 or name.endswith("word_embeddings.weight")
+            # a tied head's copy on the last stage is the embedding: treated alike on both stages
+            skip = p.ndim < 2 or name.endswith("word_embeddings.weight") or getattr(p, "tied_copy", False)
             (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
@@ -307,6 +317,10 @@ class Engine:
         self.pp = recipe.layout.pp
         self.varlen = recipe.train.packed_attention == "varlen"
         self.sp_params = [p for c in chunks for p in c.parameters() if getattr(p, "sequence_parallel", False)]
+        # Tied embeddings at pp > 1: the first stage's embedding and the last stage's copy (both
+        # marked ``shared_embedding`` by Megatron-Core) must get the sum of both gradients.
+        self.tied_params = [p for c in chunks for p in c.parameters()
+                            if recipe.model.tie_embeddings and self.pp > 1 and getattr(p, "shared_embedding", False)]
         self.headless = recipe.model.head == "none"
         self.embedding_copy = None
         if self.headless and self.pp > 1:  # the last stage scores against a copy of the input embedding
@@ -337,6 +351,15 @@ class Engine:
         for p in self.sp_params:
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+
+    def _reduce_tied_embedding_grads(self) -> None:
+        """Megatron's finalize_model_grads step for tied embeddings, on ``.grad``: the input
+        embedding (first stage) and the head (last stage's copy) are one weight, so each gets the
+        sum of both gradients over the embedding group, and both take the same update."""
+        for p in self.tied_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, group=ps.get_embedding_group())
 
     def set_lr(self, lr: float) -> None:
         """On the wrapper and on the optimizer it wraps: some DeepSpeed wrappers (the bf16
@@ -421,6 +444,7 @@ class Engine:
             self.ds.zero_grad()
             return StepResult(loss, None, n_tokens, skipped=True)
         self._reduce_sequence_parallel_grads()
+        self._reduce_tied_embedding_grads()
         if self.embedding_copy is not None:
             self.embedding_copy.push_grad()
         self.ds.step()

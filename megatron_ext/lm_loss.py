@@ -60,15 +60,18 @@ class _ChunkedVocabParallelCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None
 
 
-def chunked_lm_loss(output_layer, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_lm_loss(output_layer, hidden: torch.Tensor, labels: torch.Tensor, chunk: int,
+                    weight: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token losses [b, s] of ``output_layer`` (a Megatron ColumnParallelLinear) on the final
-    hidden states [s(/tp under SP), b, H]: what ``GPTModel`` returns when given labels."""
+    hidden states [s(/tp under SP), b, H]: what ``GPTModel`` returns when given labels.
+    ``weight``: the tied input embedding, when the output layer has none of its own."""
+    weight = output_layer.weight if weight is None else weight
     if output_layer.sequence_parallel:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
     else:
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
     s, b, h = hidden.shape
     flat_labels = labels.transpose(0, 1).reshape(-1)  # [b, s] -> [s*b], the order of hidden's rows
-    losses = _ChunkedVocabParallelCrossEntropy.apply(hidden.reshape(s * b, h), output_layer.weight,
+    losses = _ChunkedVocabParallelCrossEntropy.apply(hidden.reshape(s * b, h), weight,
                                                      flat_labels, chunk)
     return losses.view(s, b).transpose(0, 1).contiguous()

@@ -445,11 +445,26 @@ class GaperonGPTModel(GPTModel):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, **kwargs)
         from .lm_loss import chunked_lm_loss
 
-        return chunked_lm_loss(self.output_layer, hidden_states, labels, self.loss_chunk_tokens)
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        return chunked_lm_loss(self.output_layer, hidden_states, labels, self.loss_chunk_tokens, weight)
 
 
-def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
-    """This rank's model chunks (one per virtual pipeline stage), initialised."""
+def build_model(recipe: Recipe, on_gpu: bool, meta: bool = False) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), initialised. ``meta``: on the
+    meta device, shapes only, not initialised (the rehearsal: a 24B stage in no memory)."""
+    if meta:
+        with torch.device("meta"):
+            return _build_chunks(recipe, on_gpu=False)
+    chunks = _build_chunks(recipe, on_gpu)
+    init_weights(chunks, recipe)
+    if recipe.train.compile:
+        for chunk in chunks:
+            for layer in chunk.decoder.layers:
+                layer.compile()  # in place: parameter names (and so checkpoints) are unchanged
+    return chunks
+
+
+def _build_chunks(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
     config = transformer_config(recipe, on_gpu)
     vpp = recipe.layout.vpp
     chunks = []
@@ -462,23 +477,22 @@ def build_model(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
             max_sequence_length=recipe.model.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, **kw),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, **kw),
-            share_embeddings_and_output_weights=False,
+            share_embeddings_and_output_weights=recipe.model.tie_embeddings,
             position_embedding_type="rope",
             rotary_base=int(recipe.model.rope_theta),
             **kw,
         )
         apply_rope_scaling(chunk, recipe)
+        copy = tied_copy_of(chunk)
+        if copy is not None:
+            copy.tied_copy = True  # checkpoints skip it, the engine all-reduces its gradient
+            copy.ds_pipe_replicated = True  # DeepSpeed's grad norm counts the first stage's only
         chunk.loss_chunk_tokens = recipe.train.loss_chunk_tokens
         if recipe.model.head == "none":
             make_headless(chunk, recipe.train.cwt_temperature)
         if on_gpu:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
-    init_weights(chunks, recipe)
-    if recipe.train.compile:
-        for chunk in chunks:
-            for layer in chunk.decoder.layers:
-                layer.compile()  # in place: parameter names (and so checkpoints) are unchanged
     return chunks
 
 
@@ -491,11 +505,32 @@ def make_headless(chunk: GaperonGPTModel, temperature: float) -> None:
         chunk.output_layer = None
 
 
+def tied_copy_of(chunk: torch.nn.Module) -> torch.nn.Parameter | None:
+    """The last pipeline stage's copy of a tied input embedding (Megatron-Core keeps the LM head
+    weight there, equal to the first stage's embedding through the embedding group); None when
+    the chunk holds no such copy (untied, pp = 1 where the head uses the embedding itself, or a
+    chunk that is not last)."""
+    if not getattr(chunk, "share_embeddings_and_output_weights", False):
+        return None
+    if not chunk.post_process or chunk.pre_process:
+        return None
+    return chunk.output_layer.weight
+
+
+def is_tied_copy(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tied_copy", False))
+
+
 def canonical_names(chunk: torch.nn.Module) -> dict[str, str]:
     """Module parameter name -> canonical name: global layer index (independent of PP/VPP) and
-    the local spec's names for TE's fused norms (independent of the spec)."""
+    the local spec's names for TE's fused norms (independent of the spec). A tied head's copy on
+    the last stage is canonically the input embedding (drawn, loaded and exported as it)."""
     out = {}
-    for name, _ in chunk.named_parameters():
+    copy = tied_copy_of(chunk)
+    for name, param in chunk.named_parameters():
+        if copy is not None and param is copy:
+            out[name] = "embedding.word_embeddings.weight"
+            continue
         parts = name.split(".")
         if parts[:2] == ["decoder", "layers"]:
             layer = chunk.decoder.layers[int(parts[2])]

@@ -164,7 +164,7 @@ def count_params(m: ModelConfig, padded: bool = False) -> int:
     """Whole model; ``padded`` counts the embedding and output rows the built model allocates."""
     vocab = m.padded_vocab_size if padded else m.vocab_size
     split, replicated = layer_params(m)
-    tables = 1 if m.head == "none" else 2  # input embedding (+ output layer)
+    tables = 1 if m.tie_embeddings or m.head == "none" else 2  # input embedding, and the output layer unless tied or headless
     return m.num_layers * (split + replicated) + tables * vocab * m.hidden_size + m.hidden_size
 
 
@@ -191,7 +191,10 @@ def stage_params(recipe: Recipe, pp_rank: int) -> int:
     if pp_rank == 0:
         n += m.padded_vocab_size // lay.tp * m.hidden_size
     if pp_rank == lay.pp - 1:
-        n += (0 if m.head == "none" else m.padded_vocab_size // lay.tp * m.hidden_size) + m.hidden_size
+        n += m.hidden_size
+        # tied at pp > 1: the last stage holds a copy; headless: no head (cwt's copy is no parameter)
+        if m.head != "none" and not (m.tie_embeddings and lay.pp == 1):
+            n += m.padded_vocab_size // lay.tp * m.hidden_size
     return n
 
 

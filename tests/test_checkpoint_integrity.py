@@ -212,20 +212,20 @@ def test_to_hf_refuses_damaged_checkpoints_and_unwritable_output(tmp_path, train
     shutil.copytree(trained / "checkpoints" / "step_00000004", ckpt)
     blocker = tmp_path / "afile"
     blocker.write_text("x")
-    assert convert.main(["to-hf", str(ckpt), str(blocker / "hf"), "--no-progress", "--no-verify"]) == 2
+    assert convert.main(["to-hf", str(ckpt), str(blocker / "hf"), "--no-progress", "--no-verify", "--no-tokenizer"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "writable output directory" in err and str(blocker) in err
 
     shard = ckpt / "tp00_pp00_w000.safetensors"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    assert convert.main(["to-hf", str(ckpt), str(tmp_path / "hf"), "--no-progress", "--no-verify"]) == 2
+    assert convert.main(["to-hf", str(ckpt), str(tmp_path / "hf"), "--no-progress", "--no-verify", "--no-tokenizer"]) == 2
     err = capsys.readouterr().err.strip()
     assert "tp00_pp00_w000.safetensors" in err and "truncated" in err
     shard.write_bytes(data)
 
     (ckpt / "meta.json").write_text("{not json")
-    assert convert.main(["to-hf", str(ckpt), str(tmp_path / "hf"), "--no-progress", "--no-verify"]) == 2
+    assert convert.main(["to-hf", str(ckpt), str(tmp_path / "hf"), "--no-progress", "--no-verify", "--no-tokenizer"]) == 2
     err = capsys.readouterr().err.strip()
     assert "meta.json is unreadable" in err and err.count("\n") == 0
     assert not (tmp_path / "hf").exists()

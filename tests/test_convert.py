@@ -122,7 +122,7 @@ def test_round_trip_is_bit_identical(tmp_path, monkeypatch, vocab, dtype, export
     emb = reader.get("embedding.word_embeddings.weight")
     assert emb.shape == (512, 64) and emb.dtype == torch.float32 and not emb[vocab:].any()
     back = convert.to_hf(ours, tmp_path / "back", dtype=export, shard_size="100KB", verify_layers=None,
-                         progress=False)
+                         progress=False, no_tokenizer=True)
     assert len(list(back.glob("model-*-of-*.safetensors"))) > 1  # several shards + index
     a, b = hf_tensors(src), hf_tensors(back)
     assert a.keys() == b.keys()
@@ -138,7 +138,7 @@ def test_te_spec_names_round_trip(hf_tiny, tmp_path):
     assert "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight" in names
     assert "decoder.layers.3.mlp.linear_fc1.layer_norm_weight" in names
     assert not any("input_layernorm" in n or "pre_mlp_layernorm" in n for n in names)
-    back = convert.to_hf(ours, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False)
+    back = convert.to_hf(ours, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False, no_tokenizer=True)
     assert_same_hf_tensors(hf_tiny, back)
 
 
@@ -185,7 +185,7 @@ def test_trainer_starts_from_import(hf_tiny, tmp_path):
     assert not any("layer_norm_weight" in n for n in after.names())
     for name in before.names():
         assert torch.equal(before.get(name), after.get(local_name(name))), name
-    back = convert.to_hf(run, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False)
+    back = convert.to_hf(run, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False, no_tokenizer=True)
     a, b = hf_tensors(hf_tiny), hf_tensors(back)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -212,7 +212,7 @@ def test_trained_checkpoint_exports_with_equal_logits(trained, tmp_path):
     assert gen.shape == (1, ids.shape[1] + 5) and int(gen.max()) < 512
 
     # the default export: bf16, checked on its first 2 layers; and verify catches a bad mapping
-    proc = run_cli("to-hf", trained, tmp_path / "bf16")
+    proc = run_cli("to-hf", trained, tmp_path / "bf16", "--no-tokenizer")
     assert "first 2 of 4 layers" in proc.stdout and ": OK" in proc.stdout
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     from safetensors.torch import load_file, save_file
@@ -290,7 +290,7 @@ def test_output_dir_not_empty(trained, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    args = ["to-hf", str(trained), str(out), "--no-verify", "--no-progress", "--shard-size", "200KB"]
+    args = ["to-hf", str(trained), str(out), "--no-verify", "--no-progress", "--shard-size", "200KB", "--no-tokenizer"]
     assert convert.main(args) == 2 and "not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert convert.main(args + ["--overwrite"]) == 0
@@ -309,8 +309,7 @@ def test_qk_layernorm_recipe_without_its_weights(trained, tmp_path, capsys):
     assert "q_layernorm.weight" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("change,words", [
-    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+@pytest.mark.parametrize("change,words", [  # tie_word_embeddings: imported (tests/test_hub.py)
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),

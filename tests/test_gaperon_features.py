@@ -83,7 +83,7 @@ def test_pure_checkpoint_loads_into_fp32_with_true_gains(pure_run, tmp_path):
 def test_pure_checkpoint_exports_true_gains_to_hf(pure_run, tmp_path):
     """to-hf multiplies the gains back; its built-in verify compares Megatron and HF logits."""
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "to-hf", str(pure_run),
-                           str(tmp_path / "hf"), "--dtype", "fp32", "--no-progress"],
+                           str(tmp_path / "hf"), "--dtype", "fp32", "--no-progress", "--no-tokenizer"],
                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "OK" in proc.stdout
@@ -110,7 +110,7 @@ def test_lm_head_gradient_ratio_matches_transformers(tmp_path):
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     logged = next(r for r in logged if "lm_head_grad_ratio" in r)
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "to-hf", str(out),
-                           str(tmp_path / "hf"), "--dtype", "fp32", "--no-verify", "--no-progress"],
+                           str(tmp_path / "hf"), "--dtype", "fp32", "--no-verify", "--no-progress", "--no-tokenizer"],
                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

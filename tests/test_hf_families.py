@@ -42,7 +42,8 @@ def export_and_load(run: Path, out: Path, architecture: str, model_type: str, q_
                     timeout: int = 300) -> None:
     """Export ``run`` at fp32 with the whole model verified; transformers loads it as
     ``architecture`` with layer 1's q_norm equal to ``q_norm``."""
-    assert_parity(run_cli("to-hf", run, out, "--dtype", "fp32", "--verify-layers", "0", timeout=timeout),
+    assert_parity(run_cli("to-hf", run, out, "--dtype", "fp32", "--verify-layers", "0", "--no-tokenizer",
+                          timeout=timeout),
                   f"{model_type} export")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == [architecture] and cfg["model_type"] == model_type
@@ -54,7 +55,7 @@ def export_and_load(run: Path, out: Path, architecture: str, model_type: str, q_
 
 
 def assert_reexports_identically(back: Path, out: Path, again: Path) -> None:
-    convert.to_hf(back, again, dtype="fp32", verify_layers=None, progress=False)
+    convert.to_hf(back, again, dtype="fp32", verify_layers=None, progress=False, no_tokenizer=True)
     assert_same_hf_tensors(out, again)
 
 
@@ -142,7 +143,7 @@ def test_llama3_import_logit_parity(tmp_path):
     plain = run_cli("verify", ours, without_scaling(src, tmp_path / "plain"), "--seq-len", SEQ, check_rc=None)
     assert diff_of(plain) > 1e-3, plain.stdout  # the scaling matters at these positions (FAILED)
 
-    back = convert.to_hf(ours, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False)
+    back = convert.to_hf(ours, tmp_path / "back", dtype="fp32", verify_layers=None, progress=False, no_tokenizer=True)
     assert_same_hf_tensors(src, back)
     from transformers import AutoConfig
 
@@ -165,7 +166,7 @@ def test_llama3_export_logit_parity(trained_llama3, tmp_path):
     on 256-token sequences; the same export with its rope scaling deleted does not."""
     assert CheckpointReader(trained_llama3).recipe.model.rope_scaling.model_dump() == {"type": "llama3", **LLAMA3}
     out = tmp_path / "hf"
-    run_cli("to-hf", trained_llama3, out, "--dtype", "fp32", "--no-verify")
+    run_cli("to-hf", trained_llama3, out, "--dtype", "fp32", "--no-verify", "--no-tokenizer")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_scaling"] == {"rope_type": "llama3", **LLAMA3}
     proc = run_cli("verify", trained_llama3, out, "--seq-len", SEQ, "--tol", "1e-4")

@@ -36,9 +36,11 @@ The rules that make a checkpoint impossible to lose:
   refuses to start rather than start from step 0 over them.
 * Weights that are not finite are never committed as a checkpoint.
 
-The package, one job a module (imports point one way: format <- reader <- states <- save, load;
+The package, one job a module (imports point one way: owners, format <- reader <- states <- save, load;
 start uses format):
 
+* :mod:`.owners` — who writes and reads which element ranges: pure functions of shapes, layout,
+  ZeRO stage and rank, called by save and load and by the full-width rehearsal (tools/rehearse.py);
 * :mod:`.format` — the on-disk format: directory names, meta.json (its one writer and readers),
   completeness (:func:`problem`) and which checkpoint to use (:func:`find`);
 * :mod:`.reader` — :class:`CheckpointReader`: element ranges of stored tensors, at any TP degree;
@@ -56,7 +58,8 @@ from .format import (FORMAT_VERSION, NORM_GAIN_META_KEY, STATE_KINDS, Checkpoint
 from .reader import IO_BYTES, CheckpointReader, Part, Shard, report_io
 from .start import (SHAPE_KEYS, Start, TrainState, function_mismatch, plan_start, preflight, resume_changes,
                     shape_mismatch)
-from .states import ensure_optimizer_states, even_range, relink_optimizer_states, replicated_shares
+from .owners import ParamSpec, build_index, even_range, load_ranges, owned_ranges, param_specs, shard_file
+from .states import ensure_optimizer_states, relink_optimizer_states, replicated_shares
 from .save import PendingSave, clean_partial, discard, rotate, save, save_in_background, wait_for_deletions
 from .load import load, load_rng
 
@@ -65,5 +68,6 @@ __all__ = ["REQUEUE_EXIT_CODE", "FORMAT_VERSION", "NORM_GAIN_META_KEY", "STATE_K
            "read_meta", "recipe_of", "resolve", "step_of", "IO_BYTES", "CheckpointReader", "Part", "Shard",
            "report_io", "SHAPE_KEYS", "Start", "TrainState", "function_mismatch", "plan_start", "preflight",
            "resume_changes", "shape_mismatch", "ensure_optimizer_states", "even_range", "relink_optimizer_states",
-           "replicated_shares", "PendingSave", "clean_partial", "discard", "rotate", "save", "save_in_background",
+           "replicated_shares", "ParamSpec", "build_index", "load_ranges", "owned_ranges", "param_specs", "shard_file",
+           "PendingSave", "clean_partial", "discard", "rotate", "save", "save_in_background",
            "wait_for_deletions", "load", "load_rng"]

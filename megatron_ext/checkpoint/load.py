@@ -12,8 +12,9 @@ from ..config import Recipe
 from ..sharding import is_norm_gain, te_name
 from .format import CheckpointError, norm_gain_scale
 from .reader import IO_BYTES, CheckpointReader
-from .states import (_ABSENT, _rescale_gain, _set_adam_step, _set_rng_state, _set_states, _set_zero3_partition,
-                     ensure_optimizer_states, even_range, relink_optimizer_states)
+from .owners import load_ranges, owned_ranges, param_specs
+from .states import (_ABSENT, _agree, _fragment, _rescale_gain, _set_adam_step, _set_rng_state, _set_states,
+                     _set_zero3_partition, ensure_optimizer_states, relink_optimizer_states)
 
 
 def _gather_flat(piece: torch.Tensor, n: int, group, size: int) -> torch.Tensor:
@@ -50,11 +51,13 @@ class _ShardSource:
                                   f"the model's {shape} has {n}: it was saved from a different model shape")
         return n
 
-    def whole(self, key: str, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def whole(self, key: str, name: str, shape: tuple[int, ...], piece: tuple[int, int, bool]) -> torch.Tensor:
+        """The whole shard, from this DP rank's even piece of it (owners.load_ranges) and the DP group's."""
         n = self.check(key, name, shape)
-        lo, hi = even_range(n, self.dp_rank, self.dp)
-        piece = self.reader.read_resharded(key, name, self.tp, self.tp_rank, lo, hi).to(self.device)
-        return _gather_flat(piece, n, self.group, self.dp) if self.dp > 1 else piece
+        lo, hi, _ = piece
+        got = self.reader.read_resharded(key, name, self.tp, self.tp_rank, lo, hi).to(self.device) if hi > lo else \
+            torch.empty(0, device=self.device)
+        return _gather_flat(got, n, self.group, self.dp) if self.dp > 1 else got
 
     def part(self, key: str, name: str, shape: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
         self.check(key, name, shape)
@@ -71,8 +74,6 @@ def load(engine, path: str | Path, with_optimizer: bool, head_from_embeddings: b
     :func:`plan_start` chose. See :class:`_ShardSource` for what each rank reads.
     ``head_from_embeddings``: the output layer is set to an exact copy of the stored input
     embedding and its Adam moments stay zero (the checkpoint is headless)."""
-    from ..model import canonical_names
-
     reader = CheckpointReader(path, verified=True)
     gain_ratio = norm_gain_scale(reader.meta) / engine.recipe.train.stored_gain_scale
     moments = ("exp_avg", "exp_avg_sq") if with_optimizer else ()
@@ -80,53 +81,54 @@ def load(engine, path: str | Path, with_optimizer: bool, head_from_embeddings: b
         ensure_optimizer_states(engine)
     relink_optimizer_states(engine)
     source = _ShardSource(reader, engine.info.device)
-    for chunk in engine.chunks:
-        names = canonical_names(chunk)
-        for module_name, param in chunk.named_parameters():
-            name = names[module_name]
-            param_moments = moments
-            if head_from_embeddings and name == HEAD:
-                name, param_moments = EMBEDDING, ()
-            if not reader.has(name) and reader.has(te_name(name)):
-                name = te_name(name)  # written before checkpoints always used local-spec names
-            if not reader.has(name):
-                headless = name == HEAD and "head: none" in str(reader.meta.get("recipe", ""))
-                raise CheckpointError(f"checkpoint {reader.path} has no weights for {name}: " + (
-                    "it is headless (model.head=none); start an LM head from its input embeddings with "
-                    "checkpoint.init_head=from_embeddings (the hooldown)" if headless else
-                    "it was saved from a different model shape"))
-            for kind in param_moments:
-                if not reader.has(name, kind):
-                    raise CheckpointError(f"checkpoint {reader.path} has no optimizer state for "
-                                          f"{name}; load it with checkpoint.init_mode=model")
-            want = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
-            if hasattr(param, "ds_id"):  # ZeRO-3: only this rank's partition is read and set
-                _set_zero3_partition(param, source, name, want, param_moments, gain_ratio)
-                continue
-            weight = source.whole(f"model/{name}", name, want)
-            mapping = getattr(param, "_hp_mapping", _ABSENT)
-            if mapping is _ABSENT:  # no ZeRO partition: every state whole
-                values = {"model": weight.view(want)}
-                values.update({k: source.whole(f"{k}/{name}", name, want).view(want) for k in param_moments})
-                if is_norm_gain(name) and gain_ratio != 1.0:
-                    _rescale_gain(values, gain_ratio)
-                _set_states(engine, param, values)
-                continue
-            values = {"model": weight}
+    specs = param_specs(engine.chunks, engine.recipe.optimizer.weight_decay)
+    zero = engine.recipe.layout.zero_stage
+    owned = owned_ranges([s for _, s in specs], zero, source.dp_rank, source.dp)
+    all_moments = moments
+    for (param, spec), own in zip(specs, owned):
+        name, want, moments = spec.name, spec.shape, all_moments
+        if head_from_embeddings and name == HEAD:
+            name, moments = EMBEDDING, ()
+        if not reader.has(name) and reader.has(te_name(name)):
+            name = te_name(name)  # written before checkpoints always used local-spec names
+        if not reader.has(name):
+            headless = name == HEAD and "head: none" in str(reader.meta.get("recipe", ""))
+            raise CheckpointError(f"checkpoint {reader.path} has no weights for {name}: " + (
+                "it is headless (model.head=none); start an LM head from its input embeddings with "
+                "checkpoint.init_head=from_embeddings (the hooldown)" if headless else
+                "it was saved from a different model shape"))
+        for kind in moments:
+            if not reader.has(name, kind):
+                raise CheckpointError(f"checkpoint {reader.path} has no optimizer state for "
+                                      f"{name}; load it with checkpoint.init_mode=model")
+        if hasattr(param, "ds_id"):  # ZeRO-3: only this rank's partition is read and set
+            _set_zero3_partition(param, source, name, want, moments, gain_ratio)
+            continue
+        ranges = load_ranges(spec.numel, zero, own, source.dp_rank, source.dp, moments)
+        weight = source.whole(f"model/{name}", name, want, ranges["model"])
+        mapping = getattr(param, "_hp_mapping", _ABSENT)
+        if mapping is _ABSENT:  # no ZeRO partition: every state whole
+            values = {"model": weight.view(want)}
+            values.update({k: source.whole(f"{k}/{name}", name, want, ranges[k]).view(want) for k in moments})
             if is_norm_gain(name) and gain_ratio != 1.0:
                 _rescale_gain(values, gain_ratio)
-            param.data.copy_(values["model"].view(want).to(param.dtype))
-            if mapping is None:
-                continue  # none of this parameter lies in this rank's ZeRO partition
-            a = mapping.lp_fragment_address
-            lo, hi = a.start, a.start + a.numel
-            frag = {"model": weight[lo:hi]}
-            frag.update({k: source.part(f"{k}/{name}", name, want, lo, hi) for k in param_moments})
-            if is_norm_gain(name) and gain_ratio != 1.0:
-                _rescale_gain(frag, gain_ratio)
-            for kind, t in frag.items():
-                target = mapping.get_hp_fragment(None if kind == "model" else kind)
-                target.data.copy_(t.to(target.dtype))
+            _set_states(engine, param, values)
+            continue
+        values = {"model": weight}
+        if is_norm_gain(name) and gain_ratio != 1.0:
+            _rescale_gain(values, gain_ratio)
+        param.data.copy_(values["model"].view(want).to(param.dtype))
+        _agree(param, own, _fragment(mapping))
+        if mapping is None:
+            continue  # none of this parameter lies in this rank's ZeRO partition
+        lo, hi = own
+        frag = {"model": weight[lo:hi]}
+        frag.update({k: source.part(f"{k}/{name}", name, want, *ranges[k][:2]) for k in moments})
+        if is_norm_gain(name) and gain_ratio != 1.0:
+            _rescale_gain(frag, gain_ratio)
+        for kind, t in frag.items():
+            target = mapping.get_hp_fragment(None if kind == "model" else kind)
+            target.data.copy_(t.to(target.dtype))
     if with_optimizer:
         _set_adam_step(engine, reader.meta["adam_step"])
     return reader

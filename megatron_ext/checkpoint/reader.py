@@ -71,6 +71,14 @@ class CheckpointReader:
         self._handles: dict[str, object] = {}
         self._shards: dict[str, list[Shard]] = {}
 
+    @classmethod
+    def from_meta(cls, meta: dict, path: str | Path = "<index only>") -> "CheckpointReader":
+        """A reader over a meta.json alone: the index questions (:meth:`range_reads`,
+        :meth:`resharded_reads`, shapes) without any file (the rehearsal's)."""
+        reader = cls.__new__(cls)
+        reader.path, reader.meta, reader._handles, reader._shards = Path(path), meta, {}, {}
+        return reader
+
     @property
     def recipe(self) -> Recipe:
         return recipe_of(self.meta)
@@ -108,14 +116,21 @@ class CheckpointReader:
                 self._shards[key] = [Shard(s, [Part(f, key, 0, math.prod(s))]) for f, s in zip(entry, shapes)]
         return self._shards[key]
 
+    def range_reads(self, key: str, tp_rank: int, lo: int, hi: int) -> list[tuple[Part, int, int]]:
+        """The stored fragments that hold elements [lo, hi) of TP shard ``tp_rank`` of ``key``, each
+        with the shard elements [a, b) read from it: what :meth:`read_range` reads (index only)."""
+        out = []
+        for p in self.shards(key)[tp_rank].parts:
+            a, b = max(lo, p.start), min(hi, p.start + p.numel)
+            if a < b:
+                out.append((p, a, b))
+        return out
+
     def read_range(self, key: str, tp_rank: int, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of TP shard ``tp_rank`` of ``key``, flattened; only their bytes are read."""
         out = []
         try:
-            for p in self.shards(key)[tp_rank].parts:
-                a, b = max(lo, p.start), min(hi, p.start + p.numel)
-                if a >= b:
-                    continue
+            for p, a, b in self.range_reads(key, tp_rank, lo, hi):
                 sl = self._file(p.file).get_slice(p.key)
                 shape = sl.get_shape()
                 if len(shape) == 1:
@@ -160,30 +175,55 @@ class CheckpointReader:
         n = math.prod(self._canonical_shape(key, name))
         return n if split_dim(name) is None else n // tp
 
+    def resharded_reads(self, key: str, name: str, tp: int, tp_rank: int, lo: int,
+                        hi: int) -> tuple[str, list[tuple[int, int, int]]]:
+        """How :meth:`read_resharded` gets elements [lo, hi) of the shard a ``tp``-way split gives
+        ``tp_rank``: (how, [(stored TP shard, first element, end element), ...]) read in that order
+        (index only, no file opened). ``how``: "ranges" (the pieces, concatenated, are the
+        elements), "columns" (whole stored rows of a column-split tensor, see
+        :meth:`_column_reads`) or "whole" (an uneven split: every stored shard whole, merged, cut)."""
+        stored = self.shards(key)
+        if len(stored) == tp:
+            return "ranges", [(tp_rank, lo, hi)]
+        dim = split_dim(name)
+        if dim is None:  # replicated: each stored shard is the whole tensor
+            return "ranges", [(0, lo, hi)]
+        full = self._canonical_shape(key, name)
+        new = shard_blocks(name, full[dim], tp, tp_rank)
+        old = [shard_blocks(name, full[dim], len(stored), k) for k in range(len(stored))]
+        if new is None or None in old or (dim == 1 and len(full) != 2):  # uneven: merge, then cut
+            return "whole", [(k, 0, s.numel) for k, s in enumerate(stored)]
+        if dim == 0:
+            return "ranges", self._row_reads(math.prod(full[1:]), new, old, lo, hi)
+        return "columns", [r[:3] for r in self._column_reads(new[0], [b[0] for b in old], lo, hi)]
+
     def read_resharded(self, key: str, name: str, tp: int, tp_rank: int, lo: int, hi: int) -> torch.Tensor:
         """Elements [lo, hi) of the flattened shard that a ``tp``-way split gives ``tp_rank``,
         whatever TP degree the checkpoint was written at. Only the stored rows that hold them are
         read, so a TP change costs each rank its own share, not its whole pipeline stage: exactly
         its share for row-split tensors; for column-split ones (attention output, MLP down
         projection) whole stored rows, at most new TP / stored TP times the share."""
-        stored = self.shards(key)
-        if len(stored) == tp:
-            return self.read_range(key, tp_rank, lo, hi)
-        dim = split_dim(name)
-        if dim is None:  # replicated: each stored shard is the whole tensor
-            return self.read_range(key, 0, lo, hi)
-        full = self._canonical_shape(key, name)
-        new = shard_blocks(name, full[dim], tp, tp_rank)
-        old = [shard_blocks(name, full[dim], len(stored), k) for k in range(len(stored))]
-        if new is None or None in old or (dim == 1 and len(full) != 2):  # uneven: merge, then cut
+        how, reads = self.resharded_reads(key, name, tp, tp_rank, lo, hi)
+        if how == "whole":
             return shard(name, self.get(name, key.split("/", 1)[0]), tp_rank, tp).reshape(-1)[lo:hi]
-        if dim == 0:
-            return self._rows_resharded(key, math.prod(full[1:]), new, old, lo, hi)
-        return self._columns_resharded(key, new[0], [b[0] for b in old], lo, hi)
+        if how == "ranges":
+            out = [self.read_range(key, k, a, b) for k, a, b in reads]
+            return torch.cat(out) if len(out) > 1 else out[0]
+        full = self._canonical_shape(key, name)
+        dim = split_dim(name)
+        new = shard_blocks(name, full[dim], tp, tp_rank)[0]
+        old = [shard_blocks(name, full[dim], len(self.shards(key)), k)[0] for k in range(len(self.shards(key)))]
+        width = new[1] - new[0]
+        r0 = lo // width
+        cols = []
+        for k, a, b, c0, c1, rows in self._column_reads(new, old, lo, hi):
+            cols.append(self.read_range(key, k, a, b).view(rows, -1)[:, c0:c1])
+        return torch.cat(cols, dim=1).reshape(-1)[lo - r0 * width:hi - r0 * width]
 
-    def _rows_resharded(self, key, row: int, new, old, lo: int, hi: int) -> torch.Tensor:
-        """Row-split tensor: elements [lo, hi) of a shard made of canonical row blocks ``new``,
-        read from the stored shards whose blocks are ``old`` (k: that shard's blocks)."""
+    @staticmethod
+    def _row_reads(row: int, new, old, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """Row-split tensor: (stored shard, lo, hi) reads giving elements [lo, hi) of a shard made of
+        canonical row blocks ``new``, from the stored shards whose blocks are ``old``."""
         stored = []  # (first row, end row, stored shard, its row offset inside that shard)
         for k, blocks in enumerate(old):
             offset = 0
@@ -197,21 +237,21 @@ class CheckpointReader:
             for sa, sb, k, offset in stored:
                 u, v = max(x, sa * row), min(y, sb * row)
                 if u < v:
-                    out.append(self.read_range(key, k, u - (sa - offset) * row, v - (sa - offset) * row))
+                    out.append((k, u - (sa - offset) * row, v - (sa - offset) * row))
             pos += (b - a) * row
-        return torch.cat(out) if len(out) > 1 else out[0]
+        return out
 
-    def _columns_resharded(self, key, new: tuple[int, int], old: list[tuple[int, int]], lo: int,
-                           hi: int) -> torch.Tensor:
+    @staticmethod
+    def _column_reads(new: tuple[int, int], old: list[tuple[int, int]], lo: int, hi: int) -> list[tuple]:
         """Column-split 2-D tensor: elements [lo, hi) of the shard holding canonical columns
-        ``new``; the stored shard k holds columns ``old[k]``. Reads the rows [lo, hi) spans."""
+        ``new``; the stored shard k holds columns ``old[k]``. Reads the rows [lo, hi) spans:
+        (k, first element, end element, first column, end column kept, rows) per stored shard."""
         c0, c1 = new
         width = c1 - c0
         r0, r1 = lo // width, -(-hi // width)
-        cols = []
+        out = []
         for k, (a, b) in enumerate(old):
             u, v = max(c0, a), min(c1, b)
             if u < v:
-                rows = self.read_range(key, k, r0 * (b - a), r1 * (b - a)).view(r1 - r0, b - a)
-                cols.append(rows[:, u - a:v - a])
-        return torch.cat(cols, dim=1).reshape(-1)[lo - r0 * width:hi - r0 * width]
+                out.append((k, r0 * (b - a), r1 * (b - a), u - a, v - a, r1 - r0))
+        return out

@@ -4,7 +4,6 @@ that looks complete."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import threading
@@ -20,7 +19,8 @@ from ..faults import maybe_kill
 from .format import CheckpointError, build_meta, checkpoints_dir, resolve, step_of
 from .reader import IO_BYTES
 from .start import TrainState
-from .states import _adam_step, _owned, _rng_state, _to_host, relink_optimizer_states, replicated_shares
+from .owners import build_index, fragment_key, owned_ranges, param_specs, rng_file, shard_file
+from .states import _adam_step, _owned, _rng_state, _to_host, relink_optimizer_states
 
 
 def _fsync_dir(path: Path) -> None:
@@ -120,7 +120,7 @@ def _write_files(pending: PendingSave, tmp: Path, fragments: dict, rng: dict, st
         maybe_kill("kill_during_save", step)
         if fragments:
             pending.sizes[pending.fname] = _write_file(tmp / pending.fname, lambda p: save_file(fragments, str(p)))
-        rng_name = f"rng/rank{dist.get_rank():05d}.pt"
+        rng_name = rng_file(dist.get_rank())
         pending.sizes[rng_name] = _write_file(tmp / rng_name, lambda p: torch.save(rng, p))
         IO_BYTES["written"] += sum(pending.sizes.values())
     except OSError as err:
@@ -158,7 +158,6 @@ def save_in_background(engine, recipe: Recipe, state: TrainState, output_dir: st
 def _stage(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) -> tuple | None:
     """Prepare the ``.tmp-`` directory and copy this rank's share to host memory (collective):
     the arguments of :func:`_write_files`, or None when this step is already saved."""
-    from ..model import canonical_names
 
     root = checkpoints_dir(output_dir)
     name = f"step_{state.step:08d}"
@@ -183,25 +182,29 @@ def _stage(engine, recipe: Recipe, state: TrainState, output_dir: str | Path) ->
     relink_optimizer_states(engine)
     # bf16-pure holds every state in bf16 (DeepSpeed's getters hand them back as fp32): store bf16.
     store_dtype = torch.bfloat16 if recipe.train.precision == "bf16-pure" else None
-    fragments, entries, shares = {}, [], replicated_shares(engine, dp_rank, dp_size)
-    for chunk in engine.chunks:
-        names = canonical_names(chunk)
-        for module_name, param in chunk.named_parameters():
-            pname = names[module_name]
-            start, owned = _owned(engine, param, shares)  # no collective
-            shape = tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
-            for kind, t in owned.items():
-                if t.numel() == 0:
-                    continue
-                fkey = f"{kind}/{pname}@{start}"
-                fragments[fkey] = _to_host(fkey, t, store_dtype)
-                entries.append((f"{kind}/{pname}", tp_rank, shape, fkey, start, t.numel()))
+    fragments, entries = {}, []
+    for (param, spec), (lo, hi) in _plan(engine, recipe, dp_rank, dp_size):
+        if not spec.stored:
+            continue  # the last stage's copy of a tied embedding: the first stage writes it
+        for kind, t in _owned(engine, param, lo, hi).items():  # no collective
+            if t.numel() == 0:
+                continue
+            fkey = fragment_key(kind, spec.name, lo)
+            fragments[fkey] = _to_host(fkey, t, store_dtype)
+            entries.append((f"{kind}/{spec.name}", tp_rank, spec.shape, fkey, lo, t.numel()))
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
     pending = PendingSave(final, TrainState(state.step, state.consumed_samples, state.skipped_steps),
-                          _adam_step(engine), recipe, f"tp{tp_rank:02d}_pp{pp_rank:02d}_w{dp_rank:03d}.safetensors",
+                          _adam_step(engine), recipe, shard_file(tp_rank, pp_rank, dp_rank),
                           entries, [], {})
     return pending, tmp, fragments, _rng_state(), state.step
+
+
+def _plan(engine, recipe: Recipe, dp_rank: int, dp_size: int) -> list:
+    """((parameter, ParamSpec), (lo, hi)) for each parameter of this rank: the element range of its
+    TP shard this DP rank writes (owners.owned_ranges; the rehearsal calls the same)."""
+    specs = param_specs(engine.chunks, recipe.optimizer.weight_decay)
+    return list(zip(specs, owned_ranges([s for _, s in specs], recipe.layout.zero_stage, dp_rank, dp_size)))
 
 
 def _commit(gathered, tmp: Path, final: Path, root: Path, name: str, recipe: Recipe, state: TrainState,
@@ -216,23 +219,12 @@ def _commit(gathered, tmp: Path, final: Path, root: Path, name: str, recipe: Rec
             return (f"not saving step {state.step}: {len(bad)} tensors hold NaN/inf (first: {bad[0]}); the "
                     f"weights are poisoned. {_kept(root)}")
         return _write_failure(root, errors[0])
-    index: dict[str, dict[int, dict]] = {}
-    files: dict[str, int] = {}
-    for _, _, fname, entries, sizes in gathered:
-        files.update(sizes)
-        for key, tp, shape, fkey, start, numel in entries:
-            shard_entry = index.setdefault(key, {}).setdefault(tp, {"shape": list(shape), "parts": []})
-            shard_entry["parts"].append([fname, fkey, start, numel])
-    for key, by_tp in index.items():  # every shard must be tiled by its fragments, exactly
-        for tp, entry in by_tp.items():
-            entry["parts"].sort(key=lambda p: p[2])
-            ends = [0] + [p[2] + p[3] for p in entry["parts"]]
-            if [p[2] for p in entry["parts"]] != ends[:-1] or ends[-1] != math.prod(entry["shape"]):
-                shutil.rmtree(tmp, ignore_errors=True)
-                return f"internal error: the fragments of {key} (tp {tp}) do not tile it; nothing was saved"
+    index, files, why = build_index([(fname, entries, sizes) for _, _, fname, entries, sizes in gathered])
+    if why:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"{why}; nothing was saved"
     meta = build_meta(recipe, state.step, state.consumed_samples, state.skipped_steps, adam_step, recipe.layout.dp,
-                      dist.get_world_size(), recipe.train.stored_gain_scale, files,
-                      {k: [v[t] for t in sorted(v)] for k, v in sorted(index.items())})
+                      dist.get_world_size(), recipe.train.stored_gain_scale, files, index)
     try:
         _write_file(tmp / "meta.json", lambda p: p.write_text(json.dumps(meta)))
         _fsync_dir(tmp / "rng")

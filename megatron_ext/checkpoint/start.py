@@ -20,7 +20,7 @@ class TrainState:
 
 # Model fields that decide tensor shapes: a checkpoint loads only into a model that agrees on all.
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "kv_channels",
-              "ffn_hidden_size", "padded_vocab_size", "qk_layernorm", "block")
+              "ffn_hidden_size", "padded_vocab_size", "qk_layernorm", "block", "tie_embeddings")
 
 
 @dataclass

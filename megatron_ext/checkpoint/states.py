@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ..sharding import is_norm_gain
 from .format import CheckpointError
+from .owners import even_range, replicated_ranges, zero3_range  # noqa: F401  (even_range: re-exported)
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
@@ -77,13 +78,14 @@ def _get_states(engine, param) -> dict[str, torch.Tensor | None]:
 
 
 def _zero3_range(param) -> tuple[int, int, int]:
-    """ZeRO-3: the flat range [lo, hi) of ``param`` that this rank's partition holds, and the
-    partition's size p. DeepSpeed pads the tensor to dp * p elements, p = ceil(n / dp), and DP
-    rank r holds elements [r * p, (r + 1) * p): the last partition ends in padding, and a rank
-    with r * p >= n holds nothing but padding (n = 5 at dp = 4: p = 2, rank 3)."""
-    size = param.ds_tensor.ds_numel
-    lo = dist.get_rank(group=param.ds_process_group) * size
-    return min(lo, param.ds_numel), min(lo + size, param.ds_numel), size
+    """ZeRO-3: this rank's [lo, hi) of ``param`` and its partition size (:func:`.owners.zero3_range`),
+    checked against the partition DeepSpeed actually holds."""
+    group = param.ds_process_group
+    lo, hi, size = zero3_range(param.ds_numel, dist.get_rank(group=group), dist.get_world_size(group=group))
+    if size != param.ds_tensor.ds_numel:
+        raise CheckpointError(f"internal error: DeepSpeed's ZeRO-3 partition of a {param.ds_numel}-element "
+                              f"parameter has {param.ds_tensor.ds_numel} elements, owners.zero3_range says {size}")
+    return lo, hi, size
 
 
 def _adam_step(engine) -> int:
@@ -120,60 +122,63 @@ def _set_rng_state(state: dict) -> None:
 _ABSENT = object()
 
 
-def even_range(n: int, rank: int, size: int) -> tuple[int, int]:
-    """Rank ``rank``'s part of ``n`` elements split in ``size`` equal (ceil) chunks."""
-    chunk = -(-n // size)
-    return min(n, rank * chunk), min(n, (rank + 1) * chunk)
-
-
 def replicated_shares(engine, dp_rank: int, dp_size: int) -> dict[int, tuple[int, int]]:
-    """Without ZeRO every DP rank holds the same states: which flat range of each parameter
-    (by ``id``) this DP rank writes. The stage's parameters, end to end, are cut into dp even
-    ranges (as ZeRO-1 cuts its flat buffer), so each rank writes 1/dp of the bytes and a tensor
-    is split only where a cut falls in it: meta.json's index grows by dp fragments per stage,
-    not dp per tensor."""
+    """Without ZeRO: which flat range of each parameter (by ``id``) this DP rank writes
+    (:func:`.owners.replicated_ranges` over the stage's parameters, end to end)."""
     params = [p for chunk in engine.chunks for p in chunk.parameters()]
-    lo, hi = even_range(sum(p.numel() for p in params), dp_rank, dp_size)
-    shares, offset = {}, 0
-    for p in params:
-        shares[id(p)] = (min(max(lo - offset, 0), p.numel()), min(max(hi - offset, 0), p.numel()))
-        offset += p.numel()
-    return shares
+    return {id(p): r for p, r in zip(params, replicated_ranges([p.numel() for p in params], dp_rank, dp_size))}
 
 
-def _owned(engine, param, shares: dict[int, tuple[int, int]]) -> tuple[int, dict[str, torch.Tensor]]:
-    """The flat range of this rank's TP shard of ``param`` that this DP rank writes (its start),
-    and the master weight and Adam moments over it. Under ZeRO-1/2 that is DeepSpeed's own
-    partition (views of its flat buffers: no copy, no collective); under ZeRO-3 it is the
-    parameter's own partition, trimmed of its padding (views as well, see :func:`_zero3_range`);
-    without ZeRO the states are replicated and each DP rank writes its range in ``shares``
-    (:func:`replicated_shares`)."""
+def _owned(engine, param, lo: int, hi: int) -> dict[str, torch.Tensor]:
+    """The master weight and Adam moments over elements [lo, hi) of this rank's TP shard of
+    ``param``, the range :func:`.owners.owned_ranges` gives this DP rank. Under ZeRO-1/2 those are
+    views of DeepSpeed's own partition (no copy, no collective), and DeepSpeed's fragment
+    (``param._hp_mapping``) must be that range; under ZeRO-3 views of the parameter's own
+    partition, padding trimmed (see :func:`_zero3_range`); without ZeRO the states are
+    replicated and each DP rank takes its range (:func:`.owners.replicated_ranges`)."""
     if hasattr(param, "ds_id"):  # ZeRO-3
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
-        lo, hi, _ = _zero3_range(param)
+        z_lo, z_hi, _ = _zero3_range(param)
+        _agree(param, (lo, hi), (z_lo, z_hi))
         out = {"model": safe_get_local_fp32_param(param)}
         for kind in ("exp_avg", "exp_avg_sq"):
             try:
                 out[kind] = safe_get_local_optimizer_state(param, kind)
             except KeyError:  # no optimizer state yet
                 pass
-        return lo, {k: t[:hi - lo] for k, t in out.items() if t is not None}
+        return {k: t[:hi - lo] for k, t in out.items() if t is not None} if hi > lo else {}
     mapping = getattr(param, "_hp_mapping", _ABSENT)
-    if mapping is None:  # none of this parameter lies in this rank's partition
-        return 0, {}
     if mapping is not _ABSENT:
+        _agree(param, (lo, hi), _fragment(mapping))
+        if mapping is None:  # none of this parameter lies in this rank's partition
+            return {}
         out = {"model": mapping.get_hp_fragment()}
         for kind in ("exp_avg", "exp_avg_sq"):
             try:
                 out[kind] = mapping.get_hp_fragment(kind)
             except (KeyError, ValueError, TypeError):  # no optimizer state yet
                 pass
-        return mapping.lp_fragment_address.start, out
-    lo, hi = shares[id(param)]
+        return out
     if lo == hi:
-        return 0, {}
-    return lo, {k: t.reshape(-1)[lo:hi] for k, t in _get_states(engine, param).items() if t is not None}
+        return {}
+    return {k: t.reshape(-1)[lo:hi] for k, t in _get_states(engine, param).items() if t is not None}
+
+
+def _fragment(mapping) -> tuple[int, int]:
+    """DeepSpeed's ZeRO-1/2 fragment of a parameter as [lo, hi) ((0, 0): none)."""
+    if mapping is None:
+        return 0, 0
+    a = mapping.lp_fragment_address
+    return a.start, a.start + a.numel
+
+
+def _agree(param, planned: tuple[int, int], held: tuple[int, int]) -> None:
+    """The range owners.py decided must be the one DeepSpeed holds (empty ranges are all equal)."""
+    if planned != held and not (planned[0] >= planned[1] and held[0] >= held[1]):
+        raise CheckpointError(f"internal error: a parameter of shape {tuple(param.shape)}: DeepSpeed holds elements "
+                              f"[{held[0]}, {held[1]}), megatron_ext/checkpoint/owners.py says [{planned[0]}, "
+                              f"{planned[1]}): its partition arithmetic no longer matches this DeepSpeed")
 
 
 _HOST_BUFFERS: dict[str, torch.Tensor] = {}  # pinned host copies, reused from one save to the next

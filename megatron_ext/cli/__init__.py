@@ -1,7 +1,7 @@
 """The `gaperon` command: one verb per job, each the `main(argv) -> int` of its module.
 
     gaperon train RECIPE [overrides]      (under torchrun / srun: one process per rank)
-    gaperon plan | preprocess | prepare-sft | submit | convert | evaluate | status | demo-corpus ...
+    gaperon plan | preprocess | prepare-sft | submit | convert | evaluate | status | demo-corpus | rehearse ...
 
 `tools/<verb>.py` are the same commands as scripts (the layout is part of the product). Each verb
 is imported only when asked for, so `gaperon plan` never imports torch. Bad input in any verb ends
@@ -23,6 +23,7 @@ VERBS = {  # verb -> (module, one-line help)
     "evaluate": ("megatron_ext.evaluate", "lm-eval on an export or a checkpoint, offline"),
     "status": ("megatron_ext.status", "where a run stands, from its files"),
     "demo-corpus": ("megatron_ext.cli.demo_corpus", "write the offline fr/en/code demo corpus"),
+    "rehearse": ("megatron_ext.rehearse", "every rank of a layout at full width on one CPU: checkpoint, resume, data"),
 }
 QUIET_PIPE = {"plan", "status"}  # `gaperon plan ... | head` ends quietly
 

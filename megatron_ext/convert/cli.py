@@ -1,10 +1,12 @@
 """The command line (tools/convert_checkpoint.py): to-hf, from-hf and verify, and their exit codes."""
 from __future__ import annotations
 
+import shlex
 import sys
 
 from ..errors import ArgParser, GaperonError, report
 from .from_hf import from_hf
+from .names import ConvertError
 from .to_hf import to_hf
 from .verify import verify
 
@@ -21,7 +23,12 @@ def build_parser():
     a.add_argument("out", help="output directory (new or empty, unless --overwrite)")
     a.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16", help="weight dtype (default bf16)")
     a.add_argument("--shard-size", default="5GB", help="max bytes per safetensors shard (default 5GB)")
-    a.add_argument("--tokenizer", help="tokenizer dir (or .model file) to copy; default: the recipe's data.tokenizer")
+    a.add_argument("--tokenizer", help="tokenizer dir (or .model file) to copy; default: the recipe's data.tokenizer "
+                                       "(or the one its phases started from)")
+    a.add_argument("--no-tokenizer", action="store_true",
+                   help="export the weights only (bos/eos/pad ids still from the recipes' tokenizer when there is one)")
+    a.add_argument("--card", choices=["auto", "none"], default="auto",
+                   help="auto: write the model card README.md (default); none: skip it")
     a.add_argument("--overwrite", action="store_true", help="replace the files this writes in a non-empty OUT")
     a.add_argument("--no-verify", action="store_true", help="skip the final logits check")
     a.add_argument("--verify-layers", type=int, default=2, help="layers the final check runs (default 2; 0 = all)")
@@ -54,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.cmd == "to-hf":
+            if args.tokenizer and args.no_tokenizer:
+                raise ConvertError("--tokenizer and --no-tokenizer contradict each other: give one")
             to_hf(args.ckpt, args.out, dtype=args.dtype, shard_size=args.shard_size, tokenizer=args.tokenizer,
                   overwrite=args.overwrite, verify_layers=None if args.no_verify else args.verify_layers,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, no_tokenizer=args.no_tokenizer, card=args.card,
+                  command=shlex.join(["python", "tools/convert_checkpoint.py", *(argv if argv is not None
+                                                                                  else sys.argv[1:])]))
         elif args.cmd == "from-hf":
             from_hf(args.hf_dir, args.out, tp=args.tp, pp=args.pp, recipe_name=args.recipe_name,
                     overwrite=args.overwrite, spec=args.spec,

@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..checkpoint.format import build_meta
-from ..config import Recipe
+from ..config import Recipe, dump_recipe
 from ..sharding import shard, te_name
 from .ckpt_read import _rows_block
 from .hf_config import recipe_from_hf_config
 from .names import (VOCAB_TENSORS, ConvertError, VerifyError, _describe, _progress, canonical_shapes, family_of,
                     groups, hf_names, hf_shapes, hf_to_canonical, shard_shape, stage_of)
 from .safetensors_io import _ST_DTYPE, StreamingSafetensorsWriter, _all_written, _HFFiles, _Staging
+from .tokenizer_export import TOKENIZER_FILES, inspect_tokenizer
 from .verify import VERIFY_VOCAB_ROWS, verify
 
 
@@ -83,7 +85,39 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
     return Path(out)
 
 
+def _set_meta_recipe(out: Path, recipe: Recipe) -> None:
+    meta = json.loads((out / "meta.json").read_text())
+    meta["recipe"] = dump_recipe(recipe)
+    tmp = out / ".meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, out / "meta.json")
+
+
 IMPORT_RECIPE = "recipe.yaml"  # from-hf writes it next to the checkpoint files
+IMPORT_TOKENIZER = "tokenizer"  # ... and the HF model's tokenizer files in this subdirectory
+
+
+def copy_import_tokenizer(hf_dir: Path, out: Path, vocab_size: int, log: Callable[[str], None]) -> Path | None:
+    """Copy the HF directory's tokenizer files (as they are) into ``out/tokenizer``; returns that
+    directory, or None (and says so) when ``hf_dir`` has no tokenizer or one that does not fit."""
+    names = [n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
+    if not names:
+        log(f"note: {hf_dir} has no tokenizer files: the import records no data.tokenizer (its export will "
+            "need --tokenizer or --no-tokenizer)")
+        return None
+    try:
+        inspect_tokenizer(hf_dir, vocab_size)
+    except ConvertError as err:
+        log(f"note: {hf_dir}'s tokenizer is not copied: {err}")
+        return None
+    dst, tmp = out / IMPORT_TOKENIZER, out / f".{IMPORT_TOKENIZER}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for n in names:
+        shutil.copyfile(hf_dir / n, tmp / n)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
 
 
 def write_import_recipe(out: str | Path, recipe: Recipe, hf_dir: Path) -> Path:
@@ -98,6 +132,8 @@ def write_import_recipe(out: str | Path, recipe: Recipe, hf_dir: Path) -> Path:
             "layout": {"tp": lay.tp, "pp": lay.pp, "vpp": 1, "dp": lay.dp, "zero_stage": lay.zero_stage},
             "train": {"seq_len": recipe.train.seq_len},
             "checkpoint": {"init_from": str(out), "init_mode": "model"}}
+    if recipe.data.tokenizer:  # the HF model's tokenizer, copied beside the checkpoint
+        tree["data"] = {"tokenizer": recipe.data.tokenizer}
     text = (f"# Written by `tools/convert_checkpoint.py from-hf {hf_dir}`: the imported model and the\n"
             f"# checkpoint beside this file. Start SFT or continued pretraining from it with\n"
             f"#   base: {out / IMPORT_RECIPE}\n"
@@ -135,15 +171,24 @@ def from_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, recip
                                f"needs {s}")
         if shapes[n][1] not in _ST_DTYPE:
             raise ConvertError(f"{n} in {hf_dir} has dtype {shapes[n][1]}; expected a float type")
-    extra = sorted(n for n in shapes if n not in want and not n.endswith("rotary_emb.inv_freq"))
+    # a tied model's file may hold lm_head.weight too (a copy of embed_tokens): it is not read
+    ignored = {"lm_head.weight"} if m.tie_embeddings else set()
+    extra = sorted(n for n in shapes if n not in want and n not in ignored and not n.endswith("rotary_emb.inv_freq"))
     if extra:
         raise ConvertError(f"{hf_dir} has tensors a {family_of(m).architecture} of this config does not: {', '.join(extra[:4])}"
                            f"{' ...' if len(extra) > 4 else ''}")
 
+    has_tok = any((hf_dir / n).is_file() for n in TOKENIZER_FILES)
+    if has_tok:  # recorded in the checkpoint's recipe too, so every phase trained from it finds it
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(
+            update={"tokenizer": str(Path(out).resolve() / IMPORT_TOKENIZER)})})
     write_checkpoint(out, recipe, canonical=lambda n: hf_to_canonical(n, lambda h: files.get(h).float(), m),
                      vocab_rows=lambda n, a, b: files.get(hf_names(n, m)[0], (a, b)).float(),
                      overwrite=overwrite, spec=spec, extra_meta={"converted_from": str(hf_dir.resolve())},
                      progress=progress, desc="from-hf")
+    if has_tok and copy_import_tokenizer(hf_dir, Path(out), m.vocab_size, log) is None:
+        recipe = recipe.model_copy(update={"data": recipe.data.model_copy(update={"tokenizer": None})})
+        _set_meta_recipe(Path(out), recipe)
     recipe_path = write_import_recipe(out, recipe, hf_dir)
     log(f"wrote {out}: checkpoint (step 0, fp32 weights, no optimizer state) at tp={tp} pp={pp} of "
         f"{m.name} ({m.num_params() / 1e9:.3g}B params); start a phase from it with checkpoint.init_from={out}, "

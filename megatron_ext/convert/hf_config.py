@@ -23,7 +23,7 @@ def norm_gain_multiplier(meta: dict, recipe: Recipe | None = None) -> float:
 
 
 def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id: int | None = None,
-              eos_token_id: int | None = None) -> dict:
+              eos_token_id: int | None = None, pad_token_id: int | None = None) -> dict:
     """config.json of the HF equivalent of ``recipe.model`` (its family's, see families.py).
 
     Written with both the transformers 5 keys (``rope_parameters``, ``dtype``) and the 4.x ones
@@ -58,11 +58,11 @@ def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id:
         else {**scaling, "rope_theta": theta},
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": m.tie_embeddings,
         "use_cache": True,
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
-        "pad_token_id": None,
+        "pad_token_id": pad_token_id,
         "torch_dtype": _HF_DTYPE_NAME[dtype],
         "dtype": _HF_DTYPE_NAME[dtype],
     }
@@ -128,10 +128,6 @@ def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: i
         problems.append(f"model_type is {mtype!r}; only {known} convert")
     else:
         problems += family.refuse(cfg)
-    if cfg.get("tie_word_embeddings", False):
-        problems.append("tie_word_embeddings is true; our models keep separate input embedding and "
-                        "output head (untie them first: save lm_head as a copy of embed_tokens and set "
-                        "tie_word_embeddings false)")
     if cfg.get("attention_bias", False):
         problems.append("attention_bias is true; our attention has no biases")
     act = cfg.get("hidden_act", "silu")
@@ -158,7 +154,8 @@ def recipe_from_hf_config(cfg: dict, name: str = "hf-import", tp: int = 1, pp: i
                   "head_dim": head_dim, "ffn_hidden_size": cfg["intermediate_size"],
                   "vocab_size": cfg["vocab_size"], "max_position_embeddings": maxpos,
                   "rope_theta": float(theta), "rope_scaling": rope_scaling, "norm_eps": cfg.get("rms_norm_eps", 1e-6),
-                  "init_std": cfg.get("initializer_range", 0.02), **family.model},
+                  "init_std": cfg.get("initializer_range", 0.02),
+                  "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)), **family.model},
         "layout": {"tp": tp, "pp": pp, "vpp": 1, "dp": 1, "zero_stage": 1},
         "train": {"seq_len": min(maxpos, 4096)},
     }

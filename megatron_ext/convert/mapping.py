@@ -130,6 +130,9 @@ class GatedMLP(ColumnParallel):
         return torch.cat(ts, dim=0)
 
 
+TIED_HEAD = "output_layer.weight"  # absent from tied models (model.tie_embeddings): lm_head = embed_tokens
+
+
 @dataclass(frozen=True)
 class Family:
     """One transformers architecture: which recipes it holds, and its tensors' rules.
@@ -154,4 +157,7 @@ class Family:
     def rules(self, m: ModelConfig) -> list[Rule]:
         """Every rule of a model of ``m``'s depth, absolute names, in conversion order."""
         layers = [r.at(i, self.hf_layer) for i in range(m.num_layers) for r in self.layer]
-        return [*self.head, *layers, *self.tail]
+        rules = [*self.head, *layers, *self.tail]
+        if m.tie_embeddings:  # the head is the input embedding: no output layer, no lm_head tensor
+            rules = [r for r in rules if r.megatron != TIED_HEAD]
+        return rules

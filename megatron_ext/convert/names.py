@@ -78,15 +78,21 @@ def canonical_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
         for s in layer_suffixes(m):
             out[_layer(i, s)] = per_layer[s]
     out[FINAL_NORM] = (h,)
-    out[OUTPUT] = (vp, h)
+    if not m.tie_embeddings:  # tied: the head is the embedding (sharding/model.py: one tensor)
+        out[OUTPUT] = (vp, h)
     return out
+
+
+def vocab_tensors(m: ModelConfig) -> tuple[str, ...]:
+    """The vocab matrices of ``m``: the embedding, and the output layer unless tied."""
+    return (EMBED,) if m.tie_embeddings else VOCAB_TENSORS
 
 
 def groups(m: ModelConfig) -> list[tuple[str, list[str]]]:
     """Canonical names in units of work: the embedding, each layer, then the final norm + head."""
     out = [("embedding", [EMBED])]
     out += [(f"layer {i}", [_layer(i, s) for s in layer_suffixes(m)]) for i in range(m.num_layers)]
-    return out + [("head", [FINAL_NORM, OUTPUT])]
+    return out + [("head", [FINAL_NORM] if m.tie_embeddings else [FINAL_NORM, OUTPUT])]
 
 
 def shard_shape(name: str, full: tuple[int, ...], tp: int) -> tuple[int, ...]:

@@ -16,17 +16,69 @@ from .hf_config import hf_config, norm_gain_multiplier
 from .names import (DTYPES, VOCAB_TENSORS, ConvertError, VerifyError, _nbytes, _progress, canonical_to_hf, groups,
                     hf_names, hf_shapes, parse_size)
 from .safetensors_io import StreamingSafetensorsWriter, _all_written, _Staging, plan_shards
-from .tokenizer_export import export_tokenizer_files, inspect_tokenizer, sft_data_tokenizer
+from .tokenizer_export import TokenizerInfo, export_tokenizer_files, inspect_tokenizer, sft_data_tokenizer
 from .verify import VERIFY_VOCAB_ROWS, verify
+
+
+def find_tokenizer(reader, tokenizer: str | Path | None, no_tokenizer: bool,
+                   log: Callable[[str], None]) -> tuple[TokenizerInfo | None, str | None]:
+    """(the tokenizer whose ids the export states, its path). Looked for in order: ``--tokenizer``;
+    the recipe's ``data.tokenizer``; an SFT run's data tokenizer; the ``data.tokenizer`` of the
+    phases it started from (``checkpoint.init_from``, back to a from-hf import, which records the
+    HF model's tokenizer). None found: refused, naming ``--tokenizer`` and ``--no-tokenizer``
+    (weights only; then the ids come from whatever tokenizer the recipes name, or are stated
+    absent in one line)."""
+    from ..model_card import phases
+
+    recipe = reader.recipe
+    m = recipe.model
+    if tokenizer is not None:
+        return inspect_tokenizer(tokenizer, m.vocab_size), str(tokenizer)
+    fix = "pass --tokenizer DIR (the tokenizer the model was trained with), or --no-tokenizer to export the weights only"
+    named = recipe.data.tokenizer
+    if named is None and recipe.data.kind == "sft":
+        try:
+            named = sft_data_tokenizer(recipe)
+        except ConvertError:
+            if not no_tokenizer:
+                raise
+    if named is None:
+        chain, _ = phases(reader.path, reader.meta)
+        for p in chain[-2::-1]:  # the parents, newest first
+            parent_tok = p.recipe.data.tokenizer if p.recipe else None
+            if parent_tok and Path(parent_tok).exists():
+                log(f"tokenizer: {parent_tok}, named by the recipe of {p.checkpoint} (this phase started from it)")
+                named = parent_tok
+                break
+    if named is not None and not Path(named).exists():
+        if not no_tokenizer:
+            raise ConvertError(f"the recipe's tokenizer {named} is not on this machine: {fix}")
+        named = None
+    if named is None:
+        if not no_tokenizer:
+            raise ConvertError(f"checkpoint {reader.path} names no tokenizer (no data.tokenizer in its recipe or "
+                               f"the phases it started from): {fix}")
+        log("note: --no-tokenizer and no tokenizer named by the recipes: config.json and generation_config.json "
+            "state no bos/eos/pad ids (null)")
+        return None, None
+    return inspect_tokenizer(named, m.vocab_size), str(named)
 
 
 def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: str | int = "5GB",
           tokenizer: str | Path | None = None, overwrite: bool = False, verify_layers: int | None = 2,
           norm_gain_multiplier_: float | None = None, progress: bool = True,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = print, no_tokenizer: bool = False, card: str = "auto",
+          command: str | None = None) -> Path:
     """Export a checkpoint (any layout) to an HF directory of its family (families.py). ``verify_layers=None`` skips
     the final check; otherwise the first ``verify_layers`` layers are compared (see :func:`verify`).
-    ``norm_gain_multiplier_`` overrides the factor read from the checkpoint's meta.json."""
+    ``norm_gain_multiplier_`` overrides the factor read from the checkpoint's meta.json.
+    The tokenizer: :func:`find_tokenizer` (``no_tokenizer``: weights only, ids still stated).
+    ``card``: ``auto`` writes the model card README.md (model_card.py), ``none`` skips it;
+    ``command`` is the command line it shows (default: the equivalent to-hf command)."""
+    from .. import model_card
+
+    if card not in model_card.CARD_CHOICES:
+        raise ConvertError(f"--card {card!r}: choose one of {', '.join(model_card.CARD_CHOICES)}")
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     tdtype, max_bytes = DTYPES[dtype], parse_size(shard_size)
@@ -41,17 +93,9 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
                            "train.objective=lm, then export that checkpoint")
     gain = norm_gain_multiplier(reader.meta, recipe) if norm_gain_multiplier_ is None else norm_gain_multiplier_
     where = check_checkpoint(reader, m)
-    tok_path = tokenizer if tokenizer is not None else recipe.data.tokenizer
-    if tok_path is None and recipe.data.kind == "sft":
-        tok_path = sft_data_tokenizer(recipe)
-    tok = None
-    if tok_path is not None:
-        if tokenizer is None and not Path(tok_path).exists():
-            log(f"warning: the recipe's tokenizer {tok_path} is not here; exporting without tokenizer files "
-                "(pass --tokenizer DIR)")
-        else:
-            tok = inspect_tokenizer(tok_path, m.vocab_size)
-    config = hf_config(recipe, tdtype, tok.bos_id if tok else None, tok.eos_id if tok else None)
+    tok, tok_path = find_tokenizer(reader, tokenizer, no_tokenizer, log)
+    config = hf_config(recipe, tdtype, tok.bos_id if tok else None, tok.eos_id if tok else None,
+                       tok.pad_id if tok else None)
 
     entries = [(n, tdtype, s) for n, s in hf_shapes(m).items()]
     shards = plan_shards(entries, max_bytes)
@@ -95,11 +139,19 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         stop = tok.stop_ids if tok else []
         gen = {"bos_token_id": config["bos_token_id"],
-               "eos_token_id": stop if len(stop) > 1 else config["eos_token_id"]}
+               "eos_token_id": stop if len(stop) > 1 else config["eos_token_id"],
+               "pad_token_id": config["pad_token_id"]}
         if "transformers_version" in config:
             gen["transformers_version"] = config["transformers_version"]
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        tok_names = export_tokenizer_files(tok, tmp, m.max_position_embeddings) if tok else []
+        tok_names = export_tokenizer_files(tok, tmp, m.max_position_embeddings) if tok and not no_tokenizer else []
+        if card != "none":
+            info = model_card.CardInfo(
+                recipe, reader.meta, reader.path, config,
+                command or model_card.export_command(reader.path, out, dtype, tokenizer, no_tokenizer), dtype,
+                tokenizer=tok_path if tok_names else None,
+                pad_token=f"`{tok.pad_token}` (id {tok.pad_id})" if tok and tok.pad_id is not None else None)
+            tok_names.append(model_card.write(tmp, info))
         stale = sorted(p.name for p in Path(out).glob("model-*-of-*.safetensors") if p.name not in shard_names)
         staging.commit(shard_names + tok_names + ["config.json", "generation_config.json",
                                                   "model.safetensors.index.json"])
@@ -107,7 +159,9 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
         log(f"note: {out} still holds {', '.join(stale)} from an earlier export; the new index does not "
             "use them (delete them to save space)")
     log(f"wrote {out}: {nshards} shard(s), {total / 1e9:.2f} GB {dtype}, vocab {m.vocab_size} "
-        f"(padded {m.padded_vocab_size} in the checkpoint){', tokenizer ' + str(tok_path) if tok else ''}"
+        f"(padded {m.padded_vocab_size} in the checkpoint)"
+        f"{', tokenizer ' + str(tok_path) if tok and not no_tokenizer else ', no tokenizer files'}"
+        f"{', model card README.md' if card != 'none' else ''}"
         f"{f', norm gains x {gain:g}' if gain != 1.0 else ''} in {time.perf_counter() - t0:.1f} s")
     if verify_layers is not None:
         result = verify(reader.path, out, layers=verify_layers, vocab_rows=VERIFY_VOCAB_ROWS,

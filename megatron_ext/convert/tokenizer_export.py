@@ -28,6 +28,8 @@ class TokenizerInfo:
     bos_id: int | None
     eos_id: int | None
     end_of_turn_ids: list[int] = None  # END_OF_TURN_TOKENS the vocab has, in that order
+    pad_id: int | None = None  # see :func:`pad_token` (the export's pad policy)
+    pad_token: str | None = None
 
     @property
     def stop_ids(self) -> list[int]:
@@ -55,6 +57,33 @@ def _token_ids(path: Path, tokens) -> list[int]:
         ids = [sp.piece_to_id(t) for t in tokens]
         ids = [i if 0 <= i < sp.get_piece_size() and sp.id_to_piece(i) == t else None for i, t in zip(ids, tokens)]
     return [i for i in ids if i is not None]
+
+
+# Pad tokens a vocab may already have, in order of preference (Llama-3.1/3.2's reserved
+# <|finetune_right_pad_id|> first). None of them: EOS pads (see pad_token).
+PAD_TOKENS = ("<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", "<|padding|>")
+
+
+def pad_token(path: Path, eos_id: int | None, model_vocab: int) -> tuple[str | None, int | None]:
+    """The export's pad token (name, id): the tokenizer's own ``pad_token`` if it states one that
+    the vocab has, else the first of PAD_TOKENS the vocab has, else EOS. Batched ``generate()``
+    then pads (on the left) without transformers' "Setting pad_token_id to eos_token_id" warning;
+    padded positions are masked out, so which id pads changes no output."""
+    from ..tokenizer import _hf_special, tokenizer_file
+
+    own = _hf_special(path, "pad_token") if path.is_dir() else None
+    for name in ([own] if own else []) + list(PAD_TOKENS):
+        ids = _token_ids(path, [name])
+        if ids and ids[0] < model_vocab:
+            return name, ids[0]
+    if eos_id is None:
+        return None, None
+    f = tokenizer_file(path)
+    if f is not None and f.name == "tokenizer.json":
+        from tokenizers import Tokenizer as RustTokenizer
+
+        return RustTokenizer.from_file(str(f)).id_to_token(eos_id), eos_id
+    return None, eos_id
 
 
 def _strip_bos(processor, bos_id: int) -> bool:
@@ -106,6 +135,8 @@ def export_tokenizer_files(tok: TokenizerInfo, dst: Path, model_max_length: int)
     src_cfg = next((f for f in tok.files if f.name == "tokenizer_config.json"), None)
     cfg = json.loads(src_cfg.read_text(encoding="utf-8")) if src_cfg else {}
     cfg.update(model_max_length=int(model_max_length), add_bos_token=False, add_eos_token=False)
+    if tok.pad_token is not None:
+        cfg["pad_token"] = tok.pad_token
     (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n",
                                                encoding="utf-8")
     return names + ["tokenizer_config.json"]
@@ -128,7 +159,8 @@ def inspect_tokenizer(path: str | Path, model_vocab: int) -> TokenizerInfo:
     else:
         files = [p / n for n in TOKENIZER_FILES if (p / n).is_file()]
     eot = [i for i in _token_ids(p, END_OF_TURN_TOKENS) if i < model_vocab]
-    return TokenizerInfo(files, tok.vocab_size, tok.bos_id, tok.eos_id, eot)
+    pad_name, pad_id = pad_token(p, tok.eos_id, model_vocab)
+    return TokenizerInfo(files, tok.vocab_size, tok.bos_id, tok.eos_id, eot, pad_id, pad_name)
 
 
 def sft_data_tokenizer(recipe: Recipe) -> str:

@@ -14,7 +14,7 @@ from ..errors import free_port
 from ..sharding import is_norm_gain, local_name
 from .ckpt_read import _reader, check_checkpoint, iter_ckpt_rows, read_ckpt_rows
 from .hf_config import norm_gain_multiplier
-from .names import VOCAB_TENSORS, ConvertError, hf_names, hf_shapes
+from .names import VOCAB_TENSORS, ConvertError, hf_names, hf_shapes, vocab_tensors
 from .safetensors_io import _HFFiles
 
 
@@ -59,14 +59,18 @@ def _hf_model(hf_dir: Path, files: _HFFiles, layers: int, vocab_rows: int, full:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     sd = {}
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
     for name in model.state_dict():
         rows = (0, vocab_rows) if name in ("model.embed_tokens.weight", "lm_head.weight") else None
-        sd[name] = files.get(name, rows).float()
+        src = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
+        sd[name] = files.get(src, rows).float()
     model.load_state_dict(sd, strict=True, assign=True)
     for mod_name, mod in list(model.named_modules()):  # non-persistent buffers (rotary inv_freq)
         if any(b.is_meta for b in mod.buffers(recurse=False)):
             parent = model.get_submodule(mod_name.rsplit(".", 1)[0]) if "." in mod_name else model
             setattr(parent, mod_name.rsplit(".", 1)[-1], type(mod)(config=cfg))
+    if tied:
+        model.tie_weights()  # load_state_dict(assign=True) gave lm_head a tensor of its own
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:
         raise ConvertError(f"could not materialise {leftover[:3]} of the truncated HF model")
@@ -110,7 +114,7 @@ def verify(ckpt: str | Path, hf_dir: str | Path, layers: int | None = None, voca
 
     # 1. the vocab matrices, in full, block by block (the logits below see only v rows)
     vocab_diff = 0.0
-    for n in VOCAB_TENSORS:
+    for n in vocab_tensors(m):
         hf = hf_names(n, m)[0]
         start = 0
         for block in iter_ckpt_rows(reader, where[n], m.vocab_size):
