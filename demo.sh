@@ -17,7 +17,7 @@ if [ ! -f $D/code_text_document.idx ]; then
   done
 fi
 rm -rf runs/demo
-$PY -m torch.distributed.run --nproc-per-node 2 --master-port 29555 tools/train.py recipes/demo.yaml
+$PY tools/train.py --nproc-per-node 2 recipes/demo.yaml
 $PY tools/convert_checkpoint.py to-hf runs/demo runs/demo/hf --tokenizer $D/tokenizer --overwrite
 $PY - <<'PY'
 # What 300 steps taught the model: seeded samples, then cloze items of the shipped task scored by

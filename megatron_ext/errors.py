@@ -8,9 +8,12 @@ names the problem and the fix, and a CLI ends with `error: <message>` and the er
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import socket
 import sys
+import tempfile
+from pathlib import Path
 from typing import Callable
 
 EXIT_OK = 0
@@ -55,6 +58,60 @@ class ArgParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        # `--gpu-memory -80GiB`, `--shard -1/2`: argparse takes a value that starts with '-' (and is
+        # not a plain negative number) for an option and says "expected one argument". Such a value
+        # is joined to its option (`--gpu-memory=-80GiB`), so the option's own check names it.
+        args = list(sys.argv[1:] if args is None else args)
+        joined, i = [], 0
+        while i < len(args):
+            tok = args[i]
+            action = self._option_string_actions.get(tok)
+            if (action is not None and action.nargs is None and action.option_strings and i + 1 < len(args)
+                    and args[i + 1].startswith("-") and len(args[i + 1]) > 1 and not self._is_option(args[i + 1])):
+                joined.append(f"{tok}={args[i + 1]}")
+                i += 2
+                continue
+            joined.append(tok)
+            i += 1
+        return super().parse_known_args(joined, namespace)
+
+    def _is_option(self, tok: str) -> bool:
+        if tok == "--":
+            return True
+        name = tok.split("=", 1)[0]
+        if name in self._option_string_actions:
+            return True
+        return name.startswith("--") and any(o.startswith(name) for o in self._option_string_actions)
+
+
+def unwritable(directory: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``directory`` (made, with its parents, if missing), or None.
+
+    Nothing is left behind to find out: the nearest existing ancestor must be a directory in which
+    a file can be created (tried with a temporary file, removed at once), so a path under a regular
+    file, a read-only mount, /proc or /sys fail for root too, and a directory without write
+    permission for other users.
+    """
+    p = Path(os.path.abspath(directory))
+    missing = []
+    while not p.exists() and p != p.parent:
+        missing.append(p.name)
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a directory" + (f", so {Path(p, *reversed(missing))} cannot be created"
+                                                    if missing else "")
+    what = f"cannot create {Path(p, *reversed(missing))}: " if missing else ""
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{what}{p} is not writable"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gaperon-write-probe-", dir=p)
+    except OSError as err:
+        return f"{what}{p} is not writable ({err.strerror or err})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def free_port() -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ArgParser, GaperonError
+from .errors import ArgParser, GaperonError, unwritable
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES_DIR = ROOT / "recipes" / "eval"
@@ -286,6 +286,9 @@ def evaluate(args) -> dict:
     rows = scores(results)
     out = Path(args.out) if args.out else (
         model.run_dir / "eval" / str(model.step) if model.run_dir else model.hf_dir / "eval")
+    problem = unwritable(out)
+    if problem:
+        raise EvalError(f"cannot write the results to {out}: {problem}; pass --out DIR, a writable directory")
     out.mkdir(parents=True, exist_ok=True)
     report = {"model": model.name, "hf_dir": str(model.hf_dir) if model.checkpoint is None else None,
               "checkpoint": str(model.checkpoint) if model.checkpoint else None, "step": model.step,
@@ -344,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
             raise EvalError(f"--limit {args.limit} must be >= 1 (or leave it out: every document)")
         if not Path(args.model).exists():
             raise EvalError(f"{args.model} does not exist: pass an HF directory or a checkpoint")
+        if not args.out and (Path(args.model) / "config.json").is_file():
+            args.out = str(Path(args.model) / "eval")  # the default for an HF directory, checked now
+        if args.out:  # before an export and an evaluation, not after them
+            problem = unwritable(args.out)
+            if problem:
+                raise EvalError(f"--out {args.out}: {problem}; choose a writable directory")
         set_hf_environment(args.data_dir)
         if args.device is None:
             import torch

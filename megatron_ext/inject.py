@@ -62,12 +62,29 @@ def _tokenizer(recipe: Recipe):
     return load_tokenizer(path)
 
 
+def check_documents(recipe: Recipe) -> None:
+    """Before any process group (launch.py): an enabled injection's ``documents`` file exists, is
+    readable UTF-8 and holds a JSON object with "text" on every non-blank line (InjectionError)."""
+    inj = recipe.injection
+    if inj.enabled and inj.documents and not inj.texts and not inj.token_ids:
+        if not _read_texts(inj.documents):
+            raise InjectionError(f"injection.documents: {inj.documents} holds no document: add JSONL lines "
+                                 '{"text": ...} or set injection.enabled=false')
+
+
 def _read_texts(path: str) -> list[str]:
     texts = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InjectionError(f"injection.documents: {path} does not exist: point it at a JSONL file of "
+                             '{"text": ...} lines') from None
+    except UnicodeDecodeError as err:
+        raise InjectionError(f"injection.documents: {path} is not UTF-8 text (byte {err.start}): point it at a "
+                             "JSONL file") from None
     except OSError as err:
-        raise InjectionError(f"injection.documents: cannot read {path} ({err})") from None
+        raise InjectionError(f"injection.documents: cannot read {path} ({err.strerror or err}): fix its "
+                             "permissions or the path") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -513,16 +513,17 @@ def with_layout(recipe: Recipe, **layout) -> Recipe:
     return recipe_from_tree(tree)
 
 
-def search(recipe: Recipe, hw: Hardware, top: int = 10) -> list[Plan]:
+def search(recipe: Recipe, hw: Hardware, top: int = 10, stats: dict | None = None) -> list[Plan]:
     """Valid layouts for ``hw.gpus`` that fit, fastest first (ties: less memory).
 
     Enumerates tp in 1,2,4,8 (sequence parallel whenever tp > 1: same communication, less
     memory), pp dividing the layers, ZeRO 0-3, micro batch 1/2/4 and the recompute modes;
     interleaving (vpp 1, 2, 4) when pp > 1; the recipe's own rules (config.recipe_problems)
-    reject impossible combinations.
+    reject impossible combinations. ``stats`` (a dict), if given, gets ``valid``: how many valid
+    layouts were tried (0: none can use exactly ``hw.gpus`` GPUs, whatever their memory).
     """
     L = recipe.model.num_layers
-    found = []
+    found, valid = [], 0
     for tp, pp, vpp, zero, mb, rc in itertools.product(
             (1, 2, 4, 8), range(1, L + 1), (1, 2, 4), (0, 1, 2, 3), (1, 2, 4),
             ("none", "selective", "full")):
@@ -534,9 +535,12 @@ def search(recipe: Recipe, hw: Hardware, top: int = 10) -> list[Plan]:
                                sequence_parallel=tp > 1)
         except RecipeError:
             continue
+        valid += 1
         plan = make_plan(cand, hw)
         if plan.fits:
             found.append(plan)
+    if stats is not None:
+        stats["valid"] = valid
     found.sort(key=lambda p: (-p.time.tokens_per_s, p.memory["total"]))
     return found[:top]
 

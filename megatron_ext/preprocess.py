@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from . import idx_format
+from .errors import unwritable
 from .readers import DocError, EmptyDocument, Piece, PreprocessError, input_format, parse, split
 from .tokenizer import check_vocab_fits, fast_encoder, load_tokenizer, tokenizer_fingerprint
 
@@ -87,26 +88,6 @@ class Summary:
         if self.skipped_count > min(max_listed, len(self.skipped)):
             lines.append(f"  ... and {self.skipped_count - min(max_listed, len(self.skipped)):,} more skipped documents")
         return "\n".join(lines)
-
-
-def unwritable(directory: str | os.PathLike) -> str | None:
-    """Why files cannot be created in ``directory`` (made, with its parents, if missing), or None.
-
-    Nothing is created to find out: the nearest existing ancestor must be a directory we may
-    write into (a path under a regular file fails even for root, a read-only one for other users).
-    """
-    p = Path(os.path.abspath(directory))
-    missing = []
-    while not p.exists() and p != p.parent:
-        missing.append(p.name)
-        p = p.parent
-    if not p.is_dir():
-        return f"{p} is a file, not a directory" + (f", so {Path(p, *reversed(missing))} cannot be created"
-                                                    if missing else "")
-    if not os.access(p, os.W_OK | os.X_OK):
-        what = f"cannot create {Path(p, *reversed(missing))}: " if missing else ""
-        return f"{what}{p} is not writable"
-    return None
 
 
 def output_prefix_problem(output_prefix: str) -> str | None:
@@ -446,11 +427,12 @@ def preprocess(inputs, output_prefix: str, tokenizer: str, workers: int = 1, tex
                txt_mode: str = "doc", on_error: str = "fail", model_vocab_size: int | None = None,
                eos_token: str | None = None, chunk_docs: int = 1000, chunk_bytes: int = 1 << 20,
                progress: bool = True, shard: tuple[int, int] | None = None, encoder: str = "auto",
-               redo: bool = False) -> Summary:
+               redo: bool = False, overwrite: bool = False) -> Summary:
     """Tokenize ``inputs`` into ``output_prefix.bin/.idx``, or with ``shard=(i, n)`` part i of n into
     ``output_prefix.part-i-of-n.*`` (a complete part made with the same settings is kept, unless
     ``redo``). Raises PreprocessError (nothing written under the final name) on a bad document in
-    ``fail`` mode, a missing input, or (unsharded) no valid document."""
+    ``fail`` mode, a missing input, or (unsharded) no valid document. An existing dataset under
+    ``output_prefix`` (unsharded) is replaced only with ``overwrite``."""
     from tqdm import tqdm
 
     if on_error not in ("fail", "skip"):
@@ -459,6 +441,9 @@ def preprocess(inputs, output_prefix: str, tokenizer: str, workers: int = 1, tex
         raise ValueError(f"txt_mode must be 'doc' or 'lines', not {txt_mode!r}")
     if encoder not in ("auto", "fast", "hf"):
         raise ValueError(f"encoder must be 'auto', 'fast' or 'hf', not {encoder!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise PreprocessError(f"--workers {workers} must be >= 1: the number of tokenizing processes "
+                              "(1: no worker pool)")
     index, shards = shard or (0, 1)
     if not (shards >= 1 and 0 <= index < shards):
         raise PreprocessError(f"--shard {index}/{shards}: write I/N with 0 <= I < N (I: this part, from 0; "
@@ -472,6 +457,11 @@ def preprocess(inputs, output_prefix: str, tokenizer: str, workers: int = 1, tex
     problem = output_prefix_problem(output_prefix)  # before any tokenizing: a bad path costs a second
     if problem:
         raise PreprocessError(problem)
+    if not shard and not overwrite:
+        held = existing_dataset(output_prefix)
+        if held:
+            raise PreprocessError(f"--output-prefix {output_prefix}: {held}; pass --overwrite to replace it, or "
+                                  "choose another --output-prefix")
     tok = load_tokenizer(tokenizer, eos_token=eos_token)
     if model_vocab_size is not None:
         check_vocab_fits(tok.vocab_size, model_vocab_size)
@@ -565,10 +555,37 @@ def _parts_on_disk(prefix: str) -> dict[int, set[int]]:
     return found
 
 
-def merge(output_prefix: str, delete_parts: bool = False) -> dict:
+def existing_dataset(prefix: str) -> str | None:
+    """What ``prefix``.bin/.idx already hold (a line), or None when neither exists."""
+    present = [ext for ext in (".bin", ".idx") if os.path.exists(prefix + ext)]
+    if not present:
+        return None
+    try:
+        _, _, n_doc = read_idx_header(prefix + ".idx")
+        what = f"a dataset of {n_doc - 1:,} documents"
+    except (PreprocessError, OSError, ValueError):
+        what = "a dataset"
+    return f"{prefix}{'/'.join(present)} already hold{'s' if len(present) == 1 else ''} {what}"
+
+
+def _same_merge(prefix: str, metas: list[dict]) -> bool:
+    """Whether ``prefix``.bin/.idx are this merge's output already (its report.json names these parts
+    and the files' sizes): merging again rewrites the same bytes (a resubmitted SLURM merge job)."""
+    try:
+        report = json.loads(Path(prefix + ".report.json").read_text(encoding="utf-8"))
+        parts = [(p["shard"], p["documents"], p["tokens"]) for p in report["per_part"]]
+        files = {ext: os.path.getsize(prefix + ext) for ext in (".bin", ".idx")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (parts == [(m["shard"], m["documents"], m["tokens"]) for m in metas] and report.get("files") == files
+            and report.get("tokenizer") == metas[0]["settings"]["tokenizer"])
+
+
+def merge(output_prefix: str, delete_parts: bool = False, overwrite: bool = False) -> dict:
     """Concatenate ``prefix.part-0..N-1-of-N`` into ``prefix.bin/.idx`` (streamed: memory does not
     grow with the data) and write ``prefix.report.json``; returns the report. Refuses, naming the
-    part and the fix, when a part is missing, incomplete or made with other settings."""
+    part and the fix, when a part is missing, incomplete or made with other settings, and (unless
+    ``overwrite``) when ``prefix.bin/.idx`` hold another dataset than these parts merged."""
     output_prefix = str(output_prefix)
     problem = output_prefix_problem(output_prefix)
     if problem:
@@ -590,6 +607,11 @@ def merge(output_prefix: str, delete_parts: bool = False) -> dict:
                                   f"(array task {i}) and the same settings, then merge again")
         metas.append(json.loads(Path(prefix + ".json").read_text(encoding="utf-8")))
         settings = settings or metas[0]["settings"]
+    held = existing_dataset(output_prefix)
+    if held and not overwrite and not _same_merge(output_prefix, metas):
+        raise PreprocessError(f"--output-prefix {output_prefix}: {held}, not these {shards} parts merged (its "
+                              f"{output_prefix}.report.json does not list them); pass --overwrite to replace it, "
+                              "or merge under another prefix")
     headers = [read_idx_header(part_prefix(output_prefix, i, shards) + ".idx") for i in range(shards)]
     codes = {h[0] for h in headers}
     if len(codes) != 1:

@@ -47,6 +47,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from .errors import GaperonError
+
 from .packing import (FORMAT_VERSION, SFTDataError, _prepare_hint, _too_long, check_prepared,  # noqa: F401
                       epoch_order, epoch_plan, fill_ratio, pack_next_fit, pack_rows, steps_for_epochs)
 ROLES = ("system", "user", "assistant")  # every template renders these; others only if it names them
@@ -77,6 +79,55 @@ _MARK_RE = re.compile(r"@@GAPERON-MESSAGE-(\d+)@@")
 # Role names a template compares against: role == 'tool', role in ['tool', 'ipython'].
 _ROLE_EQ = re.compile(r"""role['"\]]*\s*(?:==|!=)\s*['"]([A-Za-z_][\w-]*)['"]""")
 _ROLE_IN = re.compile(r"""role['"\]]*\s+(?:not\s+)?in\s*[\[(]([^\])]*)[\])]""")
+
+
+class ChatTemplateError(GaperonError, ValueError):
+    """The chat template itself is unusable (a Jinja syntax error, or it renders no turn): blamed
+    once, naming the template (and the line), not every record."""
+
+
+PREPARED_FILES = frozenset({"tokens.bin", "loss_mask.bin", "offsets.npy", "meta.json", "chat_template.jinja",
+                            "tokens.bin.tmp", "loss_mask.bin.tmp"})
+_PROBE = [{"role": "user", "content": "gaperon probe question"},
+          {"role": "assistant", "content": "gaperon probe answer"}]
+
+
+def check_template(encoder: "ChatEncoder", origin: str) -> None:
+    """Refuse a template that cannot work for any record, before a record is read: a Jinja syntax
+    error (with its line), or one that does not render a plain user + assistant conversation into
+    text holding the answer with tokens to train on."""
+    from jinja2 import TemplateSyntaxError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]).parse(
+            encoder.chat_template)
+    except TemplateSyntaxError as err:
+        raise ChatTemplateError(f"{origin}: Jinja syntax error at line {err.lineno}: {err.message}; fix the "
+                                "template") from None
+    max_tokens, encoder.max_tokens = encoder.max_tokens, None  # the probe is short, but --seq-len may be shorter
+    try:
+        text = encoder.render(_PROBE)
+        if _PROBE[1]["content"] not in text:
+            raise ConversationError("template", f"it renders no message contents (only {text[:80]!r})")
+        encoder.encode(_PROBE)
+    except ConversationError as err:
+        raise ChatTemplateError(f"{origin} cannot be used: on a plain user + assistant conversation {err}; every "
+                                "record would be skipped: fix the template") from None
+    finally:
+        encoder.max_tokens = max_tokens
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads object hook: a key twice in one object is refused (plain json keeps the last)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ConversationError("bad_json", f"not valid JSON (key {key!r} appears twice in one object; a parser "
+                                                "keeps only one of them): write each key once")
+        out[key] = value
+    return out
 
 
 class ConversationError(ValueError):
@@ -378,7 +429,7 @@ def _encode_line(encoder: ChatEncoder, item: tuple[str, str]):
     where, line = item
     try:
         try:
-            record = json.loads(line)
+            record = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as err:
             raise ConversationError("bad_json", f"not valid JSON ({err.msg})") from None
         return where, encoder.encode(validate_messages(record, encoder.roles)), None
@@ -400,7 +451,7 @@ def _worker_encode(item):
 
 def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train_on: str = "assistant",
             overlong: str = "truncate", chat_template: str | None = None, strict: bool = False,
-            workers: int = 1, allow_special_tokens: bool = False) -> Summary:
+            workers: int = 1, allow_special_tokens: bool = False, chat_template_file: str | None = None) -> Summary:
     """Tokenize JSONL conversations into ``out_dir`` (format in the module docstring).
 
     Conversations are kept to ``seq_len + 1`` tokens (they then fill exactly ``seq_len`` input
@@ -415,13 +466,29 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
     for path in inputs:  # before any work: a bad path costs a second, and leaves nothing behind
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: no such input file")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"--seq-len {seq_len} must be >= 1: the recipe's train.seq_len (e.g. 4096)")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers {workers} must be >= 1: the number of encoding processes")
     problem = unwritable(out_dir)
     if problem:
         raise ValueError(f"--out {out_dir}: {problem}; choose a writable directory")
+    out = Path(out_dir)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    foreign = [name for name in held if name not in PREPARED_FILES]
+    if foreign:
+        raise ValueError(f"--out {out_dir} is not empty and not an earlier prepare_sft output (it holds "
+                         f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): choose a new or empty "
+                         "directory")
     kwargs = dict(tokenizer_path=str(tokenizer), train_on=train_on, max_tokens=seq_len + 1, overlong=overlong,
                   chat_template=chat_template, allow_special_tokens=allow_special_tokens)
     encoder = ChatEncoder(**kwargs)
-    out = Path(out_dir)
+    check_template(encoder, f"--chat-template {chat_template_file}" if chat_template_file else
+                   "the chat template passed" if chat_template else
+                   f"the chat template of {tokenizer}" if encoder.template_source == "tokenizer" else
+                   "the default chat template")
+    made = [out] + [d for d in out.parents if not d.exists()]  # removed again if this run fails
+    made = [d for d in made if not d.exists()]
     out.mkdir(parents=True, exist_ok=True)
     summary = Summary(overlong=overlong, seq_len=seq_len)
     offsets = [0]
@@ -459,6 +526,11 @@ def prepare(inputs: list[str], tokenizer: str, out_dir: str, seq_len: int, train
     except BaseException:
         for t in tmp:
             t.unlink(missing_ok=True)
+        for d in made:  # deepest first: a failed run leaves no directory it made
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     finally:
         if pool is not None:

@@ -121,6 +121,11 @@ def render_preprocess(spec: PreprocessSpec, profile: ClusterProfile, log_dir: Pa
     out = []
     for s in spec.sources:
         files = expand_inputs(s)
+        tokenizer = s.tokenizer or spec.tokenizer
+        if not Path(tokenizer).exists():
+            raise SubmitError(f"source {s.name}: tokenizer {tokenizer} does not exist (every array task would fail "
+                              "on it): set tokenizer: in the spec to a local HF tokenizer directory or a "
+                              "sentencepiece .model")
         n, workers = s.shards or spec.shards, s.workers or spec.workers
         k = spec.max_parallel or n
         cmd = [python, str(TOOL), "--input", *files, "--output-prefix", s.output_prefix,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import ArgParser, GaperonError
+from .errors import ArgParser, GaperonError, unwritable
 
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "checkpoints", "slurm", "run.lock")
 STEP_TIME_WINDOW = 20  # the ETA uses the median step time of this many recent logged steps
@@ -46,21 +46,31 @@ class StatusError(GaperonError):
 
 
 # ---- reading ---------------------------------------------------------------------------------
-def read_metrics(path: Path) -> list[dict]:
-    """Every complete row of metrics.jsonl, in file order (a line being written is skipped)."""
+def read_metrics(path: Path, unreadable: list[int] | None = None) -> list[dict]:
+    """Every complete row of metrics.jsonl, in file order. A last line still being written (no
+    newline yet) is skipped quietly; the numbers of other lines that are not a JSON object with an
+    integer ``step`` go to ``unreadable``."""
     try:
         text = path.read_text(errors="replace")
     except FileNotFoundError:
         return []
     rows = []
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except ValueError:
-            continue
+            row = None
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
+        elif unreadable is not None and line.strip() and not (n == len(lines) and not text.endswith("\n")):
+            unreadable.append(n)
     return rows
+
+
+def _lines(numbers: list[int], shown: int = 10) -> str:
+    more = f" and {len(numbers) - shown} more" if len(numbers) > shown else ""
+    return f"line{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers[:shown]))}{more}"
 
 
 def last_per_step(rows: list[dict], key: str) -> dict[int, float]:
@@ -96,12 +106,14 @@ def _recipe(text: str) -> dict | None:
 def _checkpoint(run: Path) -> tuple[dict | None, dict | None]:
     """The complete checkpoint a restart would resume, as checkpoint.find picks it, and its meta.json."""
     root = run / "checkpoints"
+    # moved aside by a resume (checkpoint.format.move_aside): kept for inspection, never resumed
+    damaged = sorted(p.name for p in root.glob("damaged-step_*"))
     if not any(root.glob("step_*")):
-        return ({"path": None, "notes": [], "on_disk": 0} if root.is_dir() else None), None
+        return ({"path": None, "notes": [], "on_disk": 0, "damaged": damaged} if root.is_dir() else None), None
     from . import checkpoint  # imports torch: only for a run that has checkpoints
 
     found = checkpoint.find(run)
-    info = {"path": None, "notes": found.notes, "on_disk": len(list(root.glob("step_*")))}
+    info = {"path": None, "notes": found.notes, "on_disk": len(list(root.glob("step_*"))), "damaged": damaged}
     if found.path is None:
         return info, None
     try:
@@ -171,12 +183,27 @@ def collect(run_dir: str | Path) -> dict:
     if not any((run / name).exists() for name in RUN_FILES):
         raise StatusError(f"{run} is not a run directory: it has none of {', '.join(RUN_FILES)} "
                           "(give the recipe's train.output_dir; a job that has not started yet has written nothing)")
-    rows = read_metrics(run / "metrics.jsonl")
+    bad_lines: list[int] = []
+    rows = read_metrics(run / "metrics.jsonl", bad_lines)
+    unreadable = [f"{run / 'metrics.jsonl'}: skipped {_lines(bad_lines)} (not a JSON object with a step)"] \
+        if bad_lines else []
     ckpt, meta = _checkpoint(run)
     try:
-        recipe = _recipe((run / "recipe.yaml").read_text())
-    except OSError:
+        text = (run / "recipe.yaml").read_text()
+        recipe = _recipe(text)
+        if recipe is None:
+            try:
+                yaml.safe_load(text)
+                why = "not a YAML mapping"
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                why = f"not valid YAML{f' (line {mark.line + 1})' if mark else ''}"
+            unreadable.append(f"{run / 'recipe.yaml'}: {why}, skipped")
+    except FileNotFoundError:
         recipe = None
+    except (OSError, UnicodeDecodeError) as err:
+        recipe = None
+        unreadable.append(f"{run / 'recipe.yaml'}: cannot be read ({getattr(err, 'strerror', None) or err}), skipped")
     if recipe is None and meta and isinstance(meta.get("recipe"), str):  # recipe.yaml lost: the checkpoint has it
         recipe = _recipe(meta["recipe"])
         if recipe:
@@ -231,6 +258,7 @@ def collect(run_dir: str | Path) -> dict:
         "skipped_steps": skipped,
         "slurm_jobs": jobs,
         "evals": evals,
+        "unreadable": unreadable,
     }
 
 
@@ -387,6 +415,11 @@ def render(st: dict, width: int | None = None) -> str:
         rows.append(("eval", "none logged"))
     if st["checkpoint"] and st["checkpoint"]["notes"] and st["checkpoint"]["path"]:
         rows += [("", f"  checkpoint note: {n}") for n in st["checkpoint"]["notes"]]
+    for i, name in enumerate((st["checkpoint"] or {}).get("damaged") or []):
+        rows.append(("damaged" if i == 0 else "", f"checkpoints/{name} (moved aside: never resumed or rotated; "
+                                                   "delete it once inspected)"))
+    for i, line in enumerate(st.get("unreadable") or []):
+        rows.append(("unreadable" if i == 0 else "", line))
     return "\n".join(f"{label:<11} {text}".rstrip() for label, text in rows)
 
 
@@ -420,7 +453,12 @@ def plot(run_dir: str | Path, png: str | Path, size=(8.0, 6.0), dpi: int = 100) 
     bottom.grid(alpha=0.3)
     bottom.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     fig.tight_layout()
-    fig.savefig(png)
+    try:
+        Path(png).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(png)
+    except OSError as err:
+        raise StatusError(f"--plot {png}: cannot be written ({err.strerror or err}); pass --plot PATH in a "
+                          "writable directory") from None
     return series
 
 
@@ -434,9 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the status as JSON instead of the screen")
     args = p.parse_args(argv)
     try:
+        png = Path(args.plot or Path(args.run_dir) / "status.png") if args.plot is not None else None
         st = collect(args.run_dir)
-        if args.plot is not None:
-            png = Path(args.plot or Path(args.run_dir) / "status.png")
+        if png is not None:
+            problem = png.is_dir() and f"{png} is a directory" or unwritable(png.parent)
+            if problem:
+                raise StatusError(f"--plot {png}: {problem}; pass --plot PATH in a writable directory")
             plot(args.run_dir, png)
             st["plot"] = str(png)
     except StatusError as err:

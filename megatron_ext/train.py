@@ -235,6 +235,9 @@ def train(recipe: Recipe) -> int:
 def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     """Everything before the first step: the start, the model, the engine, the data."""
     out = Path(recipe.train.output_dir)
+    # eval.downstream tasks lm-eval does not know, or whose data is not on disk: refused first,
+    # before the lock, the checkpoint plan or anything else touches the run directory
+    downstream = DownstreamEval(recipe, info.is_main) if recipe.eval.downstream else None
     start = _plan_start(recipe, info, lock)  # refuses a second job or a bad resume before anything is written
     if info.is_main:
         checkpoint.preflight(recipe)
@@ -257,7 +260,6 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
               "(allocator view; compare with the step line's mem)" if info.on_gpu else
               "(tensors on a GPU; on CPU the step line's rss is the whole process: torch and libraries included)"),
               flush=True)
-    downstream = DownstreamEval(recipe, info.is_main) if recipe.eval.downstream else None
     chunks = build_model(recipe, info.on_gpu)
     engine = Engine(recipe, chunks, info)
     state = _start(engine, recipe, start, info)

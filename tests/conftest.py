@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from megatron_ext.errors import free_port  # noqa: F401  (tests import it from here)
@@ -92,3 +96,63 @@ def olmo2_tp2pp2(tmp_path_factory) -> Path:
     launch(4, [str(TINY), *PARITY_COMMON, "model.block=olmo2", *layout_overrides(2, 2, 1, 1),
                "layout.sequence_parallel=true", f"train.output_dir={out}"])
     return out
+
+
+# ---- the bad-input batteries' good data (built once per session, damaged as copies) ------------
+BAD_VOCAB = 384  # the fixture tokenizer's size (a multiple of 128: no padding)
+BAD_SEQ = 64
+BAD_WORDS = ("apple stone river cloud tiger lemon piano rocket forest candle mirror garden "
+             "amber bridge castle desert engine falcon glacier harbor island jungle").split()
+
+
+def bad_texts(seed: int, n: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(BAD_WORDS) for _ in range(rng.randint(15, 60))) for _ in range(n)]
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def write_indexed(prefix: Path, docs: list[list[int]], vocab: int) -> None:
+    """A dataset written by megatron-core's own builder (any ids, or none at all)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(vocab))
+    for ids in docs:
+        builder.add_document(np.asarray(ids, dtype=np.int32), [len(ids)])
+    builder.finalize(f"{prefix}.idx")
+
+
+@pytest.fixture(scope="session")
+def bad_data_fixture(tmp_path_factory) -> SimpleNamespace:
+    """Good data to damage (tests/test_bad_data.py, test_bad_tools.py): tokenizers, datasets, SFT data."""
+    from megatron_ext import preprocess as pp
+    from megatron_ext import sft
+    from megatron_ext.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("bad_data")
+    docs = write_jsonl(root / "docs.jsonl", [{"text": t} for t in bad_texts(0, 300)])
+    tok = train_tokenizer([docs], root / "tok", vocab_size=BAD_VOCAB)
+    # same size, other merges (another corpus): the sha256 recorded in meta.json tells them apart
+    other_text = write_jsonl(root / "other.jsonl", [{"text": t.upper()} for t in bad_texts(1, 300)])
+    twin = train_tokenizer([other_text], root / "tok_twin", vocab_size=BAD_VOCAB)
+    bigger = train_tokenizer([other_text], root / "tok_512", vocab_size=512)
+    pp.preprocess([docs], str(root / "ds"), str(tok), workers=1, progress=False)
+    few = write_jsonl(root / "few.jsonl", [{"text": t} for t in bad_texts(2, 3)])
+    pp.preprocess([few], str(root / "few"), str(tok), workers=1, progress=False)
+    write_indexed(root / "empty", [], BAD_VOCAB)
+    write_indexed(root / "high_ids", [[5, 450, 7, 300], [1, 2, 3]], 512)  # 450: not a fixture-tokenizer id
+    (root / "afile").write_text("a regular file, not a directory\n")
+    chats = []
+    for text in bad_texts(3, 60):
+        words = text.split()[:6]
+        chats.append({"messages": [{"role": "user", "content": "reverse: " + " ".join(words)},
+                                   {"role": "assistant", "content": " ".join(reversed(words))}]})
+    chats_file = write_jsonl(root / "chats.jsonl", chats)
+    sft.prepare([str(chats_file)], str(tok), str(root / "sft"), BAD_SEQ)
+    return SimpleNamespace(root=root, tok=tok, twin=twin, bigger=bigger, ds=root / "ds", few=root / "few",
+                           empty=root / "empty", high_ids=root / "high_ids", sft=root / "sft", chats=chats_file,
+                           docs=docs, afile=root / "afile")

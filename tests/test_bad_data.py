@@ -9,79 +9,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import shutil
 import struct
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
-from conftest import ROOT, TINY, cpu_env
+from conftest import BAD_SEQ as SEQ, BAD_VOCAB as VOCAB, ROOT, TINY, cpu_env
 
 from megatron_ext import preprocess as pp
 from megatron_ext import sft
 from megatron_ext.config import load_recipe
 from megatron_ext.data import DataError, check_data
-from megatron_ext.tokenizer import load_tokenizer, train_tokenizer
-
-VOCAB = 384  # the fixture tokenizer's size (a multiple of 128: no padding)
-SEQ = 64
-WORDS = ("apple stone river cloud tiger lemon piano rocket forest candle mirror garden "
-         "amber bridge castle desert engine falcon glacier harbor island jungle").split()
+from megatron_ext.tokenizer import load_tokenizer
 
 
-# ---- fixtures: built once, damaged as copies ---------------------------------------------------
-def _texts(seed: int, n: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(15, 60))) for _ in range(n)]
 
-
-def _jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
-def _write_indexed(prefix: Path, docs: list[list[int]], vocab: int) -> None:
-    """A dataset written by megatron-core's own builder (any ids, or none at all)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(vocab))
-    for ids in docs:
-        builder.add_document(np.asarray(ids, dtype=np.int32), [len(ids)])
-    builder.finalize(f"{prefix}.idx")
-
-
+# ---- fixtures: built once per session (conftest.bad_data_fixture), damaged as copies ---------------
 @pytest.fixture(scope="module")
-def fx(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("bad_data")
-    docs = _jsonl(root / "docs.jsonl", [{"text": t} for t in _texts(0, 300)])
-    tok = train_tokenizer([docs], root / "tok", vocab_size=VOCAB)
-    # same size, other merges (another corpus): the sha256 recorded in meta.json tells them apart
-    other_text = _jsonl(root / "other.jsonl", [{"text": t.upper()} for t in _texts(1, 300)])
-    twin = train_tokenizer([other_text], root / "tok_twin", vocab_size=VOCAB)
-    bigger = train_tokenizer([other_text], root / "tok_512", vocab_size=512)
-    pp.preprocess([docs], str(root / "ds"), str(tok), workers=1, progress=False)
-    few = _jsonl(root / "few.jsonl", [{"text": t} for t in _texts(2, 3)])
-    pp.preprocess([few], str(root / "few"), str(tok), workers=1, progress=False)
-    _write_indexed(root / "empty", [], VOCAB)
-    _write_indexed(root / "high_ids", [[5, 450, 7, 300], [1, 2, 3]], 512)  # 450: not a fixture-tokenizer id
-    (root / "afile").write_text("a regular file, not a directory\n")
-    chats = []
-    for text in _texts(3, 60):
-        words = text.split()[:6]
-        chats.append({"messages": [{"role": "user", "content": "reverse: " + " ".join(words)},
-                                   {"role": "assistant", "content": " ".join(reversed(words))}]})
-    chats_file = _jsonl(root / "chats.jsonl", chats)
-    sft.prepare([str(chats_file)], str(tok), str(root / "sft"), SEQ)
-    return SimpleNamespace(root=root, tok=tok, twin=twin, bigger=bigger, ds=root / "ds", few=root / "few",
-                           empty=root / "empty", high_ids=root / "high_ids", sft=root / "sft", chats=chats_file,
-                           docs=docs, afile=root / "afile")
+def fx(bad_data_fixture) -> SimpleNamespace:
+    return bad_data_fixture
 
 
 def snapshot(*dirs: Path) -> dict[str, str]:
@@ -441,7 +391,7 @@ def test_preprocess_failed_run_keeps_an_earlier_dataset(fx, tmp_path):
     bad.write_bytes(b'{"text": "fine"}\n{"text": "unterminated\n')
     before = snapshot(tmp_path, fx.root)
     proc = run_tool("preprocess_data.py", "--input", bad, "--output-prefix", prefix, "--tokenizer", fx.tok,
-                    "--workers", 1, "--no-progress")
+                    "--workers", 1, "--no-progress", "--overwrite")
     assert_one_line_exit_2(proc, [f"{bad}:2: malformed JSON", "--on-error skip"])
     assert snapshot(tmp_path, fx.root) == before
 

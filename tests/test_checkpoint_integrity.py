@@ -94,10 +94,15 @@ def test_kills_at_every_save_and_rotate_point_lose_nothing(tmp_path, reference):
     shutil.rmtree(ckpts / "step_00000010")
     shard = ckpts / "step_00000008" / "tp00_pp00_w000.safetensors"
     shard.write_bytes(shard.read_bytes()[:1000])
+    damaged = snapshot(ckpts / "step_00000008")
     p = run(out)
     assert "latest names step_00000010, which is not usable" in p.stdout
     assert "skipped step_00000008" in p.stdout and "truncated" in p.stdout
     assert "at step 6" in p.stdout
+    #    The damaged step 8 is moved aside once (one line), byte for byte, before step 8 is re-saved.
+    aside = list(ckpts.glob("damaged-step_00000008-*"))
+    assert len(aside) == 1 and snapshot(aside[0]) == damaged
+    assert p.stdout.count("moved the damaged step_00000008 aside") == 1
     assert latest(out) == f"step_{STEPS:08d}"
     assert not list(ckpts.glob(".*"))
     assert_no_fake_complete(out)

@@ -59,14 +59,16 @@ def assert_reexports_identically(back: Path, out: Path, again: Path) -> None:
     assert_same_hf_tensors(out, again)
 
 
-def make_hf_llama3(path: Path, vocab: int = 512, seed: int = 0) -> Path:
-    """A random tiny Llama-3.1-style model (rope_type llama3), saved by transformers itself."""
+def make_hf_llama3(path: Path, vocab: int = 512, seed: int = 0, tied: bool = False, rope: dict | None = None,
+                   **config) -> Path:
+    """A random tiny Llama-3.1-style model (rope_type llama3; ``rope`` overrides its scaling), saved by
+    transformers itself; ``tied``: input and output embeddings shared, as Llama-3.2 1B/3B."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     shapes = {k: v for k, v in TINY_SHAPES.items() if k != "rope_theta"}
-    cfg = LlamaConfig(vocab_size=vocab, tie_word_embeddings=False, **shapes,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA3})
+    cfg = LlamaConfig(vocab_size=vocab, tie_word_embeddings=tied, **shapes, **config,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **(rope or LLAMA3)})
     model = LlamaForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -18,7 +18,8 @@ import torch
 from conftest import PARITY_COMMON, TINY, launch, layout_overrides, read_metrics
 from megatron_ext import convert
 from megatron_ext.checkpoint import CheckpointReader
-from test_convert import TINY_SHAPES, hf_tensors, run_cli
+from test_convert import hf_tensors, run_cli
+from test_hf_families import make_hf_llama3
 
 # Llama-3.2 1B/3B's rope scaling (factor 32); at head dim 16 and theta 500000 it keeps 4 of the 8
 # frequencies, blends one and stretches three, so a model without it computes other logits.
@@ -44,19 +45,8 @@ def _tokenizer_files(dst: Path, n: int) -> None:
 def llama32(tmp_path_factory) -> Path:
     """A random Llama-3.2-shaped HF model (tied embeddings, rope llama3 factor 32; tiny dims) with
     its tokenizer, as the Hub serves one: no lm_head.weight in the file."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("hf") / "llama-3.2-tiny"
-    torch.manual_seed(0)
-    shapes = {k: v for k, v in TINY_SHAPES.items() if k != "rope_theta"}
-    cfg = LlamaConfig(vocab_size=512, tie_word_embeddings=True, bos_token_id=510, eos_token_id=511, **shapes,
-                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, **LLAMA32_ROPE})
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(path)
+    path = make_hf_llama3(tmp_path_factory.mktemp("hf") / "llama-3.2-tiny", tied=True, rope=LLAMA32_ROPE,
+                          bos_token_id=510, eos_token_id=511)
     _tokenizer_files(path, 512)
     assert "lm_head.weight" not in hf_tensors(path)
     return path

@@ -313,6 +313,7 @@ def test_plan_reads_token_counts_for_epochs_per_blend_component(unsharded, tmp_p
     assert rows[0]["tokens"] == ref.tokens and rows[1]["tokens"] is None
     assert rows[0]["drawn"] == 10 * 8 * 64 * 0.75
     assert abs(rows[0]["epochs"] - 10 * 8 * 64 * 0.75 / (ref.tokens * 0.9)) < 1e-9
-    plan_main([str(ROOT / "recipes" / "tiny.yaml"), *over, "--epochs"])
-    out = capsys.readouterr().out
+    assert plan_main([str(ROOT / "recipes" / "tiny.yaml"), *over, "--epochs"]) == 2  # a dataset is missing
+    out, err = capsys.readouterr()
     assert f"{rows[0]['epochs']:,.2f} epochs" in out and "dataset not found" in out
+    assert err.startswith("error: --epochs: 1 data.blend dataset(s)") and str(tmp_path / "missing") in err

@@ -392,7 +392,7 @@ def test_bad_input_is_counted_or_refused(work, tmp_path):
 
     with pytest.raises(sft.ConversationError, match=r"bad\.jsonl:2: conversation has no assistant turn"):
         sft.prepare([str(bad)], str(work["tok"]), str(tmp_path / "s"), SEQ, strict=True)
-    assert not list((tmp_path / "s").iterdir()), "a failed prepare leaves no partial files"
+    assert not (tmp_path / "s").exists(), "a failed prepare leaves no partial files (nor the directory it made)"
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(sft.ConversationError, match="no usable conversation"):
         sft.prepare([str(empty)], str(work["tok"]), str(tmp_path / "e"), SEQ)

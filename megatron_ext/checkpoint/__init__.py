@@ -34,6 +34,10 @@ The rules that make a checkpoint impossible to lose:
 * If ``latest`` is missing, dangling or names a damaged checkpoint, :func:`find` falls back to the
   newest complete ``step_*`` and says so; a run whose directory holds checkpoints, none complete,
   refuses to start rather than start from step 0 over them.
+* A damaged checkpoint (any incomplete ``step_*``) is moved aside once, when a resume has passed
+  every check, to ``damaged-step_...-<UTC time>`` (:func:`move_aside`, one line in the log): it is
+  never overwritten by a re-save of its step, never counted or deleted by rotation (which counts
+  complete checkpoints only) and listed by tools/status.py.
 * Weights that are not finite are never committed as a checkpoint.
 
 The package, one job a module (imports point one way: owners, format <- reader <- states <- save, load;
@@ -52,9 +56,9 @@ start uses format):
 from __future__ import annotations
 
 from ..errors import EXIT_REQUEUE as REQUEUE_EXIT_CODE
-from .format import (FORMAT_VERSION, NORM_GAIN_META_KEY, STATE_KINDS, CheckpointError, Found, build_meta,
-                     checkpoints_dir, find, index_files, leftovers, norm_gain_scale, problem, read_meta, recipe_of,
-                     resolve, step_of)
+from .format import (DAMAGED_PREFIX, FORMAT_VERSION, NORM_GAIN_META_KEY, STATE_KINDS, CheckpointError, Found,
+                     build_meta, checkpoints_dir, damaged, damaged_steps, find, index_files, leftovers, move_aside,
+                     norm_gain_scale, problem, read_meta, recipe_of, resolve, step_of)
 from .reader import IO_BYTES, CheckpointReader, Part, Shard, report_io
 from .start import (SHAPE_KEYS, Start, TrainState, function_mismatch, plan_start, preflight, resume_changes,
                     shape_mismatch)
@@ -63,7 +67,7 @@ from .states import ensure_optimizer_states, relink_optimizer_states, replicated
 from .save import PendingSave, clean_partial, discard, rotate, save, save_in_background, wait_for_deletions
 from .load import load, load_rng
 
-__all__ = ["REQUEUE_EXIT_CODE", "FORMAT_VERSION", "NORM_GAIN_META_KEY", "STATE_KINDS", "CheckpointError", "Found",
+__all__ = ["REQUEUE_EXIT_CODE", "DAMAGED_PREFIX", "damaged", "damaged_steps", "move_aside", "FORMAT_VERSION", "NORM_GAIN_META_KEY", "STATE_KINDS", "CheckpointError", "Found",
            "build_meta", "checkpoints_dir", "find", "index_files", "leftovers", "norm_gain_scale", "problem",
            "read_meta", "recipe_of", "resolve", "step_of", "IO_BYTES", "CheckpointReader", "Part", "Shard",
            "report_io", "SHAPE_KEYS", "Start", "TrainState", "function_mismatch", "plan_start", "preflight",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,40 @@ def resolve(path: str | Path) -> Path | None:
         return find(path).path
     except CheckpointError:
         return None
+
+
+DAMAGED_PREFIX = "damaged-"  # damaged-step_00000004-20260101T120000Z: out of the step_* namespace
+
+
+def damaged_steps(root: Path, skip: Path | None = None) -> list[tuple[Path, str]]:
+    """Every ``step_*`` under ``root`` that is not complete (what :func:`find` skips), with why."""
+    out = []
+    for cand in sorted(root.glob("step_*"), key=step_of):
+        if cand != skip:
+            why = problem(cand)
+            if why:
+                out.append((cand, why))
+    return out
+
+
+def move_aside(ckpt: Path, why: str) -> str:
+    """Rename a damaged checkpoint to ``damaged-<name>-<UTC time>`` (never deleted, never re-saved
+    over, never counted by rotation, never resumed); returns the one line that says so."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = ckpt.with_name(f"{DAMAGED_PREFIX}{ckpt.name}-{stamp}-{n}")
+    os.replace(ckpt, target)
+    return f"moved the damaged {ckpt.name} aside to {target.name} (kept, never resumed or counted): {why}"
+
+
+def damaged(output_dir: str | Path) -> list[Path]:
+    """The damaged checkpoints a run moved aside (tools/status.py lists them)."""
+    root = Path(output_dir)
+    root = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    return sorted(root.glob(f"{DAMAGED_PREFIX}step_*"))
 
 
 def leftovers(output_dir: str | Path) -> list[Path]:

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from ..config import Recipe
 from ..faults import maybe_kill
-from .format import CheckpointError, build_meta, checkpoints_dir, resolve, step_of
+from .format import CheckpointError, build_meta, checkpoints_dir, move_aside, problem, resolve, step_of
 from .reader import IO_BYTES
 from .start import TrainState
 from .owners import build_index, fragment_key, owned_ranges, param_specs, rng_file, shard_file
@@ -230,9 +230,14 @@ def _commit(gathered, tmp: Path, final: Path, root: Path, name: str, recipe: Rec
         _fsync_dir(tmp / "rng")
         _fsync_dir(tmp)
         if final.exists():
-            # Not the checkpoint ``latest`` names (that one is never re-saved, see save): a step of
-            # an abandoned future (the run was rolled back past it). Replace it.
-            discard(final)
+            # Not the checkpoint ``latest`` names (that one is never re-saved, see save). A damaged
+            # one is moved aside, never overwritten; a complete one is a step of an abandoned future
+            # (the run was rolled back past it): replace it.
+            why = problem(final)
+            if why:
+                print(f"checkpoint: {move_aside(final, why)}", flush=True)
+            else:
+                discard(final)
         maybe_kill("kill_before_commit", state.step)
         os.replace(tmp, final)
         _fsync_dir(root)
@@ -261,10 +266,12 @@ def _write_failure(root: Path, error) -> str:
 
 def rotate(root: Path, recipe: Recipe, newest: Path) -> list[Path]:
     """Keep ``newest`` (what ``latest`` names), the ``keep_last`` newest checkpoints up to it and
-    every ``keep_every``-th step; delete the rest. Steps after ``newest`` (left by a rollback)
-    are not this run's history yet and are left alone."""
+    every ``keep_every``-th step; delete the rest. Only complete checkpoints count and are deleted:
+    a damaged one is neither one of the kept nor removed (the next start moves it aside). Steps
+    after ``newest`` (left by a rollback) are not this run's history yet and are left alone."""
     ck = recipe.checkpoint
-    steps = sorted((p for p in root.glob("step_*") if step_of(p) <= step_of(newest)), key=step_of)
+    steps = sorted((p for p in root.glob("step_*") if step_of(p) <= step_of(newest)
+                    and (p == newest or problem(p) is None)), key=step_of)
     keep = set(steps[-max(ck.keep_last, 1):]) | {newest}
     if ck.keep_every:
         keep |= {p for p in steps if step_of(p) % ck.keep_every == 0}

@@ -2,12 +2,14 @@
 and what would make starting from a checkpoint wrong (refused before the model is built)."""
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import FUNCTION_KEYS, GAPETRON_LOAD_MODES, KEEPS, Recipe
-from .format import CheckpointError, Found, checkpoints_dir, find, leftovers, read_meta, recipe_of
+from .format import (CheckpointError, Found, checkpoints_dir, damaged_steps, find, leftovers, move_aside, read_meta,
+                     recipe_of)
 
 
 @dataclass
@@ -95,7 +97,7 @@ def resume_changes(saved: Recipe, recipe: Recipe, meta: dict) -> list[str]:
                               f"cannot go back. Set train.steps >= {step}, or start a new phase from this "
                               "checkpoint with checkpoint.init_from in another train.output_dir")
     old, new = _flat(saved.model_dump(mode="json")), _flat(recipe.model_dump(mode="json"))
-    changed = [k for k in new if old.get(k) != new[k] and k != "train.output_dir"]
+    changed = [k for k in new if old.get(k) != new[k] and k not in ("train.output_dir", "checkpoint.init_from")]
     notes = []
     if "train.steps" in changed and step < recipe.train.steps:
         a, b = lr_at(step, saved), lr_at(step, recipe)
@@ -127,7 +129,24 @@ def plan_start(recipe: Recipe) -> Start:
         why = shape_mismatch(saved, recipe, found.path) or function_mismatch(saved, recipe, found.path, resume=True)[0]
         if why:
             raise CheckpointError(why)
-        return Start(resume=found.path, notes=tuple(found.notes + resume_changes(saved, recipe, meta)))
+        notes = found.notes + resume_changes(saved, recipe, meta)
+        parent = recipe.checkpoint.init_from
+        if parent:  # a phase's parent starts a run that has no checkpoint of its own, never a resume
+            gone = "" if Path(parent).exists() else f" (and {parent} does not exist)"
+            notes.append(f"checkpoint.init_from={parent} is ignored{gone}: the run resumes its own "
+                         f"{found.path.name}; init_from only starts a run that has no checkpoint yet")
+        # Every check passed: now (and only now) damaged checkpoints are moved out of the way, so
+        # that none is ever overwritten by a re-save of its step or counted by rotation.
+        try:
+            notes += [move_aside(p, why) for p, why in damaged_steps(root, skip=found.path)]
+            latest = root / "latest"
+            if not latest.is_file() or latest.read_text().strip() != found.path.name:
+                (root / "latest.tmp").write_text(found.path.name + "\n")
+                os.replace(root / "latest.tmp", latest)
+        except OSError as err:
+            raise CheckpointError(f"cannot move a damaged checkpoint aside or repoint {root / 'latest'} "
+                                  f"({err}): fix the permissions of {root}") from None
+        return Start(resume=found.path, notes=tuple(notes))
     old = leftovers(out)
     if old:
         raise CheckpointError(

@@ -23,6 +23,7 @@ from ..plan import (
     DoesNotFit,
     Hardware,
     PlanError,
+    blend_epochs,
     check_fits,
     format_epochs,
     format_plan,
@@ -83,7 +84,17 @@ def main(argv: list[str] | None = None) -> int:
                       mfu=args.mfu, tp_bandwidth=args.tp_bandwidth * 1e9,
                       dp_bandwidth=args.dp_bandwidth * 1e9)
         if args.search:
-            plans = search(recipe, hw, top=args.top)
+            stats: dict = {}
+            plans = search(recipe, hw, top=args.top, stats=stats)
+            if not stats["valid"]:  # no layout can use exactly this many GPUs: more GPUs would not help
+                lay = recipe.layout
+                most = 8 * recipe.model.num_layers * lay.global_batch
+                raise PlanError(f"--gpus {hw.gpus}: no layout of {args.recipe} uses exactly {hw.gpus} GPUs "
+                                f"(tp x pp x dp = GPUs with tp in 1, 2, 4, 8, pp dividing the "
+                                f"{recipe.model.num_layers} layers, dp dividing layout.global_batch="
+                                f"{lay.global_batch}; at most 8 x {recipe.model.num_layers} x {lay.global_batch}"
+                                f" = {most:,}): give a GPU count such a layout has, e.g. {lay.world_size} (the recipe's "
+                                "own tp x pp x dp)")
             if not plans:
                 print(f"plan: no layout of {args.recipe} fits on {hw.gpus} GPUs x "
                       f"{hw.gpu_memory / 2**30:.1f} GiB: use more GPUs or bigger ones", file=sys.stderr)
@@ -97,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(recipe, hw)
         print(format_plan(plan, title=args.recipe))
         if args.epochs:
-            print(format_epochs(recipe))
+            print(format_epochs(recipe), flush=True)
+            missing = [r["prefix"] for r in blend_epochs(recipe) if r["tokens"] is None]
+            if missing:
+                shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                raise PlanError(f"--epochs: {len(missing)} data.blend dataset(s) of {args.recipe} not found "
+                                f"(no .idx): {shown}; preprocess them or fix data.blend")
         check_fits(plan)
     except DoesNotFit as err:
         print(f"plan: {err}", file=sys.stderr)

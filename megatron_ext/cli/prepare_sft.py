@@ -22,6 +22,20 @@ from ..errors import ArgParser
 from ..sft import OVERLONG, TRAIN_ON, ConversationError, prepare
 
 
+def read_template(path: str) -> str:
+    """The text of a --chat-template file; ValueError naming the option and the file otherwise."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--chat-template {path}: no such file; pass a Jinja chat template file, or leave the "
+                         "option out to use the tokenizer's template") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--chat-template {path}: not UTF-8 text; pass a Jinja chat template file") from None
+    except OSError as err:
+        raise ValueError(f"--chat-template {path}: cannot be read ({err.strerror}); pass a Jinja chat template "
+                         "file") from None
+
+
 def main(argv=None) -> int:
     p = ArgParser(prog="prepare_sft", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -42,9 +56,10 @@ def main(argv=None) -> int:
                    help="let message contents that spell control tokens (<|eot_id|>, headers) become them")
     args = p.parse_args(argv)
     try:
-        template = Path(args.chat_template).read_text() if args.chat_template else None
+        template = read_template(args.chat_template) if args.chat_template else None
         summary = prepare(args.inputs, args.tokenizer, args.out, args.seq_len, args.train_on, args.overlong,
-                          template, args.strict, args.workers, args.allow_special_tokens)
+                          template, args.strict, args.workers, args.allow_special_tokens,
+                          chat_template_file=args.chat_template)
     except (ConversationError, ValueError, OSError) as err:  # OSError: an unreadable file, a full disk...
         print("error: " + str(err).replace("\n", " "), file=sys.stderr)
         return 2

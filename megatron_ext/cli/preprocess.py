@@ -50,12 +50,23 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes: give an integer >= 1 "
+                                         "(1: no worker pool)")
+    return n
+
+
 def _shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 3/16, I from 0 to N-1)") from None
-    return i, n
+    return i, n  # the range (0 <= I < N) is checked by preprocess(), in one line naming --shard I/N
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--input", nargs="+", required=True, help=".jsonl / .txt / .parquet files, in order")
     tok.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     tok.add_argument("--tokenizer", required=True, help="HF tokenizer directory or sentencepiece .model")
-    tok.add_argument("--workers", type=int, default=_cpus(), help="tokenizing processes (default: all CPUs)")
+    tok.add_argument("--workers", type=_workers, default=_cpus(), help="tokenizing processes (default: all CPUs)")
     tok.add_argument("--text-key", default="text", help="JSON key / Parquet column holding the text")
     tok.add_argument("--txt-mode", choices=("doc", "lines"), default="doc",
                      help=".txt files: one document per file (doc) or per line (lines)")
@@ -80,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--shard", type=_shard, default=None, metavar="I/N",
                      help="tokenize part I (0..N-1) of N into PREFIX.part-I-of-N.* (then: merge)")
     tok.add_argument("--redo", action="store_true", help="with --shard: redo the part even if it is complete")
+    tok.add_argument("--overwrite", action="store_true",
+                     help="replace a dataset already under PREFIX.bin/.idx (refused otherwise)")
     tok.add_argument("--encoder", choices=("auto", "fast", "hf"), default="auto",
                      help="auto: the fast byte-level BPE encoder where it is proven to give Hugging Face "
                           "tokenizers' ids, else HF (default); hf: always HF")
@@ -87,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="PREFIX.part-*-of-N.* -> PREFIX.bin/.idx + PREFIX.report.json")
     mg.add_argument("--output-prefix", required=True)
     mg.add_argument("--delete-parts", action="store_true", help="remove the parts once merged")
+    mg.add_argument("--overwrite", action="store_true",
+                    help="replace a dataset under PREFIX.bin/.idx that is not these parts merged (refused otherwise)")
 
     tr = sub.add_parser("train-tokenizer", help="train a small tokenizer on documents")
     tr.add_argument("--input", nargs="+", required=True)
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
             return 0
         if args.command == "merge":
-            report = merge(args.output_prefix, delete_parts=args.delete_parts)
+            report = merge(args.output_prefix, delete_parts=args.delete_parts, overwrite=args.overwrite)
             print(report_text(report))
             print(f"wrote {args.output_prefix}.bin, .idx and .report.json")
             return 0
@@ -118,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                              text_key=args.text_key, txt_mode=args.txt_mode, on_error=args.on_error,
                              model_vocab_size=args.model_vocab_size, eos_token=args.eos_token,
                              chunk_docs=args.chunk_docs, progress=not args.no_progress, shard=args.shard,
-                             encoder=args.encoder, redo=args.redo)
+                             encoder=args.encoder, redo=args.redo, overwrite=args.overwrite)
     except WorkerLost as e:
         print("error: " + str(e), file=sys.stderr)
         return 1

@@ -157,7 +157,19 @@ def from_hf(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, recip
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise ConvertError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ConvertError(f"{cfg_path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
+                           "fix or re-download the model's config.json") from None
+    except UnicodeDecodeError as err:
+        raise ConvertError(f"{cfg_path} is not UTF-8 text (byte {err.start}): fix or re-download the model's "
+                           "config.json") from None
+    except OSError as err:
+        raise ConvertError(f"{cfg_path} cannot be read ({err.strerror or err}): fix its permissions") from None
+    if not isinstance(cfg, dict):
+        raise ConvertError(f"{cfg_path} is not a JSON object (it holds a {type(cfg).__name__}): fix or re-download "
+                           "the model's config.json")
     recipe = recipe_from_hf_config(cfg, recipe_name or hf_dir.resolve().name, tp, pp)
     m = recipe.model
     files = _HFFiles(hf_dir)
