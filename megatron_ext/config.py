@@ -80,6 +80,9 @@ class ModelConfig(_Strict):
     # outputs of attention and MLP before each residual add, QK-norm over the whole q and k projections.
     block: Literal["llama", "olmo2"] = "llama"
     init_std: float = 0.02
+    # lm: the output layer (LM head). none: headless (train.objective=cwt): no output layer at all;
+    # the final hidden states are scored against the input embeddings (megatron_ext/cwt_loss.py).
+    head: Literal["lm", "none"] = "lm"
     # Tied input/output embeddings (Llama-3.2 1B/3B, SmolLM, small Qwen): the LM head is the input
     # embedding. Under pipeline parallelism the last stage keeps a copy that Megatron-Core's
     # embedding group keeps equal (the engine all-reduces its gradient with the first stage's).
@@ -102,7 +105,8 @@ class ModelConfig(_Strict):
         attn = h * (q + 2 * kv) + q * h
         mlp = 3 * h * f
         norms = 2 * h + (2 * d if self.qk_layernorm else 0) + (q + kv if self.block == "olmo2" else 0)
-        return self.num_layers * (attn + mlp + norms) + (1 if self.tie_embeddings else 2) * self.vocab_size * h + h
+        tables = 1 if self.tie_embeddings or self.head == "none" else 2  # input embedding (+ output layer)
+        return self.num_layers * (attn + mlp + norms) + tables * self.vocab_size * h + h
 
 
 class LayoutConfig(_Strict):
@@ -180,6 +184,10 @@ class TrainConfig(_Strict):
     hidden states, and their ratio (0: off, no hooks at all).
     loss_chunk_tokens: compute the output layer and its cross entropy this many tokens at a time,
     so no [tokens, vocab] logits are kept for backward (megatron_ext/lm_loss.py; 0: Megatron's path).
+    objective: ``lm`` (cross entropy over the vocabulary, through the LM head) or ``cwt`` (headless
+    pretraining, Godey et al. 2024: contrastive weight tying against the input embeddings of the
+    micro batch's targets; needs model.head=none; megatron_ext/cwt_loss.py). cwt_temperature: the
+    scores h . e are divided by it (gapetron's default 1).
     """
 
     steps: int = 10
@@ -192,6 +200,8 @@ class TrainConfig(_Strict):
     packed_attention: Literal["varlen", "dense"] = "varlen"
     lm_head_grad_interval: int = 0
     loss_chunk_tokens: int = 0
+    objective: Literal["lm", "cwt"] = "lm"
+    cwt_temperature: float = 1.0
 
     @property
     def stored_gain_scale(self) -> float:
@@ -280,13 +290,50 @@ def split_fractions(split: str) -> Optional[tuple[float, float, float]]:
 FUNCTION_KEYS = ("rope_theta", "rope_scaling", "norm_eps", "max_position_embeddings")
 
 
+# What each checkpoint.init_mode keeps of its parent (see CheckpointConfig); the load code and
+# the README's table read this one place.
+INIT_MODES = ("model", "model+data", "model+optimizer", "model+optimizer+data", "model+optimizer+lr",
+              "cooldown", "continue")
+KEEPS = {  # mode: (optimizer, data position, step, RNG streams)
+    "model": (False, False, False, False),
+    "model+data": (False, True, False, False),
+    "model+optimizer": (True, False, False, False),
+    "model+optimizer+data": (True, True, False, False),
+    "model+optimizer+lr": (True, False, True, False),
+    "cooldown": (True, True, True, True),
+    "continue": (True, True, True, True),
+}
+GAPETRON_LOAD_MODES = {"model": "model_only", "model+data": "model_data", "model+optimizer": "transfer",
+                       "model+optimizer+data": "model_opt_data", "model+optimizer+lr": "transfer_with_lr",
+                       "cooldown": "cooldown", "continue": "continue"}
+
+
 class CheckpointConfig(_Strict):
     """Saving, rotation, resume and phase chaining.
 
     A run restarted with the same output_dir resumes from its own latest checkpoint. Otherwise,
-    ``init_from`` (a checkpoint dir or a run's checkpoints dir) starts this phase from a parent:
-    ``model`` loads weights only (fresh optimizer), ``model+optimizer`` keeps the Adam states too.
-    Either way step, schedule and consumed samples restart for the new phase. The parent's model
+    ``init_from`` (a checkpoint dir or a run's checkpoints dir) starts this phase from a parent;
+    ``init_mode`` says what of the parent it keeps (gapetron's --load_mode names in brackets):
+
+    ==================== ======= ========= =========== ====== =====================
+    init_mode            weights Adam      data pos.   step   RNG streams
+    ==================== ======= ========= =========== ====== =====================
+    model                kept    fresh     restart     0      fresh  (model_only)
+    model+data           kept    fresh     kept        0      fresh  (model_data)
+    model+optimizer      kept    kept      restart     0      fresh  (transfer)
+    model+optimizer+data kept    kept      kept        0      fresh  (model_opt_data)
+    model+optimizer+lr   kept    kept      restart     kept   fresh  (transfer_with_lr)
+    cooldown             kept    kept      kept        kept   kept   (cooldown)
+    continue             kept    kept      kept        kept   kept   (continue)
+    ==================== ======= ========= =========== ====== =====================
+
+    "step kept": the schedule continues from the parent's step and train.steps counts from the
+    start of the parent's run (the total). ``cooldown`` is the WSD branch-off: this recipe's
+    schedule must be wsd and its decay (the last schedule.decay_steps of train.steps) must start at
+    or after the parent's step. ``continue`` requires the parent's schedule unchanged (a new one
+    is a cooldown). ``init_head: from_embeddings`` (the "hooldown"): the parent is headless
+    (model.head=none) and this model's LM head starts as an exact copy of the input embeddings;
+    its Adam moments start at zero, the other tensors' follow init_mode. The parent's model
     section must match this recipe's in every field of FUNCTION_KEYS, except those listed in
     ``init_allow_changes`` (a deliberate change, e.g. a context extension: rope_scaling,
     max_position_embeddings, rope_theta). A resume of the run's own checkpoint is held to the same
@@ -302,7 +349,8 @@ class CheckpointConfig(_Strict):
     save_at_end: bool = True
     async_save: Optional[bool] = None  # write in a background thread (null: on GPU yes, on CPU no)
     init_from: Optional[str] = None
-    init_mode: Literal["model", "model+optimizer"] = "model"
+    init_mode: Literal[INIT_MODES] = "model"
+    init_head: Optional[Literal["from_embeddings"]] = None
     init_allow_changes: list[Literal[FUNCTION_KEYS]] = []
 
 
@@ -534,6 +582,38 @@ def recipe_problems(r: Recipe) -> list[str]:
         out.append(f"train.norm_gain_scale={t.norm_gain_scale} must be > 0 (Gaperon used 20)")
     if t.lm_head_grad_interval < 0:
         out.append(f"train.lm_head_grad_interval={t.lm_head_grad_interval} must be >= 0 (0 turns it off)")
+    if not (t.cwt_temperature > 0 and math.isfinite(t.cwt_temperature)):
+        out.append(f"train.cwt_temperature={t.cwt_temperature} must be a finite number > 0 (gapetron: 1)")
+    if t.objective == "cwt" and m.head != "none":
+        out.append("train.objective=cwt (headless pretraining) scores the hidden states against the input "
+                   "embeddings, with no LM head: set model.head=none")
+    if m.head == "none" and t.objective != "cwt":
+        out.append("model.head=none has no output layer to train with train.objective=lm: set "
+                   "train.objective=cwt (headless pretraining) or model.head=lm")
+    if m.head == "none" and m.tie_embeddings:
+        out.append("model.head=none has no LM head to tie to the input embeddings: set model.tie_embeddings=false")
+    if r.checkpoint.init_head and m.tie_embeddings:
+        out.append("checkpoint.init_head=from_embeddings copies the input embeddings into an untied LM head; with "
+                   "model.tie_embeddings=true the head is the embedding already: drop checkpoint.init_head")
+    if m.head == "none" and t.loss_chunk_tokens:
+        out.append("train.loss_chunk_tokens chunks the LM head's logits; a headless model (model.head=none) has "
+                   "none: set train.loss_chunk_tokens=0")
+    if m.head == "none" and t.lm_head_grad_interval:
+        out.append("train.lm_head_grad_interval probes the LM head; a headless model (model.head=none) has none: "
+                   "set train.lm_head_grad_interval=0")
+    if m.head == "none" and r.eval.downstream:
+        out.append("eval.downstream scores answers with the LM head's probabilities; a headless model "
+                   "(model.head=none) has none: set eval.downstream=[] (add a head with a hooldown first)")
+    ck = r.checkpoint
+    if ck.init_head and not ck.init_from:
+        out.append("checkpoint.init_head=from_embeddings copies a headless parent's input embeddings into the new "
+                   "LM head: set checkpoint.init_from to the headless checkpoint")
+    if ck.init_head and m.head != "lm":
+        out.append("checkpoint.init_head=from_embeddings adds an LM head: it needs model.head=lm and "
+                   "train.objective=lm (the hooldown)")
+    if ck.init_mode == "cooldown" and r.schedule.kind != "wsd":
+        out.append(f"checkpoint.init_mode=cooldown appends the decay of a WSD schedule: set schedule.kind=wsd "
+                   f"(not {r.schedule.kind}) and schedule.decay_steps to the cooldown's length")
     if t.loss_chunk_tokens < 0:
         out.append(f"train.loss_chunk_tokens={t.loss_chunk_tokens} must be >= 0 (0 turns chunking off)")
     if t.loss_chunk_tokens and lay.zero_stage == 3:

@@ -36,6 +36,7 @@ from .errors import GaperonError
 from . import quiet
 from .attention import thd_inputs
 from .config import Recipe
+from .cwt_loss import EmbeddingCopy
 from .device import backend, setup_device
 
 
@@ -320,6 +321,11 @@ class Engine:
         # marked ``shared_embedding`` by Megatron-Core) must get the sum of both gradients.
         self.tied_params = [p for c in chunks for p in c.parameters()
                             if recipe.model.tie_embeddings and self.pp > 1 and getattr(p, "shared_embedding", False)]
+        self.headless = recipe.model.head == "none"
+        self.embedding_copy = None
+        if self.headless and self.pp > 1:  # the last stage scores against a copy of the input embedding
+            m = recipe.model
+            self.embedding_copy = EmbeddingCopy(chunks, m.padded_vocab_size // recipe.layout.tp, m.hidden_size)
 
     # ---- helpers -------------------------------------------------------------------------
     def _to_device(self, mb: dict) -> dict:
@@ -374,8 +380,12 @@ class Engine:
         mb = self._to_device(raw)
         if self._packed_thd(raw):
             tokens, labels, params = thd_inputs(mb, self.info.device)
-            return model(tokens, _position_ids(tokens), None, labels=labels, packed_seq_params=params), mb
-        return model(mb["tokens"], _position_ids(mb["tokens"]), attention_mask(mb), labels=mb["labels"]), mb
+            mask = mb["loss_mask"].reshape(labels.shape) if self.headless else None
+            return model(tokens, _position_ids(tokens), None, labels=labels, packed_seq_params=params,
+                         loss_mask=mask), mb
+        mask = mb["loss_mask"] if self.headless else None  # CWT: masked targets are no negatives
+        return model(mb["tokens"], _position_ids(mb["tokens"]), attention_mask(mb), labels=mb["labels"],
+                     loss_mask=mask), mb
 
     def _forward_step(self, scale, data_iterator, model):
         out, mb = self._forward(model, next(data_iterator))
@@ -417,6 +427,8 @@ class Engine:
         # A device tensor, not a Python float: no host sync before the forward passes. float32, as a
         # Python float would be in ``loss_sum * scale``.
         scale = (ps.get_data_parallel_world_size() / tokens.clamp(min=1)).to(torch.float32).reshape(())
+        if self.embedding_copy is not None:
+            self.embedding_copy.pull()
         if self.pp > 1:
             loss_sum = self._run_pipeline(microbatches, scale, forward_only=False)
         else:
@@ -433,6 +445,8 @@ class Engine:
             return StepResult(loss, None, n_tokens, skipped=True)
         self._reduce_sequence_parallel_grads()
         self._reduce_tied_embedding_grads()
+        if self.embedding_copy is not None:
+            self.embedding_copy.push_grad()
         self.ds.step()
         norm = float(self.ds.get_global_grad_norm())
         # ZeRO 1-3 and the bf16 optimizer discard a step whose norm is not finite (and report
@@ -445,6 +459,8 @@ class Engine:
         several batches (a batch of padding rows gives (0, 0))."""
         self.module.eval()
         tokens = self._global_tokens(microbatches)
+        if self.embedding_copy is not None:
+            self.embedding_copy.pull()
         loss_sum = self._run_pipeline(microbatches, 1.0, forward_only=True)
         total, _ = self._loss_and_tokens(loss_sum, torch.ones_like(tokens))  # the global sum, not a mean
         return total, float(tokens.item())

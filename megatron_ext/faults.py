@@ -17,7 +17,9 @@ one dict lookup. Points (``<step>`` is the step being saved or trained):
   ``hang`` (this process stops making progress once the step has been logged);
 * ``sigterm_at_start`` (``<step>`` 0: SIGTERM right after the stop handlers are installed, before
   anything is imported) and ``sigterm_at_exit`` (``<step>`` 0: SIGTERM every millisecond from the
-  moment the exit code is decided until the process is gone).
+  moment the exit code is decided until the process is gone);
+* ``save_at_start`` (``<step>`` 0; a probe, not a fault): save a checkpoint of what the start
+  loaded, before the first step (the load-mode tests compare it with the parent's).
 """
 from __future__ import annotations
 

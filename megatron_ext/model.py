@@ -426,8 +426,20 @@ class GaperonGPTModel(GPTModel):
 
     loss_chunk_tokens: int = 0
     plain_loss: bool = False
+    headless: bool = False  # model.head=none: no output layer; the loss is CWT (megatron_ext/cwt_loss.py)
+    cwt_temperature: float = 1.0
+    cwt_embedding: torch.Tensor | None = None  # pp > 1: the last stage's copy (cwt_loss.EmbeddingCopy)
 
     def _postprocess(self, hidden_states, input_ids, position_ids, labels, **kwargs):
+        if self.headless and self.post_process:
+            if labels is None:
+                raise RuntimeError("a headless model (model.head=none) has no logits: it only computes its "
+                                   "training loss; add an LM head with a hooldown (checkpoint.init_head)")
+            from .cwt_loss import cwt_token_losses
+
+            weight = self.cwt_embedding if self.cwt_embedding is not None else self.embedding.word_embeddings.weight
+            return cwt_token_losses(hidden_states, labels, kwargs.get("loss_mask"), weight, self.cwt_temperature,
+                                    self.config.sequence_parallel)
         if (labels is None or not self.post_process or not self.loss_chunk_tokens or self.plain_loss
                 or self.config.mtp_num_layers):
             return super()._postprocess(hidden_states, input_ids, position_ids, labels, **kwargs)
@@ -476,10 +488,21 @@ def _build_chunks(recipe: Recipe, on_gpu: bool) -> list[GPTModel]:
             copy.tied_copy = True  # checkpoints skip it, the engine all-reduces its gradient
             copy.ds_pipe_replicated = True  # DeepSpeed's grad norm counts the first stage's only
         chunk.loss_chunk_tokens = recipe.train.loss_chunk_tokens
+        if recipe.model.head == "none":
+            make_headless(chunk, recipe.train.cwt_temperature)
         if on_gpu:
             chunk.cuda(torch.cuda.current_device())
         chunks.append(chunk)
     return chunks
+
+
+def make_headless(chunk: GaperonGPTModel, temperature: float) -> None:
+    """Remove the output layer (no parameter, no optimizer state, nothing in checkpoints) and
+    train with the CWT loss."""
+    chunk.headless, chunk.cwt_temperature = True, temperature
+    if getattr(chunk, "output_layer", None) is not None:
+        del chunk.output_layer
+        chunk.output_layer = None
 
 
 def tied_copy_of(chunk: torch.nn.Module) -> torch.nn.Parameter | None:

@@ -30,6 +30,10 @@ Memory model (the most loaded GPU, max over pipeline stages)
   CPU tests check the local formula against the tensors autograd actually saves. The last stage
   also keeps the final norm, the output-layer input and the logits: the fp32 softmax Megatron's
   vocab-parallel cross entropy saves (4 bytes) plus a transient e-byte copy, s*b*V/t each.
+  Headless (model.head=none, train.objective=cwt, cwt_loss.py): no output layer and no logits;
+  instead an fp32 similarity matrix [s*b/T positions, s*b targets] saved by the log-sum-exp (+ a
+  transient fp32 exp in backward), the fp32 hidden states and target rows, and with pp > 1 a copy
+  of the input embedding (weights + gradient, no optimizer state) on the last stage.
   In-flight micro batches (Narayanan et al. 2021; Korthikanti sec. 4.2.3): under 1F1B pipeline
   rank r holds min(pp - r, m) micro batches of its L/pp layers; interleaved (vpp > 1) it holds
   min(2(pp - r - 1) + (vpp - 1)pp + 1, m*vpp) chunks of L/(pp*vpp) layers, i.e.
@@ -160,13 +164,22 @@ def count_params(m: ModelConfig, padded: bool = False) -> int:
     """Whole model; ``padded`` counts the embedding and output rows the built model allocates."""
     vocab = m.padded_vocab_size if padded else m.vocab_size
     split, replicated = layer_params(m)
-    tables = 1 if m.tie_embeddings else 2  # input embedding, and the output layer unless tied
+    tables = 1 if m.tie_embeddings or m.head == "none" else 2  # input embedding, and the output layer unless tied or headless
     return m.num_layers * (split + replicated) + tables * vocab * m.hidden_size + m.hidden_size
 
 
 def matmul_params(m: ModelConfig) -> int:
-    """Weights that take part in matmuls (the N of 6N): layers and output layer, no embedding."""
-    return m.num_layers * linear_params(m) + m.vocab_size * m.hidden_size
+    """Weights that take part in matmuls (the N of 6N): layers and output layer, no embedding
+    (headless: no output layer; its CWT similarity matmul is counted in flops_per_token)."""
+    return m.num_layers * linear_params(m) + (0 if m.head == "none" else m.vocab_size * m.hidden_size)
+
+
+def cwt_flops_per_token(recipe: Recipe) -> float:
+    """Headless: each position's scores against every target of its micro batch, forward and
+    backward: 6 x (micro_batch x seq_len) x hidden per token (0 with an LM head)."""
+    if recipe.model.head != "none":
+        return 0.0
+    return 6.0 * recipe.layout.micro_batch * recipe.train.seq_len * recipe.model.hidden_size
 
 
 def stage_params(recipe: Recipe, pp_rank: int) -> int:
@@ -179,7 +192,8 @@ def stage_params(recipe: Recipe, pp_rank: int) -> int:
         n += m.padded_vocab_size // lay.tp * m.hidden_size
     if pp_rank == lay.pp - 1:
         n += m.hidden_size
-        if not (m.tie_embeddings and lay.pp == 1):  # tied at pp > 1: the last stage holds a copy
+        # tied at pp > 1: the last stage holds a copy; headless: no head (cwt's copy is no parameter)
+        if m.head != "none" and not (m.tie_embeddings and lay.pp == 1):
             n += m.padded_vocab_size // lay.tp * m.hidden_size
     return n
 
@@ -242,6 +256,12 @@ def model_state_bytes(recipe: Recipe, pp_rank: int) -> dict[str, int]:
     if lay.zero_stage == 3:  # two layers gathered at once (current + prefetch)
         split, replicated = layer_params(recipe.model)
         out["weights"] += 2 * (split // lay.tp + replicated) * BYTES_PER_PARAM[recipe.train.precision]["weights"]
+    m = recipe.model
+    if m.head == "none" and lay.pp > 1 and pp_rank == lay.pp - 1:  # cwt_loss.EmbeddingCopy: weights + grad
+        rows = m.padded_vocab_size // lay.tp * m.hidden_size
+        table = BYTES_PER_PARAM[recipe.train.precision]
+        out["weights"] += rows * table["weights"]
+        out["gradients"] += rows * table["weights"]
     return out
 
 
@@ -304,6 +324,9 @@ def last_stage_bytes(recipe: Recipe, transient: bool = True) -> int:
     fused = attention_kind(recipe) == "te" and m.block == "llama"
     norm = 2 * h * e if fused else 2 * h * 4 + h * e  # + output-layer input
     vocab = m.padded_vocab_size // lay.tp
+    if m.head == "none":  # cwt_loss.py: fp32 hidden + fp32 targets + their e-byte rows, scores [tokens/T, tokens]
+        scores = tokens // sp * tokens * (4 + (4 if transient else 0))
+        return tokens * norm // sp + tokens * h * 4 // sp + tokens * h * (4 + e) + scores
     if t.loss_chunk_tokens:  # lm_loss.py: a log-sum-exp per token and the whole (SP-gathered) input saved;
         chunk = min(t.loss_chunk_tokens, tokens)  # one chunk's logits (e-byte, fp32, fp32 exp) alive at a time
         gathered_input = tokens * h * e - tokens * h * e // sp
@@ -373,7 +396,7 @@ def flops_per_token(recipe: Recipe) -> float:
     """Training FLOPs per token: 6*N_matmul + 12*L*a*d*s (forward + backward)."""
     m = recipe.model
     attention = 12 * m.num_layers * m.num_attention_heads * m.kv_channels * recipe.train.seq_len
-    return 6 * matmul_params(m) + attention
+    return 6 * matmul_params(m) + attention + cwt_flops_per_token(recipe)
 
 
 def stage_imbalance(recipe: Recipe) -> float:
@@ -382,7 +405,8 @@ def stage_imbalance(recipe: Recipe) -> float:
     m, lay = recipe.model, recipe.layout
     per_layer = 6 * linear_params(m) + 12 * m.num_attention_heads * m.kv_channels * recipe.train.seq_len
     layers = m.num_layers // lay.pp
-    last = layers * per_layer + 6 * m.vocab_size * m.hidden_size
+    head = cwt_flops_per_token(recipe) if m.head == "none" else 6 * m.vocab_size * m.hidden_size
+    last = layers * per_layer + head
     return last / (flops_per_token(recipe) / lay.pp)
 
 

@@ -312,17 +312,75 @@ def phase_tree(path: str | Path, size: Optional[str] = None, chained: bool = Fal
     return tree
 
 
+def cooldown_branches(stable: Job, tree: dict, steps: list[int], length: Optional[int], profile: ClusterProfile,
+                      gpus_per_node: int, nodes: Optional[int], command: Optional[list[str]]) -> list[Job]:
+    """WSD branch-offs (``--cooldown-from``): one cooldown job per listed step of the stable run
+    ``stable`` (its recipe tree ``tree``), each in ``<output_dir>-cooldown<STEP>``, starting from
+    that step's checkpoint with checkpoint.init_mode=cooldown: step, optimizer and data position
+    kept, then ``length`` steps (default: the recipe's schedule.decay_steps) of the recipe's decay
+    from the stable LR to min_lr. A step whose checkpoint is already on disk is branched at once;
+    otherwise the stable run is submitted first and the branch waits for it (afterok), and the
+    stable run must keep that checkpoint (checkpoint.interval and keep_every dividing the step)."""
+    r = stable.recipe
+    out, ck, s = Path(r.train.output_dir), r.checkpoint, r.schedule
+    if s.kind != "wsd":
+        raise SubmitError(f"--cooldown-from branches a WSD run, but {r.model.name}'s schedule.kind={s.kind}: "
+                          "train the stable run with schedule.kind=wsd")
+    length = length if length is not None else s.decay_steps
+    if length < 1:
+        raise SubmitError("--cooldown-from needs a cooldown length: the recipe's schedule.decay_steps is 0, so "
+                          "pass --cooldown-steps N")
+    stable_end = r.train.steps - s.decay_steps  # where the stable run's own decay starts
+    jobs, waits = [], False
+    for step in steps:
+        ckpt = out / "checkpoints" / f"step_{step:08d}"
+        on_disk = (ckpt / "meta.json").is_file()
+        if not on_disk:
+            if not 0 < step <= stable_end:
+                raise SubmitError(f"--cooldown-from {step}: a branch starts from a step of the stable phase, "
+                                  f"1..{stable_end} (train.steps={r.train.steps} minus schedule.decay_steps="
+                                  f"{s.decay_steps}), and no checkpoint {ckpt} exists yet")
+            kept = step == r.train.steps or (ck.interval and step % ck.interval == 0 and ck.keep_every
+                                             and step % ck.keep_every == 0)
+            if not kept:
+                raise SubmitError(f"--cooldown-from {step}: the stable run would not keep step {step}'s "
+                                  f"checkpoint (checkpoint.interval={ck.interval}, keep_every={ck.keep_every}): "
+                                  f"add the overrides checkpoint.interval=N checkpoint.keep_every=M with N and M "
+                                  f"dividing {step}")
+        waits = waits or not on_disk
+        branch = apply_overrides(tree, [f"checkpoint.init_from={ckpt}", "checkpoint.init_mode=cooldown",
+                                        "schedule.kind=wsd", f"schedule.decay_steps={length}",
+                                        f"train.steps={step + length}", f"train.output_dir={out}-cooldown{step}"])
+        try:
+            recipe = _recipe(branch)
+        except RecipeError as err:
+            raise RecipeError(f"--cooldown-from {step}: {err}") from None
+        job = train_job(recipe, profile, gpus_per_node, nodes, command)
+        job.notes.append(f"cooldown of {out} from step {step}: {length} steps of {s.decay_shape} decay to "
+                         f"min_lr {recipe.optimizer.min_lr:g}" + ("" if on_disk else ", after the stable run"))
+        job.after = None if on_disk else 0
+        jobs.append(job)
+    return [stable, *jobs] if waits else jobs  # ``after`` 0: the stable run, first in the list
+
+
 def plan_jobs(recipe: str | Path, overrides: list[str], profile: ClusterProfile,
               gpus_per_node: Optional[int] = None, nodes: Optional[int] = None,
               chain: list[str] = (), sizes: list[str] = (), hf_out: Optional[str] = None,
-              command: Optional[list[str]] = None, evaluate: Optional[str] = None) -> list[Job]:
+              command: Optional[list[str]] = None, evaluate: Optional[str] = None,
+              cooldown_from: list[int] = (), cooldown_steps: Optional[int] = None) -> list[Job]:
     """Every job of one submit command, validated; nothing touches the queue or the disk.
 
     ``chain``: phases after ``recipe``, each starting from the previous one's output dir
     (``checkpoint.init_from``) and waiting for it to succeed (afterok). ``hf_out``: a last job
     converting the last phase to HF. ``sizes``: the whole thing once per size. ``evaluate``: after
-    each phase, an export + evaluation job on that suite (:func:`eval_job`).
+    each phase, an export + evaluation job on that suite (:func:`eval_job`). ``cooldown_from``:
+    cooldown branches of the (WSD) run ``recipe`` (:func:`cooldown_branches`).
     """
+    if cooldown_from and (chain or sizes or hf_out or evaluate):
+        raise SubmitError("--cooldown-from branches one run: it cannot be combined with --chain, --sizes, --hf-out "
+                          "or --evaluate (submit those on the cooldown runs' recipes)")
+    if cooldown_steps is not None and not cooldown_from:
+        raise SubmitError("--cooldown-steps sets the length of the --cooldown-from branches: give --cooldown-from too")
     if gpus_per_node is not None and gpus_per_node < 1:
         raise SubmitError(f"--gpus-per-node {gpus_per_node} must be >= 1 (or leave it out: the profile's "
                           f"{profile.gpus_per_node})")
@@ -356,6 +414,9 @@ def plan_jobs(recipe: str | Path, overrides: list[str], profile: ClusterProfile,
             last = jobs[prev]
             out = hf_out if size is None else str(Path(hf_out) / last.recipe.model.name)
             jobs.append(export_job(last, out, prev))
+    if cooldown_from:
+        tree = apply_overrides(phase_tree(recipe), overrides)
+        jobs = cooldown_branches(jobs[0], tree, list(cooldown_from), cooldown_steps, profile, gpn, nodes, command)
     dirs = [str(j.recipe.train.output_dir) for j in jobs if j.recipe is not None]
     dup = sorted({d for d in dirs if dirs.count(d) > 1})
     if dup:

@@ -19,7 +19,7 @@ from megatron.core import parallel_state as ps
 from .errors import GaperonError
 from . import checkpoint, faults, inject, stop
 from .checkpoint import TrainState
-from .config import Recipe, RecipeError, dump_recipe
+from .config import KEEPS, Recipe, RecipeError, dump_recipe
 from .data import Prefetcher, build_datasets, microbatches
 from .downstream import DownstreamEval
 from .engine import DistInfo, Engine, init_distributed
@@ -86,10 +86,21 @@ def _start(engine, recipe: Recipe, start: checkpoint.Start, info) -> TrainState:
                   f"loaded in {time.perf_counter() - tick:.1f} s)", flush=True)
         return TrainState(m["step"], m["consumed_samples"], m.get("skipped_steps", 0), saved_step=m["step"])
     if start.parent is not None:
-        reader = checkpoint.load(engine, start.parent, with_optimizer=recipe.checkpoint.init_mode == "model+optimizer")
+        ck = recipe.checkpoint
+        keeps_optimizer, keeps_data, keeps_step, keeps_rng = KEEPS[ck.init_mode]
+        reader = checkpoint.load(engine, start.parent, with_optimizer=keeps_optimizer,
+                                 head_from_embeddings=ck.init_head == "from_embeddings")
+        m = reader.meta
+        same_rng = checkpoint.load_rng(reader, recipe) if keeps_rng else False
+        state = TrainState(m["step"] if keeps_step else 0, m["consumed_samples"] if keeps_data else 0,
+                           m.get("skipped_steps", 0) if keeps_step else 0)
         if info.is_main:
-            print(f"phase starts from {reader.path} ({recipe.checkpoint.init_mode}, loaded in "
-                  f"{time.perf_counter() - tick:.1f} s); step, schedule and data position restart", flush=True)
+            kept = [what for what, yes in (("optimizer", keeps_optimizer), ("data position", keeps_data),
+                                            ("step", keeps_step), ("RNG streams", same_rng)) if yes]
+            print(f"phase starts from {reader.path} ({ck.init_mode}{', LM head from the input embeddings' if ck.init_head else ''}"
+                  f", loaded in {time.perf_counter() - tick:.1f} s): weights{''.join(', ' + k for k in kept)} kept; "
+                  f"starts at step {state.step}, sample {state.consumed_samples}", flush=True)
+        return state
     return TrainState()
 
 
@@ -253,6 +264,8 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     engine = Engine(recipe, chunks, info)
     state = _start(engine, recipe, start, info)
     faults.install(chunks, lambda: state.step + 1)  # test-only NaN points; none in production
+    if faults.armed("save_at_start", 0):  # test-only: what the start loaded, as a checkpoint
+        checkpoint.save(engine, recipe, state, Path(recipe.train.output_dir))
     tick_data = time.perf_counter()
     train_data, valid_data = build_datasets(recipe)
     if info.is_main:

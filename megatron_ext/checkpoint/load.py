@@ -64,9 +64,16 @@ class _ShardSource:
         return self.reader.read_resharded(key, name, self.tp, self.tp_rank, lo, hi).to(self.device)
 
 
-def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
+# checkpoint.init_head=from_embeddings (the hooldown): the LM head a headless checkpoint lacks is
+# read from its input embedding (both are vocab-parallel [V, H], split the same way).
+HEAD, EMBEDDING = "output_layer.weight", "embedding.word_embeddings.weight"
+
+
+def load(engine, path: str | Path, with_optimizer: bool, head_from_embeddings: bool = False) -> CheckpointReader:
     """Load weights (and Adam states) from a checkpoint written at any layout; ``path`` is one
-    :func:`plan_start` chose. See :class:`_ShardSource` for what each rank reads."""
+    :func:`plan_start` chose. See :class:`_ShardSource` for what each rank reads.
+    ``head_from_embeddings``: the output layer is set to an exact copy of the stored input
+    embedding and its Adam moments stay zero (the checkpoint is headless)."""
     reader = CheckpointReader(path, verified=True)
     gain_ratio = norm_gain_scale(reader.meta) / engine.recipe.train.stored_gain_scale
     moments = ("exp_avg", "exp_avg_sq") if with_optimizer else ()
@@ -77,13 +84,19 @@ def load(engine, path: str | Path, with_optimizer: bool) -> CheckpointReader:
     specs = param_specs(engine.chunks, engine.recipe.optimizer.weight_decay)
     zero = engine.recipe.layout.zero_stage
     owned = owned_ranges([s for _, s in specs], zero, source.dp_rank, source.dp)
+    all_moments = moments
     for (param, spec), own in zip(specs, owned):
-        name, want = spec.name, spec.shape
+        name, want, moments = spec.name, spec.shape, all_moments
+        if head_from_embeddings and name == HEAD:
+            name, moments = EMBEDDING, ()
         if not reader.has(name) and reader.has(te_name(name)):
             name = te_name(name)  # written before checkpoints always used local-spec names
         if not reader.has(name):
-            raise CheckpointError(f"checkpoint {reader.path} has no weights for {name}: it was "
-                                  "saved from a different model shape")
+            headless = name == HEAD and "head: none" in str(reader.meta.get("recipe", ""))
+            raise CheckpointError(f"checkpoint {reader.path} has no weights for {name}: " + (
+                "it is headless (model.head=none); start an LM head from its input embeddings with "
+                "checkpoint.init_head=from_embeddings (the hooldown)" if headless else
+                "it was saved from a different model shape"))
         for kind in moments:
             if not reader.has(name, kind):
                 raise CheckpointError(f"checkpoint {reader.path} has no optimizer state for "

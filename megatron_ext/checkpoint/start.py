@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import FUNCTION_KEYS, Recipe
+from ..config import FUNCTION_KEYS, GAPETRON_LOAD_MODES, KEEPS, Recipe
 from .format import (CheckpointError, Found, checkpoints_dir, damaged_steps, find, leftovers, move_aside, read_meta,
                      recipe_of)
 
@@ -168,7 +168,51 @@ def plan_start(recipe: Recipe) -> Start:
     why, changes = function_mismatch(saved, recipe, pfound.path)
     if why:
         raise CheckpointError(why)
+    changes += parent_mode_notes(saved, recipe, read_meta(pfound.path), pfound.path)
     return Start(parent=pfound.path, notes=tuple(pfound.notes + changes))
+
+
+def parent_mode_notes(saved: Recipe, recipe: Recipe, meta: dict, ckpt: Path) -> list[str]:
+    """What ``checkpoint.init_mode`` / ``init_head`` need of the parent ``ckpt``; CheckpointError
+    when it cannot give it, else notes for the log."""
+    ck, mode, step = recipe.checkpoint, recipe.checkpoint.init_mode, meta["step"]
+    _, _, keeps_step, _ = KEEPS[mode]
+    notes = [f"init_mode={mode} (gapetron --load_mode {GAPETRON_LOAD_MODES[mode]})"]
+    if saved.model.head == "none" and recipe.model.head == "lm" and not ck.init_head:
+        raise CheckpointError(f"checkpoint.init_from={ckpt} is headless (model.head=none): it has no LM head to "
+                              "load. Add one initialised from its input embeddings with "
+                              "checkpoint.init_head=from_embeddings (the hooldown), or keep training it headless "
+                              "(model.head=none, train.objective=cwt)")
+    if ck.init_head and saved.model.head != "none":
+        raise CheckpointError(f"checkpoint.init_head=from_embeddings starts the LM head of a headless parent from "
+                              f"its input embeddings, but checkpoint.init_from={ckpt} has an LM head of its own: "
+                              "remove checkpoint.init_head to load it")
+    if ck.init_head:
+        notes.append("init_head=from_embeddings: the LM head starts as a copy of the input embeddings (zero Adam "
+                     "moments)")
+    if saved.model.head == "lm" and recipe.model.head == "none":
+        notes.append("model.head=none: the parent's LM head is not loaded")
+    if keeps_step and recipe.train.steps <= step:
+        raise CheckpointError(f"checkpoint.init_mode={mode} keeps the parent's step {step}, and train.steps counts "
+                              f"from the start of the parent's run: set train.steps > {step} (the parent's step "
+                              "plus the steps to train)")
+    if mode == "cooldown":
+        s = recipe.schedule
+        decay_start = recipe.train.steps - s.decay_steps
+        if s.decay_steps < 1 or decay_start < step:
+            raise CheckpointError(f"checkpoint.init_mode=cooldown from step {step}: the wsd decay must start at or "
+                                  f"after the parent's step, but train.steps={recipe.train.steps} and "
+                                  f"schedule.decay_steps={s.decay_steps} start it at step {decay_start}: set "
+                                  f"train.steps={step + max(s.decay_steps, 1)} for a "
+                                  f"{max(s.decay_steps, 1)}-step cooldown (schedule.decay_steps)")
+    if mode == "continue":
+        same = (saved.schedule == recipe.schedule and saved.optimizer.lr == recipe.optimizer.lr
+                and saved.optimizer.min_lr == recipe.optimizer.min_lr)
+        if not same:
+            raise CheckpointError(f"checkpoint.init_mode=continue keeps the parent's schedule, but this recipe changes "
+                                  "schedule or optimizer.lr/min_lr: use checkpoint.init_mode=cooldown to append a "
+                                  "WSD decay, or model+optimizer+lr to continue the step under a new schedule")
+    return notes
 
 
 def preflight(recipe: Recipe) -> None:

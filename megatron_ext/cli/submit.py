@@ -6,6 +6,8 @@
         --hf-out hf/gaperon-8b          # phases wait for each other (afterok), then HF export
     python tools/submit.py recipes/8b.yaml --chain ... --evaluate gaperon   # + eval job after each phase
     python tools/submit.py recipes/phases/mid.yaml --sizes 1.5b,8b,24b   # one job per size
+    python tools/submit.py recipes/1.5b.yaml --cooldown-from 20000,40000   # WSD branch-offs: one
+        # cooldown per listed checkpoint of the stable run, in <output_dir>-cooldown<STEP>
     python tools/submit.py preprocess recipes/preprocess/gaperon-phase1.yaml --cluster my-site \\
         --train recipes/phases/naive.yaml   # job arrays + merges, then training (afterok)
 
@@ -26,6 +28,16 @@ from ..slurm import SubmitError, load_profile, plan_jobs, submit_jobs
 
 def _list(text: str | None) -> list[str]:
     return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def _steps(text: str | None) -> list[int]:
+    out = []
+    for item in _list(text):
+        if not item.isdigit() or int(item) < 1:
+            raise SubmitError(f"--cooldown-from {text}: give checkpoint steps as positive integers, e.g. "
+                              "--cooldown-from 20000,40000")
+        out.append(int(item))
+    return out
 
 
 def preprocess_main(argv: list[str]) -> int:
@@ -76,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--evaluate", metavar="SUITE",
                     help="after each phase, export and evaluate it (tools/evaluate.py --tasks SUITE; afterok)")
     ap.add_argument("--sizes", help="comma-separated sizes (recipes/<size>.yaml) to run RECIPE on")
+    ap.add_argument("--cooldown-from", metavar="STEP[,STEP...]",
+                    help="one cooldown job per listed step of this (WSD) run: checkpoint.init_mode=cooldown from "
+                         "<output_dir>/checkpoints/step_STEP into <output_dir>-cooldown<STEP>; steps not saved yet "
+                         "wait for the run, submitted first (afterok)")
+    ap.add_argument("--cooldown-steps", type=int, help="length of each cooldown (default: schedule.decay_steps)")
     ap.add_argument("--command", help="run this on every task instead of tools/train.py (smoke tests)")
     ap.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
     args = ap.parse_intermixed_args(argv)  # overrides may come after options
@@ -86,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(profile, key, getattr(args, key))
         jobs = plan_jobs(args.recipe, args.overrides, profile, args.gpus_per_node, args.nodes,
                          chain=_list(args.chain), sizes=_list(args.sizes), hf_out=args.hf_out,
-                         command=shlex.split(args.command) if args.command else None, evaluate=args.evaluate)
+                         command=shlex.split(args.command) if args.command else None, evaluate=args.evaluate,
+                         cooldown_from=_steps(args.cooldown_from), cooldown_steps=args.cooldown_steps)
         submit_jobs(jobs, profile, args.dry_run, args.time, args.dependency, args.max_requeues)
     except GaperonError as err:
         return report(err)

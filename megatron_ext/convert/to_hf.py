@@ -86,6 +86,11 @@ def to_hf(ckpt: str | Path, out: str | Path, dtype: str = "bf16", shard_size: st
     reader = _reader(ckpt)
     recipe = reader.recipe
     m = recipe.model
+    if m.head == "none":
+        raise ConvertError(f"{reader.path} is a headless checkpoint (model.head=none): it has no LM head, and a "
+                           "LlamaForCausalLM needs one. Run a hooldown first: train from it with "
+                           "checkpoint.init_head=from_embeddings, checkpoint.init_mode=cooldown, model.head=lm, "
+                           "train.objective=lm, then export that checkpoint")
     gain = norm_gain_multiplier(reader.meta, recipe) if norm_gain_multiplier_ is None else norm_gain_multiplier_
     where = check_checkpoint(reader, m)
     tok, tok_path = find_tokenizer(reader, tokenizer, no_tokenizer, log)
