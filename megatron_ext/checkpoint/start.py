@@ -209,7 +209,7 @@ def parent_mode_notes(saved: Recipe, recipe: Recipe, meta: dict, ckpt: Path) -> 
         same = (saved.schedule == recipe.schedule and saved.optimizer.lr == recipe.optimizer.lr
                 and saved.optimizer.min_lr == recipe.optimizer.min_lr)
         if not same:
-            raise CheckpointError(f"checkpoint.init_mode=continue keeps the parent's schedule, but this recipe changes "
+            raise CheckpointError("checkpoint.init_mode=continue keeps the parent's schedule, but this recipe changes "
                                   "schedule or optimizer.lr/min_lr: use checkpoint.init_mode=cooldown to append a "
                                   "WSD decay, or model+optimizer+lr to continue the step under a new schedule")
     return notes
