@@ -36,6 +36,8 @@ that fails records its error and the suite goes on. Sub-steps, in priority order
   tput_cudnn              tput_mixed with train.attention=sdpa-cudnn (sdpa lets torch pick: flash)
   tput_chunked_ce         tput_mixed with train.loss_chunk_tokens=2048 (no full logits kept: tokens/s
                           and peak memory against tput_mixed decide whether the recipes turn it on)
+  tput_cwt                tput_mixed headless (model.head=none, train.objective=cwt: contrastive
+                          weight tying, no [tokens, vocab] logits): tokens/s and peak memory vs tput_mixed
   sft_varlen              packed SFT on the 1.5b shapes (synthetic conversations, realistic lengths):
                           tokens/s and trained tokens/s with train.packed_attention=varlen (cu_seqlens:
                           flash-attn varlen when importable, else per-document SDPA) vs dense (the
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                              "dry_skip": "the cuDNN SDPA kernel is GPU-only"}, 65)),
         ("tput_chunked_ce", tput({"name": "tput_chunked_ce", "precision": "bf16-mixed",
                                   "extra": ["train.loss_chunk_tokens=2048"]}, 65)),
+        ("tput_cwt", tput({"name": "tput_cwt", "precision": "bf16-mixed",
+                           "extra": ["model.head=none", "train.objective=cwt"]}, 65)),
         ("sft_varlen", step_sft_varlen),
         ("planner", step_planner),
     ]

@@ -11,9 +11,9 @@ import sys
 from conftest import ROOT, cpu_env
 
 SECTIONS = ["install", "env", "correctness_tiny", "tput_mixed", "baseline", "tput_pure", "proxy_8b",
-            "correctness_hf", "proxy_24b", "tput_compile", "tput_te", "tput_cudnn", "tput_chunked_ce", "sft_varlen",
+            "correctness_hf", "proxy_24b", "tput_compile", "tput_te", "tput_cudnn", "tput_chunked_ce", "tput_cwt", "sft_varlen",
             "planner"]
-RUNS = ["tput_mixed", "tput_pure", "proxy_8b", "proxy_24b", "tput_chunked_ce"]
+RUNS = ["tput_mixed", "tput_pure", "proxy_8b", "proxy_24b", "tput_chunked_ce", "tput_cwt"]
 
 
 def numbers(obj):
