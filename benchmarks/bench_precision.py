@@ -119,7 +119,7 @@ def speed(args) -> None:
             print(f"{precision:<11} {zero:>4} {str(compiled):>7} failed:\n{proc.stderr[-3000:]}")
             continue
         last = rows[-1]  # the second half of the run: compilation and warm-up excluded
-        tps, mem = last["tokens_per_s"], last["peak_mem_gib"]
+        tps, mem = last["tokens_per_s"], last.get("peak_mem_gib", last.get("peak_rss_gib"))
         base = base or (tps, mem)
         print(f"{precision:<11} {zero:>4} {str(compiled):>7} {tps:10.0f} {tps / base[0]:6.2f} {mem:9.2f} {mem / base[1]:6.2f}")
 

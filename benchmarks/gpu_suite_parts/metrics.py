@@ -23,7 +23,8 @@ def throughput(rows: list[dict], warmup: int, tokens_per_step: int) -> dict:
     seconds = sum(tokens_per_step / r["tokens_per_s"] for r in timed)
     tps = tokens_per_step * len(timed) / seconds
     return {"tokens_per_s": tps, "step_s": seconds / len(timed), "timed_steps": len(timed),
-            "peak_mem_gib": max(r["peak_mem_gib"] for r in steps),
+            # the allocator's peak on GPU; the dry run on CPU logs the process's peak RSS instead
+            "peak_mem_gib": max(r.get("peak_mem_gib", r.get("peak_rss_gib", 0.0)) for r in steps),
             "planned_mem_gib": steps[-1].get("planned_mem_gib"), "losses": [r["loss"] for r in steps]}
 
 
