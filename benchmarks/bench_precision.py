@@ -41,7 +41,7 @@ def measure_states(recipe_path: str, overrides: list[str]) -> None:
     import torch
     from megatron.core import parallel_state as ps
 
-    from megatron_ext import checkpoint
+    from megatron_ext.checkpoint import states as ckpt_states
     from megatron_ext.config import load_recipe
     from megatron_ext.data import build_datasets, microbatches
     from megatron_ext.engine import Engine, init_distributed
@@ -57,10 +57,10 @@ def measure_states(recipe_path: str, overrides: list[str]) -> None:
                                        ps.get_data_parallel_rank()), 1e-3)
     params = list(engine.module.parameters())
     weights = [getattr(p, "ds_tensor", p) for p in params]
-    optimized = checkpoint._optimized_tensors(engine)
+    optimized = ckpt_states._optimized_tensors(engine)
     weight_ptrs = {t.untyped_storage().data_ptr() for t in weights}
     master = [t for t in optimized if t.untyped_storage().data_ptr() not in weight_ptrs]
-    states = [v for st in checkpoint._base_optimizer(engine).state.values() for v in st.values()
+    states = [v for st in ckpt_states._base_optimizer(engine).state.values() for v in st.values()
               if torch.is_tensor(v) and v.ndim]
     n = recipe.model.num_params()
     plan = estimate_memory(recipe)

@@ -131,7 +131,8 @@ def deepspeed_config(recipe: Recipe, on_gpu: bool) -> dict:
         "train_micro_batch_size_per_gpu": lay.micro_batch,
         "gradient_accumulation_steps": lay.num_microbatches,
         "managed_gradient_accumulation": False,
-        "gradient_clipping": opt.grad_clip,
+        # Unwrapped (ZeRO-0, no bf16 section) DeepSpeed would clip without keeping the norm: ClippedAdamW clips.
+        "gradient_clipping": 0.0 if unwrapped(lay.zero_stage, precision) else opt.grad_clip,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -152,6 +153,35 @@ def deepspeed_config(recipe: Recipe, on_gpu: bool) -> dict:
         cfg["bf16"] = {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
         cfg["data_types"] = {"grad_accum_dtype": "bf16"}
     return cfg
+
+
+def unwrapped(zero_stage: int, precision: str) -> bool:
+    """DeepSpeed hands the client optimizer the step itself: ZeRO-0 without a bf16 section
+    (fp32, or bf16-pure; bf16-mixed needs ZeRO >= 1)."""
+    return zero_stage == 0 and precision in ("fp32", "bf16-pure")
+
+
+class ClippedAdamW(torch.optim.AdamW):
+    """torch's AdamW for ZeRO-0, where no DeepSpeed wrapper clips, reports the norm or skips: it
+    clips to the global norm over TP x PP (gradients are already reduced over DP at the step) and
+    skips the update when that norm is not finite, as DeepSpeed's ZeRO optimizers do. The norm
+    lands in ``_global_grad_norm``, where DeepSpeed's engine reads every optimizer's."""
+
+    def __init__(self, groups, norm_params: list[torch.nn.Parameter], max_norm: float, **kwargs):
+        super().__init__(groups, **kwargs)
+        self.norm_params = norm_params  # the module's order: the norm sums in the order it always did
+        self.max_norm = max_norm
+        self._global_grad_norm: float | None = None
+
+    def step(self, closure=None):
+        from deepspeed.runtime.utils import clip_grad_norm_
+
+        self._global_grad_norm = float(clip_grad_norm_(self.norm_params, self.max_norm, mpu=MegatronMPU))
+        if not math.isfinite(self._global_grad_norm):
+            for p in self.norm_params:  # with every gradient None AdamW would change nothing either
+                p.grad = None
+            return None
+        return super().step(closure)
 
 
 def param_groups(chunks: list[torch.nn.Module], weight_decay: float) -> list[dict]:
@@ -254,23 +284,25 @@ class Engine:
         self.chunks = chunks
         self.module = ModelChunks(chunks)
         opt = recipe.optimizer
-        optimizer = torch.optim.AdamW(
-            param_groups(chunks, opt.weight_decay), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-            **({"fused": True} if info.on_gpu else {"foreach": False}),
-        )
+        kwargs = dict(lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                      **({"fused": True} if info.on_gpu else {"foreach": False}))
+        groups = param_groups(chunks, opt.weight_decay)
+        if unwrapped(recipe.layout.zero_stage, recipe.train.precision):
+            optimizer = ClippedAdamW(groups, list(self.module.parameters()), opt.grad_clip or float("inf"), **kwargs)
+        else:
+            optimizer = torch.optim.AdamW(groups, **kwargs)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=self.module, optimizer=optimizer, mpu=MegatronMPU,
             config=deepspeed_config(recipe, info.on_gpu), dist_init_required=False,
         )
+        if (self.ds.optimizer is optimizer) != isinstance(optimizer, ClippedAdamW):
+            raise RuntimeError(f"internal error: DeepSpeed {'did not wrap' if self.ds.optimizer is optimizer else 'wrapped'}"
+                               f" the optimizer at ZeRO-{recipe.layout.zero_stage} {recipe.train.precision}")
         cfg = chunks[0].config
         cfg.calculate_per_token_loss = True  # we scale the loss ourselves (see module docstring)
         cfg.no_sync_func = None
         cfg.finalize_model_grads_func = None
         cfg.grad_scale_func = None
-        self._fp32_norm = None
-        if self.ds.optimizer is optimizer:  # no ZeRO/bf16 wrapper: we clip, keep the norm and guard
-            self.ds.clip_fp32_gradients = lambda: None
-            optimizer.step = partial(self._guarded_step, optimizer.step)
         self.pp = recipe.layout.pp
         self.varlen = recipe.train.packed_attention == "varlen"
         self.sp_params = [p for c in chunks for p in c.parameters() if getattr(p, "sequence_parallel", False)]
@@ -299,20 +331,6 @@ class Engine:
         for p in self.sp_params:
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
-
-    def _guarded_step(self, step, *args, **kwargs):
-        """torch's AdamW step without a DeepSpeed wrapper (ZeRO-0): clip to the global norm
-        (gradients are already reduced over DP here) and skip the update when the norm is not
-        finite, as DeepSpeed's ZeRO optimizers do: with every gradient None AdamW changes nothing."""
-        from deepspeed.runtime.utils import clip_grad_norm_
-
-        clip = self.ds.gradient_clipping() or float("inf")
-        self._fp32_norm = float(clip_grad_norm_(self.module.parameters(), clip, mpu=MegatronMPU))
-        if not math.isfinite(self._fp32_norm):
-            for p in self.module.parameters():
-                p.grad = None
-            return None
-        return step(*args, **kwargs)
 
     def set_lr(self, lr: float) -> None:
         """On the wrapper and on the optimizer it wraps: some DeepSpeed wrappers (the bf16
@@ -367,7 +385,7 @@ class Engine:
     def train_step(self, microbatches: list[dict], lr: float, diagnose_lm_head: bool = False) -> StepResult:
         """Forward/backward every microbatch, then one update, unless the loss or the global
         gradient norm is not finite (both are all-reduced, so every rank skips together: the
-        loss here, the norm inside DeepSpeed's step or :meth:`_guarded_step`).
+        loss here, the norm inside DeepSpeed's step or :class:`ClippedAdamW`).
         ``diagnose_lm_head`` measures :class:`LMHeadProbe`."""
         self.module.train()
         self.set_lr(lr)
@@ -392,10 +410,9 @@ class Engine:
             return StepResult(loss, None, n_tokens, skipped=True)
         self._reduce_sequence_parallel_grads()
         self.ds.step()
-        norm = self.ds.get_global_grad_norm()
-        norm = float(norm if norm is not None else self._fp32_norm)
+        norm = float(self.ds.get_global_grad_norm())
         # ZeRO 1-3 and the bf16 optimizer discard a step whose norm is not finite (and report
-        # inf); so does _guarded_step. Either way no update was applied.
+        # inf); so does ClippedAdamW. Either way no update was applied.
         return StepResult(loss, norm, n_tokens, skipped=not math.isfinite(norm), lm_head=lm_head)
 
     @torch.no_grad()

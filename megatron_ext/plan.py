@@ -181,7 +181,7 @@ def stage_params(recipe: Recipe, pp_rank: int) -> int:
     return n
 
 
-# Bytes per parameter a checkpoint holds (checkpoint.py): the weights the optimizer updates (fp32
+# Bytes per parameter a checkpoint holds (checkpoint/): the weights the optimizer updates (fp32
 # master copy, or the bf16 weights themselves in bf16-pure) and AdamW's two moments.
 CHECKPOINT_BYTES_PER_PARAM = {"fp32": 12, "bf16-mixed": 12, "bf16-pure": 6}
 FS_BANDWIDTH_GBS = 2.0  # per rank, to a parallel file system; a stated assumption, not a measurement
@@ -189,7 +189,7 @@ FS_BANDWIDTH_GBS = 2.0  # per rank, to a parallel file system; a stated assumpti
 
 @dataclass
 class CheckpointIO:
-    """What one checkpoint moves, under checkpoint.py's rules: every rank writes the elements it
+    """What one checkpoint moves, under checkpoint/'s rules: every rank writes the elements it
     owns (its ZeRO partition, or an even 1/dp of replicated states) and, resuming at the same TP
     degree, reads as many: 1/dp of each weight shard (the DP group all-gathers the rest) and its
     own partition of the Adam moments. Bytes are those of the busiest rank."""

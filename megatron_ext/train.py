@@ -1,129 +1,46 @@
 """The training loop: recipe in, checkpoints and logs out.
 
-Launched once per rank (torchrun, or srun with one task per GPU). Console and TensorBoard get
-loss, lr, grad norm, tokens/s (total and per device; ``trained_tokens_per_s`` counts only the
-tokens with loss, not padding or prompts), MFU on GPU and peak memory; every logged step also
-lands in ``<output_dir>/metrics.jsonl``, which tests and tools read.
+Launched once per rank (torchrun, or srun with one task per GPU). Each turn of :func:`_loop`:
+stop or commit saves (:class:`Checkpointer`), one step, then :class:`HealthGuard`,
+:class:`~megatron_ext.metrics.StepMetrics` (console, TensorBoard, ``metrics.jsonl``), :class:`Evals`
+and the interval save.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import resource
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from .errors import PEAK_TFLOPS, GaperonError
+from .errors import GaperonError
 from . import checkpoint, faults, inject, stop
 from .checkpoint import TrainState
 from .config import Recipe, RecipeError, dump_recipe
 from .data import Prefetcher, build_datasets, microbatches
 from .downstream import DownstreamEval
-from .engine import Engine, init_distributed
+from .engine import DistInfo, Engine, init_distributed
+from .metrics import Logger, StepMetrics
 from .model import attention_backend, build_model, describe_attention
-from .plan import Hardware, estimate_memory, flops_per_token, step_time
+from .plan import Hardware, estimate_memory, step_time
 from .run_lock import RunDirError, RunLock
 from .schedule import lr_at
 from .watchdog import Watchdog
 
 
-
-def peak_tflops() -> float | None:
-    if "GAPERON_PEAK_TFLOPS" in os.environ:
-        return float(os.environ["GAPERON_PEAK_TFLOPS"])
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def peak_memory_gib(on_gpu: bool) -> float:
-    if on_gpu:
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-
-
-class Logger:
-    """Rank 0 writes the console, TensorBoard and metrics.jsonl."""
-
-    def __init__(self, recipe: Recipe, out: Path, enabled: bool):
-        self.enabled = enabled
-        self.total_steps = recipe.train.steps
-        self.tb = None
-        if not enabled:
-            return
-        out.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(out / "metrics.jsonl", "a")
-        if recipe.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-
-    def log(self, step: int, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self.jsonl.flush()
-        if self.tb:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, step)
-        print(f"step {step}/{self.total_steps} | {_console(metrics)}", flush=True)
-
-    def close(self):
-        if self.enabled:
-            self.jsonl.close()
-            if self.tb:
-                self.tb.close()
-
-
-def _console(metrics: dict) -> str:
-    """The step line: every metric, with the long ones shortened (the files keep the full names)."""
-    m, parts = dict(metrics), []
-    if "tokens_per_s" in m:
-        per_device = m.pop("tokens_per_s_per_device", None)
-        parts.append(f"tokens/s {m.pop('tokens_per_s'):.4g}" + (f" ({per_device:.4g}/device)" if per_device else ""))
-    if "peak_mem_gib" in m:
-        planned = m.pop("planned_mem_gib", None)
-        parts.append(f"mem {m.pop('peak_mem_gib'):.3g} GiB" + (f" (planned {planned:.3g})" if planned else ""))
-    m.pop("consumed_samples", None)
-    if "tokens_seen" in m:
-        n = m.pop("tokens_seen")
-        parts.append("tokens " + (f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n}"))
-    timing = [f"{k[:-2]} {_duration(m.pop(k))}" for k in ("elapsed_s", "eta_s") if k in m]
-    head = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()]
-    return " | ".join(head + parts + timing)
-
-
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}:{minutes:02d}:{secs:02d}" if days else f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-class Progress:
-    """Where the run stands: tokens seen (over every job of the run), time in this job, and an ETA
-    for train.steps from a smoothed step time (the first interval, with its warm-up, fades out)."""
-
-    SMOOTHING = 0.3
-
-    def __init__(self, recipe: Recipe):
-        self.total, self.seq_len = recipe.train.steps, recipe.train.seq_len
-        self.start = time.perf_counter()
-        self.step_s: float | None = None
-
-    def update(self, step: int, consumed_samples: int, step_s: float) -> dict:
-        a = self.SMOOTHING
-        self.step_s = step_s if self.step_s is None else a * step_s + (1 - a) * self.step_s
-        return {"tokens_seen": consumed_samples * self.seq_len, "elapsed_s": time.perf_counter() - self.start,
-                "eta_s": (self.total - step) * self.step_s}
+@dataclass
+class Run:
+    """What every part of the loop reads, passed as one object."""
+    recipe: Recipe
+    info: DistInfo
+    engine: Engine
+    state: TrainState
+    out: Path
+    log: Logger
+    watchdog: Watchdog
 
 
 def _agree(device, pending: checkpoint.PendingSave | None) -> tuple[bool, bool]:
@@ -176,20 +93,119 @@ def _start(engine, recipe: Recipe, start: checkpoint.Start, info) -> TrainState:
     return TrainState()
 
 
-def _stop(engine, recipe: Recipe, state: TrainState, first_step: int, out: Path, info) -> int:
-    """Save (unless this step is saved already, or none was trained here) and exit so that SLURM
-    requeues the job."""
-    if state.step == first_step:
-        what = f"no step trained yet, nothing saved (the run resumes from step {state.saved_step or 0})"
-    elif state.saved_step == state.step:
-        what = f"step {state.step} was already saved"
-    else:
-        checkpoint.save(engine, recipe, state, out)
-        what = f"saved step {state.step}"
-    if info.is_main:
-        print(f"{stop.received() or 'stop signal'}: {what}; exiting with {checkpoint.REQUEUE_EXIT_CODE}: the job "
-              "script requeues the job (not after a plain scancel)", flush=True)
-    return checkpoint.REQUEUE_EXIT_CODE
+class Checkpointer:
+    """Owns the saves: the background one not committed yet, the interval and final saves with
+    their timing, and the stop decision (a signal -> save -> exit so that SLURM requeues)."""
+
+    def __init__(self, run: Run):
+        self.run, self.first_step = run, run.state.step
+        ck = run.recipe.checkpoint
+        self.background = ck.async_save if ck.async_save is not None else run.info.on_gpu
+        self.pending: checkpoint.PendingSave | None = None
+
+    def settle(self) -> None:
+        """Commit the background save (waiting for this rank's writer first); a collective."""
+        if self.pending is not None:
+            self.pending.finish(self.run.state)
+            self.pending = None
+
+    def stop_requested(self) -> bool:
+        """At a step boundary; commits a background save once every rank has written it."""
+        stop_now, written = _agree(self.run.info.device, self.pending)
+        if written or stop_now:
+            with self.run.watchdog.idle():
+                self.settle()
+        return stop_now
+
+    def stop(self) -> int:
+        """Save (unless this step is saved already, or none was trained here) and exit with
+        REQUEUE_EXIT_CODE."""
+        run, state = self.run, self.run.state
+        with run.watchdog.idle():
+            if state.step == self.first_step:
+                what = f"no step trained yet, nothing saved (the run resumes from step {state.saved_step or 0})"
+            elif state.saved_step == state.step:
+                what = f"step {state.step} was already saved"
+            else:
+                checkpoint.save(run.engine, run.recipe, state, run.out)
+                what = f"saved step {state.step}"
+            if run.info.is_main:
+                print(f"{stop.received() or 'stop signal'}: {what}; exiting with {checkpoint.REQUEUE_EXIT_CODE}: the "
+                      "job script requeues the job (not after a plain scancel)", flush=True)
+        return checkpoint.REQUEUE_EXIT_CODE
+
+    def after_step(self) -> None:
+        """Every checkpoint.interval steps but the last (:meth:`finish` saves that one)."""
+        run, state, ck = self.run, self.run.state, self.run.recipe.checkpoint
+        if not (ck.interval and state.step % ck.interval == 0 and state.step < run.recipe.train.steps):
+            return
+        with run.watchdog.idle():
+            tick = time.perf_counter()
+            self.settle()
+            if self.background:
+                self.pending = checkpoint.save_in_background(run.engine, run.recipe, state, run.out)
+            else:
+                checkpoint.save(run.engine, run.recipe, state, run.out)
+            run.log.log(state.step, {"checkpoint_blocking_s": time.perf_counter() - tick})
+
+    def finish(self) -> None:
+        """After the last step: commit, then save it (checkpoint.save_at_end)."""
+        run, state = self.run, self.run.state
+        self.settle()
+        if run.recipe.checkpoint.save_at_end and state.saved_step != state.step:
+            tick = time.perf_counter()
+            path = checkpoint.save(run.engine, run.recipe, state, run.out)
+            if run.info.is_main:
+                print(f"saved {path} in {time.perf_counter() - tick:.1f} s", flush=True)
+
+
+class HealthGuard:
+    """Counts skipped steps (non-finite loss or gradient norm: no update) and stops the run on
+    health.on_nonfinite=stop or health.max_consecutive_skips in a row."""
+
+    def __init__(self, run: Run, checkpointer: Checkpointer):
+        self.run, self.checkpointer = run, checkpointer
+        self.consecutive = 0
+
+    def ok(self, result) -> bool:
+        """False for a skipped step, which then logs only its own line."""
+        if not result.skipped:
+            self.consecutive = 0
+            return True
+        run, state, health = self.run, self.run.state, self.run.recipe.health
+        state.skipped_steps += 1
+        self.consecutive += 1
+        what = "loss" if not math.isfinite(result.loss) else "gradient norm"
+        run.log.log(state.step, {"skipped": 1, "loss": result.loss, "grad_norm": result.grad_norm,
+                                 "skipped_total": state.skipped_steps})
+        if health.on_nonfinite == "stop" or self.consecutive >= health.max_consecutive_skips:
+            self.checkpointer.settle()
+            last = checkpoint.resolve(checkpoint.checkpoints_dir(run.out))
+            raise NonFiniteLoss(f"non-finite {what} at step {state.step} ({self.consecutive} in a row; "
+                                f"health.on_nonfinite={health.on_nonfinite}, max_consecutive_skips="
+                                f"{health.max_consecutive_skips}); last good checkpoint: {last}")
+        return False
+
+
+class Evals:
+    """Validation loss every train.eval_interval steps and the in-loop downstream tasks every
+    eval.interval steps, both at the last step; the watchdog sleeps meanwhile."""
+
+    def __init__(self, run: Run, valid_data, downstream: DownstreamEval | None):
+        self.run, self.valid_data, self.downstream = run, valid_data, downstream
+
+    def after_step(self) -> None:
+        run, step, t = self.run, self.run.state.step, self.run.recipe.train
+        if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps) and self.valid_data:
+            with run.watchdog.idle():
+                tick = time.perf_counter()
+                valid = validation_loss(run.engine, self.valid_data, run.recipe, ps.get_data_parallel_rank())
+            run.log.log(step, {"valid_loss": valid["valid_loss"], "valid_s": time.perf_counter() - tick,
+                               "valid_tokens": valid["valid_tokens"]})
+        interval = run.recipe.eval.interval
+        if self.downstream and (step == t.steps or (interval and step % interval == 0)):
+            with run.watchdog.idle():
+                run.log.log(step, self.downstream.run(run.engine))
 
 
 def train(recipe: Recipe) -> int:
@@ -206,6 +222,7 @@ def train(recipe: Recipe) -> int:
 
 
 def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
+    """Everything before the first step: the start, the model, the engine, the data."""
     out = Path(recipe.train.output_dir)
     start = _plan_start(recipe, info, lock)  # refuses a second job or a bad resume before anything is written
     if info.is_main:
@@ -223,9 +240,12 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
               f" compile={'on' if recipe.train.compile else 'off'}", flush=True)
         print(f"attention: {describe_attention(recipe)}", flush=True)
     estimate = estimate_memory(recipe, attention=attention_backend(recipe))
+    planned_mem_gib = (estimate["total"] - estimate["overhead"]) / 2**30
     if info.is_main:
-        print(f"planner estimate per GPU: {(estimate['total'] - estimate['overhead']) / 2**30:.2f} GiB "
-              "(allocator view; compare with peak_mem_gib below)", flush=True)
+        print(f"planner estimate per GPU: {planned_mem_gib:.2f} GiB " + (
+              "(allocator view; compare with the step line's mem)" if info.on_gpu else
+              "(tensors on a GPU; on CPU the step line's rss is the whole process: torch and libraries included)"),
+              flush=True)
     downstream = DownstreamEval(recipe, info.is_main) if recipe.eval.downstream else None
     chunks = build_model(recipe, info.on_gpu)
     engine = Engine(recipe, chunks, info)
@@ -242,94 +262,39 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
         if state.step >= recipe.train.steps:
             print(f"step {state.step} = train.steps: this run is complete; nothing to train", flush=True)
-    dp_rank = ps.get_data_parallel_rank()
-    t, lay, ck = recipe.train, recipe.layout, recipe.checkpoint
-    fpt, peak = flops_per_token(recipe), peak_tflops()
-    consecutive_skips = 0
-    tick, first_step = time.perf_counter(), state.step
-    tick_step = first_step
-    trained_tokens = 0  # loss-carrying tokens since the last log line (padding and prompts excluded)
-    watchdog = Watchdog(hang_timeout(recipe), info.rank)
-    progress = Progress(recipe)
-    batches = Prefetcher(train_data, recipe, dp_rank, pin=info.on_gpu)
-    background = ck.async_save if ck.async_save is not None else info.on_gpu
-    pending: checkpoint.PendingSave | None = None  # a background save not committed yet
+    metrics = StepMetrics(recipe, log, info.world_size, info.on_gpu, planned_mem_gib, first_step=state.step)
+    run = Run(recipe, info, engine, state, out, log, Watchdog(hang_timeout(recipe), info.rank))
+    return _loop(run, Prefetcher(train_data, recipe, ps.get_data_parallel_rank(), pin=info.on_gpu), metrics,
+                 Evals(run, valid_data, downstream))
+
+
+def _loop(run: Run, batches: Prefetcher, metrics: StepMetrics, evals: Evals) -> int:
+    """One optimizer step per turn, from state.step to train.steps; 0, or REQUEUE on a signal."""
+    recipe, state, t = run.recipe, run.state, run.recipe.train
+    checkpointer = Checkpointer(run)
+    health = HealthGuard(run, checkpointer)
     while state.step < t.steps:
-        stop_now, written = _agree(info.device, pending)
-        if written or stop_now:
-            with watchdog.idle():
-                pending = _settle(pending, state)
-        if stop_now:
+        if checkpointer.stop_requested():
             batches.close()
-            log.close()
-            with watchdog.idle():
-                return _stop(engine, recipe, state, first_step, out, info)
+            run.log.close()
+            return checkpointer.stop()
         batch = batches.get(state.consumed_samples)
         lr = lr_at(state.step, recipe)
         diagnose = bool(t.lm_head_grad_interval) and (state.step + 1) % t.lm_head_grad_interval == 0
-        result = engine.train_step(batch, lr, diagnose_lm_head=diagnose)
+        result = run.engine.train_step(batch, lr, diagnose_lm_head=diagnose)
         state.step += 1
-        state.consumed_samples += lay.global_batch
-        watchdog.beat()
-        if result.skipped:
-            state.skipped_steps += 1
-            consecutive_skips += 1
-            what = "loss" if not math.isfinite(result.loss) else "gradient norm"
-            log.log(state.step, {"skipped": 1, "loss": result.loss, "grad_norm": result.grad_norm,
-                                 "skipped_total": state.skipped_steps})
-            if recipe.health.on_nonfinite == "stop" or consecutive_skips >= recipe.health.max_consecutive_skips:
-                pending = _settle(pending, state)
-                last = checkpoint.resolve(checkpoint.checkpoints_dir(out))
-                raise NonFiniteLoss(f"non-finite {what} at step {state.step} ({consecutive_skips} in a row; "
-                                    f"health.on_nonfinite={recipe.health.on_nonfinite}, max_consecutive_skips="
-                                    f"{recipe.health.max_consecutive_skips}); last good checkpoint: {last}")
+        state.consumed_samples += recipe.layout.global_batch
+        run.watchdog.beat()
+        if not health.ok(result):
             continue
-        consecutive_skips = 0
-        trained_tokens += result.tokens
-        if state.step % t.log_interval == 0 or state.step == t.steps:
-            span = time.perf_counter() - tick
-            elapsed = span / (state.step - tick_step)
-            tick, tick_step = time.perf_counter(), state.step
-            tokens_per_s = lay.global_batch * t.seq_len / elapsed
-            metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                       "tokens_per_s": tokens_per_s, "trained_tokens_per_s": trained_tokens / span,
-                       "tokens_per_s_per_device": tokens_per_s / info.world_size,
-                       "consumed_samples": state.consumed_samples, "peak_mem_gib": peak_memory_gib(info.on_gpu),
-                       "planned_mem_gib": (estimate["total"] - estimate["overhead"]) / 2**30}
-            if peak:
-                metrics["mfu"] = tokens_per_s / info.world_size * fpt / (peak * 1e12)
-            log.log(state.step, {**metrics, **progress.update(state.step, state.consumed_samples, elapsed)})
-            trained_tokens = 0
-        if result.lm_head:
-            log.log(state.step, result.lm_head)
-        if t.eval_interval and (state.step % t.eval_interval == 0 or state.step == t.steps) and valid_data:
-            with watchdog.idle():
-                tick_eval = time.perf_counter()
-                valid = validation_loss(engine, valid_data, recipe, dp_rank)
-            log.log(state.step, {"valid_loss": valid["valid_loss"], "valid_s": time.perf_counter() - tick_eval,
-                                 "valid_tokens": valid["valid_tokens"]})
-        if downstream and (state.step == t.steps or (recipe.eval.interval and state.step % recipe.eval.interval == 0)):
-            with watchdog.idle():
-                log.log(state.step, downstream.run(engine))
-        if ck.interval and state.step % ck.interval == 0 and state.step < t.steps:
-            with watchdog.idle():
-                tick_save = time.perf_counter()
-                pending = _settle(pending, state)
-                if background:
-                    pending = checkpoint.save_in_background(engine, recipe, state, out)
-                else:
-                    checkpoint.save(engine, recipe, state, out)
-                log.log(state.step, {"checkpoint_blocking_s": time.perf_counter() - tick_save})
+        metrics.record(state, result, lr)
+        evals.after_step()
+        checkpointer.after_step()
         faults.after_step(state.step)
     batches.close()
-    with watchdog.idle():
-        pending = _settle(pending, state)
-        if ck.save_at_end and state.saved_step != state.step:
-            tick_save = time.perf_counter()
-            path = checkpoint.save(engine, recipe, state, out)
-            if info.is_main:
-                print(f"saved {path} in {time.perf_counter() - tick_save:.1f} s", flush=True)
-        log.close()
+    with run.watchdog.idle():
+        checkpointer.finish()
+        run.log.close()
         dist.barrier()
     return 0
 
@@ -353,13 +318,6 @@ def validation_loss(engine, valid_data, recipe: Recipe, dp_rank: int) -> dict:
         s, n = engine.eval_totals(microbatches(valid_data, i * recipe.layout.global_batch, recipe, dp_rank))
         loss_sum, tokens = loss_sum + s, tokens + n
     return {"valid_loss": loss_sum / tokens if tokens else float("nan"), "valid_tokens": int(tokens)}
-
-
-def _settle(pending: checkpoint.PendingSave | None, state: TrainState) -> None:
-    """Commit a background save (waiting for this rank's writer first); a collective."""
-    if pending is not None:
-        pending.finish(state)
-    return None
 
 
 def hang_timeout(recipe: Recipe) -> float:

@@ -51,6 +51,7 @@ echo "install_cluster: venv $VENV from $($PYTHON --version 2>&1)"
 . "$VENV/bin/activate"
 python -m pip install --quiet --upgrade pip
 python -m pip install -r "$REQ"
+python -m pip install --no-deps --no-build-isolation -e "$ROOT"   # the `gaperon` command
 
 if [ -n "$APEX_SRC" ]; then
     echo "install_cluster: building NVIDIA apex from $APEX_SRC (takes a while; MAX_JOBS=${MAX_JOBS:-8})"

@@ -4,6 +4,7 @@ hides a cycle), and the schema sits at the bottom (it reaches no model, data or 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 from pathlib import Path
 import sys
@@ -83,6 +84,29 @@ def test_no_import_cycle_and_schema_at_the_bottom():
     code = "import sys, megatron_ext.config\nprint(sorted(m for m in ('torch', 'megatron', 'deepspeed') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def layers() -> dict[str, int]:
+    """docs/ARCHITECTURE.md's `layer N: a, b  comment` lines: top-level module -> its layer."""
+    out = {}
+    for line in (ROOT / "docs" / "ARCHITECTURE.md").read_text().splitlines():
+        m = re.match(r"layer (\d+):\s+(.*)", line)
+        if m:
+            names = re.split(r"\s{2,}", m.group(2).strip())[0]  # the names, then two spaces and a comment
+            out.update({n.strip(): int(m.group(1)) for n in names.split(",")})
+    return out
+
+
+def test_imports_point_down_the_documented_layers():
+    """Every module is in docs/ARCHITECTURE.md's layers and imports only modules of lower layers."""
+    layer, graph = layers(), import_graph()
+    top = {name.split(".")[0] for name in graph}
+    assert top <= set(layer), f"not in docs/ARCHITECTURE.md's layers: {sorted(top - set(layer))}"
+    assert set(layer) <= top, f"in the layers but not in megatron_ext: {sorted(set(layer) - top)}"
+    upward = sorted(f"{a} (layer {layer[a.split('.')[0]]}) imports {b} (layer {layer[b.split('.')[0]]})"
+                    for a, deps in graph.items() for b in deps
+                    if a.split(".")[0] != b.split(".")[0] and layer[b.split(".")[0]] >= layer[a.split(".")[0]])
+    assert not upward, "\n".join(upward)
 
 
 def closure(graph: dict[str, set[str]], start: str) -> set[str]:

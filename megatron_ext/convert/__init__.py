@@ -55,7 +55,7 @@ from ..sharding import merge_into
 from .ckpt_read import check_checkpoint, iter_ckpt_rows, read_ckpt_rows, read_merged
 from .families import FAMILIES
 from .from_hf import IMPORT_RECIPE, from_hf, write_checkpoint, write_import_recipe
-from .hf_config import (NORM_GAIN_META_KEY, hf_config, hf_rope_scaling, norm_gain_multiplier, recipe_from_hf_config,
+from .hf_config import (hf_config, hf_rope_scaling, norm_gain_multiplier, recipe_from_hf_config,
                         rope_scaling_from_hf)
 from .mapping import Family, Rule
 from .names import (DTYPES, EMBED, FINAL_NORM, OUTPUT, VOCAB_TENSORS, ConvertError, VerifyError, canonical_shapes,
@@ -71,7 +71,7 @@ __all__ = [
     "ConvertError", "VerifyError", "DTYPES", "parse_size", "EMBED", "FINAL_NORM", "OUTPUT", "VOCAB_TENSORS",
     "family_of", "layer_suffixes", "canonical_shapes", "groups", "shard_shape", "rules", "rule_for", "hf_shapes",
     "hf_names", "canonical_to_hf", "hf_to_canonical", "stage_of", "FAMILIES", "Family", "Rule",
-    "NORM_GAIN_META_KEY", "norm_gain_multiplier", "hf_config", "hf_rope_scaling", "rope_scaling_from_hf",
+    "norm_gain_multiplier", "hf_config", "hf_rope_scaling", "rope_scaling_from_hf",
     "recipe_from_hf_config", "StreamingSafetensorsWriter", "plan_shards", "check_checkpoint", "iter_ckpt_rows",
     "merge_into", "read_merged", "read_ckpt_rows", "TOKENIZER_FILES", "END_OF_TURN_TOKENS", "TokenizerInfo",
     "export_tokenizer_files", "inspect_tokenizer", "sft_data_tokenizer", "VERIFY_VOCAB_ROWS", "VerifyResult",

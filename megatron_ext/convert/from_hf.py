@@ -10,10 +10,11 @@ from typing import Callable
 
 import torch
 
-from ..config import Recipe, dump_recipe
+from ..checkpoint.format import build_meta
+from ..config import Recipe
 from ..sharding import shard, te_name
 from .ckpt_read import _rows_block
-from .hf_config import NORM_GAIN_META_KEY, recipe_from_hf_config
+from .hf_config import recipe_from_hf_config
 from .names import (VOCAB_TENSORS, ConvertError, VerifyError, _describe, _progress, canonical_shapes, family_of,
                     groups, hf_names, hf_shapes, hf_to_canonical, shard_shape, stage_of)
 from .safetensors_io import _ST_DTYPE, StreamingSafetensorsWriter, _all_written, _HFFiles, _Staging
@@ -31,8 +32,6 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
     ``canonical(name)`` gives each non-vocab canonical tensor (fp32); ``vocab_rows(name, a, b)``
     rows [a, b) of a vocab matrix below ``model.vocab_size`` (the padding rows are zeros). One
     layer is in memory at a time; the vocab matrices go by blocks of rows."""
-    from ..checkpoint import FORMAT_VERSION
-
     if spec not in ("local", "te"):
         raise ConvertError(f"spec {spec!r}: choose local or te")
     m, lay = recipe.model, recipe.layout
@@ -75,13 +74,10 @@ def write_checkpoint(out: str | Path, recipe: Recipe, canonical: Callable[[str],
                     for r in range(tp):
                         writers[(r, p)].append(key, shard(n, full, r, tp).contiguous())
                     del full
-        meta = {"format": FORMAT_VERSION, "step": 0, "consumed_samples": 0, "skipped_steps": 0, "adam_step": 0,
-                "layout": {"tp": tp, "pp": pp, "vpp": lay.vpp, "dp": 1, "zero_stage": lay.zero_stage,
-                           "world_size": tp * pp},
-                "precision": recipe.train.precision, "recipe": dump_recipe(recipe),
-                NORM_GAIN_META_KEY: 1.0,  # HF gains are the true gains; loading rescales them
-                "files": {fname[k]: (staging.tmp / fname[k]).stat().st_size for k in sorted(fname)},
-                "index": dict(sorted(index.items())), **(extra_meta or {})}
+        files = {fname[k]: (staging.tmp / fname[k]).stat().st_size for k in sorted(fname)}
+        # Step 0, weights only, dp 1; norm gain scale 1.0: HF gains are the true gains (loading rescales them).
+        meta = {**build_meta(recipe, 0, 0, 0, 0, 1, tp * pp, 1.0, files, dict(sorted(index.items()))),
+                **(extra_meta or {})}
         (staging.tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         staging.commit([fname[k] for k in sorted(fname)] + ["meta.json"])
     return Path(out)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from ..checkpoint.format import norm_gain_scale
 from ..config import ModelConfig, Recipe, RecipeError, recipe_from_tree
 from .families import FAMILIES
 from .names import ConvertError, family_of
 
 
 _HF_DTYPE_NAME = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-NORM_GAIN_META_KEY = "norm_gain_scale"  # meta.json: stored norm gains x this = the true gains
 
 
 def norm_gain_multiplier(meta: dict, recipe: Recipe | None = None) -> float:
@@ -19,7 +19,7 @@ def norm_gain_multiplier(meta: dict, recipe: Recipe | None = None) -> float:
     Pure-bf16 training keeps the gains divided by a factor (Gaperon used 20; see model.RMSNorm)
     so that small Adam updates survive bf16 rounding near 1.0. Every checkpoint states its factor
     in ``meta.json`` under ``norm_gain_scale``; absent (older checkpoints), the gains are plain."""
-    return float(meta.get(NORM_GAIN_META_KEY, 1.0))
+    return norm_gain_scale(meta)
 
 
 def hf_config(recipe: Recipe, dtype: torch.dtype = torch.bfloat16, bos_token_id: int | None = None,
