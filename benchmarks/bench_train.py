@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from megatron_ext.plan import flops_per_token
-    from megatron_ext.train import peak_tflops
+    from megatron_ext.metrics import peak_tflops
 
     recipe = build_recipe(args)
     lay = recipe.layout
