@@ -12,7 +12,8 @@ ZeRO-1, fp32, takes one training step (so the Adam moments exist), then for each
 Every timing is a barrier, the operation, a barrier, on rank 0's clock (the slowest rank sets it),
 plus the CPU seconds the four processes spent in the operation (which other jobs on a shared
 machine do not move; fsync waits are not in them).
-The order of ours and DCP flips every round. Rank 0 prints one JSON line per round.
+The order of ours and DCP flips every round. A first round, not counted, warms the page cache
+and the allocators for both. Rank 0 prints one JSON line per counted round.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import torch.distributed as dist
 
 
 def main() -> int:
-    work, rounds = Path(sys.argv[1]), int(sys.argv[2])
+    work, warmup = Path(sys.argv[1]), 1  # a first, uncounted round: page cache and allocator warm for both
+    rounds = int(sys.argv[2]) + warmup
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
@@ -70,7 +72,7 @@ def main() -> int:
 
     mine: dict[str, torch.Tensor] = {}
     for r in range(rounds):
-        row = {"round": r + 1, "load": os.getloadavg()[0]}
+        row = {"round": r + 1 - warmup, "load": os.getloadavg()[0]}
         out = work / f"ours-{r}"
         dcp_dir = work / f"dcp-{r}"
         copy_dir = work / f"copy-{r}"
@@ -120,7 +122,7 @@ def main() -> int:
                 row["dcp_load_s"], row["dcp_load_cpu_s"] = timed(dcp_load)
         row["copy_fsync_s"], row["copy_fsync_cpu_s"] = timed(copy)
         row["bytes_per_rank"] = sum(v.numel() * v.element_size() for v in mine.values())
-        if rank == 0:
+        if rank == 0 and r >= warmup:
             print(json.dumps(row), flush=True)
         for p in (out, dcp_dir, copy_dir):
             clear(p)
