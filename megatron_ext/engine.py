@@ -184,14 +184,44 @@ class ClippedAdamW(torch.optim.AdamW):
         self._global_grad_norm: float | None = None
 
     def step(self, closure=None):
-        from deepspeed.runtime.utils import clip_grad_norm_
-
-        self._global_grad_norm = float(clip_grad_norm_(self.norm_params, self.max_norm, mpu=MegatronMPU))
+        self._global_grad_norm = float(self._clip())
         if not math.isfinite(self._global_grad_norm):
             for p in self.norm_params:  # with every gradient None AdamW would change nothing either
                 p.grad = None
             return None
         return super().step(closure)
+
+    def _clip(self) -> torch.Tensor:
+        """deepspeed.runtime.utils.clip_grad_norm_ (the same operations in the same order, so the
+        same bits) with one foreach norm and one foreach scale instead of a Python loop of each."""
+        from deepspeed.runtime.utils import is_model_parallel_parameter
+        from deepspeed.utils import groups
+
+        params = [p for p in self.norm_params if p.grad is not None]
+        counted = [p.grad.detach() for p in params
+                   if MegatronMPU.get_model_parallel_rank() == 0 or is_model_parallel_parameter(p)]
+        if counted:
+            norms = torch._foreach_norm(counted, 2, dtype=torch.float32)
+            total = torch.stack(norms).pow(2.0).sum().float()
+        else:
+            total = torch.tensor([0.0], device=params[0].device if params else None)
+        dist.all_reduce(total, group=MegatronMPU.get_model_parallel_group())
+        total = total.pow(1.0 / 2.0)
+        # DeepSpeed averages the norm over data-parallel ranks (equal here: grads are reduced)
+        pg = groups._get_data_parallel_group()
+        total = total * 1.0 / float(dist.get_world_size(group=pg))
+        dist.all_reduce(total, group=pg)
+        if not params:
+            return total
+        coef = torch.min(torch.tensor([1.0], device=total.device),
+                         torch.tensor([float(self.max_norm)], device=total.device) / (total + 1e-6))
+        torch._foreach_mul_([p.grad.detach() for p in params], coef.reshape(()))
+        return total
+
+
+def _grads_to_none(params: list[torch.nn.Parameter]) -> None:
+    for p in params:
+        p.grad = None
 
 
 def param_groups(chunks: list[torch.nn.Module], weight_decay: float) -> list[dict]:
@@ -326,6 +356,13 @@ class Engine:
         if self.headless and self.pp > 1:  # the last stage scores against a copy of the input embedding
             m = recipe.model
             self.embedding_copy = EmbeddingCopy(chunks, m.padded_vocab_size // recipe.layout.tp, m.hidden_size)
+        if isinstance(optimizer, ClippedAdamW) and ps.get_data_parallel_world_size() == 1:
+            # ZeRO-0 with one data-parallel rank: nothing to average; DeepSpeed would still flatten
+            # every gradient, all-reduce it with itself and copy it back at each step.
+            self.ds.enable_backward_allreduce = False
+        if isinstance(optimizer, ClippedAdamW):
+            # DeepSpeed's zero_grad walks named_parameters() at every step (a recursive module walk).
+            self.ds.zero_grad = partial(_grads_to_none, list(self.module.parameters()))
 
     # ---- helpers -------------------------------------------------------------------------
     def _to_device(self, mb: dict) -> dict:
@@ -420,7 +457,8 @@ class Engine:
         gradient norm is not finite (both are all-reduced, so every rank skips together: the
         loss here, the norm inside DeepSpeed's step or :class:`ClippedAdamW`).
         ``diagnose_lm_head`` measures :class:`LMHeadProbe`."""
-        self.module.train()
+        if not self.module.training:  # a recursive walk over every module otherwise
+            self.module.train()
         self.set_lr(lr)
         probe = LMHeadProbe(self.chunks, self.recipe.layout.sequence_parallel) if diagnose_lm_head else None
         tokens = self._global_tokens(microbatches)

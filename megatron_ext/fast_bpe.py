@@ -75,8 +75,8 @@ class FastBPE:
         self._pattern = regex.compile(spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"])
         model = spec["model"]
         self._vocab: dict[str, int] = model["vocab"]
-        merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
-        self._ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self._merges = model.get("merges", [])
+        self._ranks_cache: dict[tuple[str, str], int] | None = None  # built on the first piece BPE merges
         self._ignore_merges = bool(model.get("ignore_merges"))
         self._to_level = str.maketrans({chr(b): c for b, c in bytes_to_unicode().items()})
         self._single: dict[str, int] = {}   # piece -> its one id (most pieces)
@@ -89,15 +89,22 @@ class FastBPE:
         why = unsupported(spec)
         return (None, why) if why else (cls(spec), None)
 
+    @property
+    def _ranks(self) -> dict[tuple[str, str], int]:
+        if self._ranks_cache is None:
+            self._ranks_cache = {tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m): rank
+                                 for rank, m in enumerate(self._merges)}
+        return self._ranks_cache
+
     def _bpe(self, word: str) -> list[int]:
         """Merge the pair of lowest rank (leftmost among equals) until none applies, as HF's BPE."""
         if self._ignore_merges and word in self._vocab:
             return [self._vocab[word]]
-        symbols = list(word)
+        symbols, ranks = list(word), self._ranks
         while len(symbols) > 1:
             best, at = None, -1
             for i in range(len(symbols) - 1):
-                rank = self._ranks.get((symbols[i], symbols[i + 1]))
+                rank = ranks.get((symbols[i], symbols[i + 1]))
                 if rank is not None and (best is None or rank < best):
                     best, at = rank, i
             if best is None:

@@ -28,7 +28,6 @@ import socket
 import struct
 import threading
 import time
-import warnings
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -280,28 +279,41 @@ def clean_stale_temporaries(prefix: str, idle_s: float = 600.0) -> list[str]:
 
 
 class _AtomicDataset:
-    """An IndexedDatasetBuilder writing ``prefix.tmp-HOST-PID.{bin,idx}``, renamed on commit."""
+    """Megatron's indexed dataset (one sequence per document, the bytes its IndexedDatasetBuilder
+    writes) into ``prefix.tmp-HOST-PID.{bin,idx}``, renamed on commit. Written here rather than
+    through megatron.core, whose import (torch, torch.compile, Transformer Engine probes) was
+    most of a preprocessing run's start-up."""
 
     def __init__(self, prefix: str, vocab_size: int):
-        with warnings.catch_warnings():  # megatron.core warns about Transformer Engine/Apex: irrelevant here
-            warnings.simplefilter("ignore")
-            from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
         self.prefix, self.tmp = prefix, _temp_name(prefix)
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-        self.builder = IndexedDatasetBuilder(self.tmp + ".bin", dtype=DType.optimal_dtype(vocab_size))
+        # Megatron's DType.optimal_dtype
+        self.dtype = np.dtype(np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32)
+        self.code = next(c for c, t in idx_format.DTYPES.items() if np.dtype(t) == self.dtype)
+        self.data = open(self.tmp + ".bin", "wb")  # noqa: SIM115 - closed by commit/discard
+        self.lengths: list[int] = []
 
     def add(self, ids: np.ndarray) -> None:
-        self.builder.add_document(ids, [len(ids)])
+        self.data.write(np.asarray(ids, dtype=self.dtype).tobytes(order="C"))
+        self.lengths.append(len(ids))
 
     def commit(self) -> None:
-        self.builder.finalize(self.tmp + ".idx")
+        self.data.close()
+        n = len(self.lengths)
+        lengths = np.array(self.lengths, dtype=np.int32)
+        pointers = np.zeros(n, dtype=np.int64)
+        np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
+        with open(self.tmp + ".idx", "wb") as f:
+            f.write(idx_format.pack(self.code, n, n + 1))
+            f.write(lengths.tobytes(order="C"))
+            f.write(pointers.tobytes(order="C"))
+            f.write(np.arange(n + 1, dtype=np.int64).tobytes(order="C"))  # one sequence per document
         Path(self.prefix + ".idx").unlink(missing_ok=True)  # never pair a new .bin with an old .idx
         os.replace(self.tmp + ".bin", self.prefix + ".bin")
         os.replace(self.tmp + ".idx", self.prefix + ".idx")
 
     def discard(self) -> None:
-        self.builder.data_file.close()
+        self.data.close()
         for ext in (".bin", ".idx"):
             Path(self.tmp + ext).unlink(missing_ok=True)
 

@@ -184,11 +184,16 @@ def _agree(param, planned: tuple[int, int], held: tuple[int, int]) -> None:
 _HOST_BUFFERS: dict[str, torch.Tensor] = {}  # pinned host copies, reused from one save to the next
 
 
-def _to_host(key: str, t: torch.Tensor, dtype) -> torch.Tensor:
-    """A host copy of ``t`` that training can no longer change (its bytes are written later)."""
-    t = t.detach().to(dtype or t.dtype)
+def _to_host(key: str, t: torch.Tensor, dtype, copy: bool = True) -> torch.Tensor:
+    """``t`` on the host, in ``dtype``. With ``copy`` a copy that training can no longer change (a
+    background save writes its bytes later); without it (a synchronous save writes them before
+    training goes on) a CPU tensor already in that dtype and contiguous is not copied at all."""
+    src = t.detach()
+    t = src.to(dtype or src.dtype)
     if t.device.type == "cpu":
-        return t.clone() if t.is_contiguous() else t.contiguous()
+        if not t.is_contiguous():
+            return t.contiguous()
+        return t.clone() if copy and t.data_ptr() == src.data_ptr() else t  # .to() copied it already
     buf = _HOST_BUFFERS.get(key)
     if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
         buf = _HOST_BUFFERS[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
