@@ -27,7 +27,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from .errors import EXIT_BAD_INPUT, EXIT_HANG, EXIT_REQUEUE, GaperonError
+from .errors import EXIT_BAD_INPUT, EXIT_HANG, EXIT_REQUEUE, FAILURES_PER_GPU_HOUR, GaperonError
 from .config import (Recipe, RecipeError, _deep_merge, apply_overrides, base_chain, derive_sft_steps,
                      dump_recipe, parse_yaml, read_yaml_tree, recipe_from_tree, validation_message)
 
@@ -95,6 +95,10 @@ class ClusterProfile(BaseModel):
     #                                    names one and the partition has nodes enough without it
     fs_bandwidth_gbs: float = 2.0  # checkpoint write speed per rank (GB/s): submit warns when the
     #                                save would not fit in signal_seconds or the cluster's KillWait
+    failures_per_gpu_hour: float = FAILURES_PER_GPU_HOUR  # the MTBF behind the checkpoint-interval
+    #                                advice (tools/plan.py --cluster, submit's warning); default: Llama 3's
+    spare_nodes: int = 0  # nodes held beyond those the ranks need: a crash or hang restarts the step
+    #                       on healthy nodes inside the allocation instead of requeueing (--spare-nodes)
     setup: str = ""  # shell lines before srun: modules, venv activation
     python: Optional[str] = None  # default: the interpreter running tools/submit.py
     env: dict[str, str] = {}
@@ -122,6 +126,11 @@ class ClusterProfile(BaseModel):
             raise SubmitError(f"max_requeues={self.max_requeues} must be >= 0 (0: never requeue)")
         if self.max_crash_restarts < 0:
             raise SubmitError(f"max_crash_restarts={self.max_crash_restarts} must be >= 0 (0: a crash ends the job)")
+        if not self.failures_per_gpu_hour > 0:
+            raise SubmitError(f"failures_per_gpu_hour={self.failures_per_gpu_hour} must be > 0: failures per GPU "
+                              f"per hour (Llama 3 saw {FAILURES_PER_GPU_HOUR:.3g})")
+        if self.spare_nodes < 0:
+            raise SubmitError(f"spare_nodes={self.spare_nodes} must be >= 0: nodes held for in-allocation restarts")
         if not self.fs_bandwidth_gbs > 0:
             raise SubmitError(f"fs_bandwidth_gbs={self.fs_bandwidth_gbs} must be > 0: checkpoint write speed "
                               "per rank in GB/s")
@@ -484,6 +493,35 @@ def save_budget_warnings(jobs: list[Job], profile: ClusterProfile, kill_wait: Op
     return out
 
 
+def interval_advice(job: Job, profile: ClusterProfile, time_limit: Optional[str] = None):
+    """The planner's Young-Daly checkpoint interval for ``job`` on this profile's cluster (its
+    failure rate, file system bandwidth and allocation length), or None for a job that trains nothing."""
+    from .plan import ALLOCATION_S, Hardware, interval_advice as advice, step_time
+
+    if job.recipe is None:
+        return None
+    world = job.recipe.layout.world_size
+    allocation = parse_slurm_time(time_limit or profile.time)
+    return advice(job.recipe, step_time(job.recipe, Hardware(gpus=world)).step, world,
+                  profile.failures_per_gpu_hour, profile.fs_bandwidth_gbs,
+                  allocation if math.isfinite(allocation) else ALLOCATION_S, on_gpu=profile.device == "cuda")
+
+
+def interval_warnings(jobs: list[Job], profile: ClusterProfile, time_limit: Optional[str] = None) -> list[str]:
+    """One line per training job whose checkpoint.interval is over twice the Young-Daly advice, or 0
+    on a multi-node run (a crash then loses everything since the last time-limit save)."""
+    out = []
+    for job in jobs:
+        a = interval_advice(job, profile, time_limit) if job.requeue else None
+        if a is None or not (a.interval > 2 * a.steps or (a.interval == 0 and job.nodes > 1)):
+            continue
+        out.append(f"job {job.name}: checkpoint.interval={a.interval} but the Young-Daly advice is ~{a.steps} steps "
+                   f"({a.optimal_s / 60:.0f} min: {a.blocking_s:.2f} s blocking save, MTBF {a.mtbf_s / 3600:.0f} h at "
+                   f"{a.gpus} GPUs); a failure loses ~{a.lost_gpu_hours():,.0f} GPU-h instead of "
+                   f"~{a.lost_gpu_hours(a.steps):,.0f}: set checkpoint.interval={a.steps} (tools/plan.py --cluster)")
+    return out
+
+
 def sbatch_script(sbatch: str, path: Path, script: str, ids: list[str]) -> str:
     """Write ``script`` to ``path`` and queue it; its job id is appended to ``ids``. A failed
     sbatch cancels the jobs already in ``ids`` (those this submission queued) and raises."""
@@ -510,6 +548,8 @@ def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
     check_limits(profile, time_limit, max_requeues)
     sbatch = None if dry_run else sbatch_path()
     for line in save_budget_warnings(jobs, profile, None if dry_run else cluster_kill_wait()):
+        warn(line)
+    for line in interval_warnings(jobs, profile, time_limit):
         warn(line)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ids: list[str] = []
