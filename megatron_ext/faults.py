@@ -31,7 +31,7 @@ from typing import Callable
 
 def armed(point: str, step: int) -> bool:
     spec = os.environ.get("GAPERON_FAULT")
-    if not spec:
+    if not spec or os.environ.get("GAPERON_STEP_ATTEMPT", "0") != "0":  # a restart inside the allocation trains on
         return False
     parts = spec.split(":")
     if parts[0] != point or int(parts[1]) != step:

@@ -99,6 +99,9 @@ class ClusterProfile(BaseModel):
     #                                advice (tools/plan.py --cluster, submit's warning); default: Llama 3's
     spare_nodes: int = 0  # nodes held beyond those the ranks need: a crash or hang restarts the step
     #                       on healthy nodes inside the allocation instead of requeueing (--spare-nodes)
+    health_probe: str = "true"  # run as one task on each node before a crash restart inside the
+    #                             allocation; a node where it fails (or takes > 30 s) is left out,
+    #                             e.g. "nvidia-smi -L >/dev/null"
     setup: str = ""  # shell lines before srun: modules, venv activation
     python: Optional[str] = None  # default: the interpreter running tools/submit.py
     env: dict[str, str] = {}
@@ -387,6 +390,7 @@ def render(job: Job, profile: ClusterProfile, stamp: str = "STAMP", time_limit: 
            dependency: Optional[str] = None, max_requeues: Optional[int] = None) -> str:
     """The sbatch script of ``job``. ``stamp`` names the frozen recipe file next to the logs."""
     p = profile
+    spare = p.spare_nodes if job.requeue and job.recipe is not None else 0
     opts = [f"--partition={p.partition}" if p.partition else None,
             f"--account={p.account}" if p.account else None,
             f"--qos={p.qos}" if p.qos else None,
@@ -399,6 +403,7 @@ def render(job: Job, profile: ClusterProfile, stamp: str = "STAMP", time_limit: 
             # No B: prefix: USR1 goes to every rank at once (see slurm/train.sbatch.tmpl).
             f"--signal=USR1@{p.signal_seconds}" if job.requeue else None,
             "--requeue" if job.requeue else "--no-requeue",
+            "--no-kill" if spare else None,  # a node failure ends its step, not the allocation
             f"--dependency={dependency}" if dependency else None,
             *p.sbatch_args]
     env = {**p.env, "PYTHONUNBUFFERED": "1"}
@@ -416,7 +421,10 @@ def render(job: Job, profile: ClusterProfile, stamp: str = "STAMP", time_limit: 
     return _fill(TEMPLATE.read_text(), {
         "profile": p.name,
         "job_name": job.name,
-        "nodes": str(job.nodes),
+        "nodes": str(job.nodes + spare),
+        "train_nodes": str(job.nodes),
+        "spare_nodes": str(spare),
+        "health_probe": shlex.quote(p.health_probe),
         "tasks_per_node": str(job.tasks_per_node),
         "sbatch_options": "\n".join(f"#SBATCH {o}" for o in opts if o),
         "log_dir": str(job.log_dir),
