@@ -30,6 +30,7 @@ from .model import attention_backend, build_model, describe_attention
 from .plan import Hardware, estimate_memory, flops_per_token, step_time
 from .run_lock import RunDirError, RunLock
 from .schedule import lr_at
+from .straggler import StragglerReport
 from .watchdog import Watchdog
 
 
@@ -250,12 +251,13 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
     tick_step = first_step
     trained_tokens = 0  # loss-carrying tokens since the last log line (padding and prompts excluded)
     watchdog = Watchdog(hang_timeout(recipe), info.rank)
+    straggler = StragglerReport(recipe, info)  # issue 27: per-rank step time, gathered per log interval
     progress = Progress(recipe)
     batches = Prefetcher(train_data, recipe, dp_rank, pin=info.on_gpu)
     background = ck.async_save if ck.async_save is not None else info.on_gpu
     pending: checkpoint.PendingSave | None = None  # a background save not committed yet
     while state.step < t.steps:
-        stop_now, written = _agree(info.device, pending)
+        stop_now, written = straggler.timed(_agree, info.device, pending)  # issue 27: times this rank's step
         if written or stop_now:
             with watchdog.idle():
                 pending = _settle(pending, state)
@@ -298,6 +300,7 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
                        "planned_mem_gib": (estimate["total"] - estimate["overhead"]) / 2**30}
             if peak:
                 metrics["mfu"] = tokens_per_s / info.world_size * fpt / (peak * 1e12)
+            metrics.update(straggler.report())  # issue 27: O(world) floats once per log interval
             log.log(state.step, {**metrics, **progress.update(state.step, state.consumed_samples, elapsed)})
             trained_tokens = 0
         if result.lm_head:
