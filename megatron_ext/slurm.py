@@ -14,6 +14,7 @@ trains what was submitted even if the recipe file has changed since.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -99,6 +100,9 @@ class ClusterProfile(BaseModel):
     #                                advice (tools/plan.py --cluster, submit's warning); default: Llama 3's
     spare_nodes: int = 0  # nodes held beyond those the ranks need: a crash or hang restarts the step
     #                       on healthy nodes inside the allocation instead of requeueing (--spare-nodes)
+    startup_seconds: int = 120  # from the job's start to the first step (imports, rendezvous, build,
+    #                             load): submit warns when --time leaves little training after it and
+    #                             signal_seconds, and refuses when it leaves none
     health_probe: str = "true"  # run as one task on each node before a crash restart inside the
     #                             allocation; a node where it fails (or takes > 30 s) is left out,
     #                             e.g. "nvidia-smi -L >/dev/null"
@@ -515,6 +519,24 @@ def interval_advice(job: Job, profile: ClusterProfile, time_limit: Optional[str]
                   allocation if math.isfinite(allocation) else ALLOCATION_S, on_gpu=profile.device == "cuda")
 
 
+def time_budget(jobs: list[Job], profile: ClusterProfile, time_limit: Optional[str] = None) -> list[str]:
+    """Warnings (one line each) for training jobs whose allocation leaves under a quarter of --time
+    to train once start-up and the time-limit warning are taken off; SubmitError when nothing is left
+    (every allocation would be told to stop before its first step, and requeue without progress)."""
+    limit = parse_slurm_time(time_limit or profile.time)
+    train = [j for j in jobs if j.recipe is not None and not j.command and j.requeue]
+    left = limit - profile.signal_seconds - profile.startup_seconds
+    if not train or not math.isfinite(limit) or left >= limit / 4:
+        return []
+    what = (f"--time {time_limit or profile.time} ({limit:.0f} s) minus signal_seconds={profile.signal_seconds} "
+            f"and ~{profile.startup_seconds} s of start-up (profile startup_seconds)")
+    if left <= 0:
+        raise SubmitError(f"{what} leaves no time to train: each allocation would get the time-limit warning before "
+                          "its first step and requeue without progress; raise --time or lower signal_seconds")
+    return [f"{what} leaves ~{left:.0f} s of training per allocation (under a quarter): most of each allocation "
+            "is start-up; raise --time"]
+
+
 def interval_warnings(jobs: list[Job], profile: ClusterProfile, time_limit: Optional[str] = None) -> list[str]:
     """One line per training job whose checkpoint.interval is over twice the Young-Daly advice, or 0
     on a multi-node run (a crash then loses everything since the last time-limit save)."""
@@ -528,6 +550,24 @@ def interval_warnings(jobs: list[Job], profile: ClusterProfile, time_limit: Opti
                    f"{a.gpus} GPUs); a failure loses ~{a.lost_gpu_hours():,.0f} GPU-h instead of "
                    f"~{a.lost_gpu_hours(a.steps):,.0f}: set checkpoint.interval={a.steps} (tools/plan.py --cluster)")
     return out
+
+
+def check_run_dirs(jobs: list[Job]) -> None:
+    """Refuse, at submission, a training job whose run directory is held by a live job or process
+    (its run.lock): the job would only find out once started, after its queue wait."""
+    from .run_lock import LOCK_NAME, describe, holder_alive
+
+    for job in jobs:
+        if job.recipe is None:
+            continue
+        lock = Path(job.recipe.train.output_dir) / LOCK_NAME
+        try:
+            owner = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and owner and holder_alive(owner):
+            raise SubmitError(f"{job.recipe.train.output_dir} is in use by {describe(owner)} ({lock}): wait for it to "
+                              "end or cancel it (two jobs must not train one run directory); nothing was submitted")
 
 
 def sbatch_script(sbatch: str, path: Path, script: str, ids: list[str]) -> str:
@@ -555,9 +595,11 @@ def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
     """
     check_limits(profile, time_limit, max_requeues)
     sbatch = None if dry_run else sbatch_path()
+    if not dry_run:
+        check_run_dirs(jobs)
     for line in save_budget_warnings(jobs, profile, None if dry_run else cluster_kill_wait()):
         warn(line)
-    for line in interval_warnings(jobs, profile, time_limit):
+    for line in interval_warnings(jobs, profile, time_limit) + time_budget(jobs, profile, time_limit):
         warn(line)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ids: list[str] = []

@@ -38,7 +38,7 @@ STEP_TIME_WINDOW = 20  # the ETA uses the median step time of this many recent l
 DECISION = re.compile(r"^=== (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) job (\S+): (.*)$")
 START = re.compile(r"start on (\S+) \(restart (\d+): (\d+) of at most \d+ requeues, (\d+) of at most \d+ crash restarts\)")
 ROUTINE = ("start on ", "MASTER_ADDR=", "srun exit ", "end, exit ", "batch shell got SIGTERM")
-STEP_LINE = re.compile(r"^step\s+(\d+) \|")  # rank 0's step lines (train.Logger)
+STEP_LINE = re.compile(r"^step\s+(\d+)(?:/\d+)? \|")  # rank 0's step lines (train.Logger)
 
 
 class StatusError(GaperonError):
