@@ -9,11 +9,11 @@
 # the daemons. The daemons are started directly (no systemd: CI containers have none) and found
 # again through their pid files.
 #
-# Three nodes, n1, n2 and n3, all on this host (three, so a two-node job can hold a spare): Debian's slurm-wlm is built with MULTIPLE_SLURMD, so
-# one slurmd per node runs here (`slurmd -N n1` ... `slurmd -N n3`), each on its own port with its
-# own spool dir, pid and log (%n in the paths). Each node has CPUs=$(nproc), so a one-node job
+# Three nodes, n1, n2 and n3, all on this host (three, so that a two-node job can hold a spare):
+# Debian's slurm-wlm is built with MULTIPLE_SLURMD, so one slurmd per node runs here (`slurmd -N n1`
+# ... `slurmd -N n3`), each on its own port with its own spool dir, pid and log (%n in the paths). Each node has CPUs=$(nproc), so a one-node job
 # of two tasks still fits one node, and a two-node job (`--nodes 2 --gpus-per-node 1`) tests the
-# multi-node paths: n1/n2 are not resolvable host names (NodeAddr=127.0.0.1 is what the job
+# multi-node paths: n1-n3 are not resolvable host names (NodeAddr=127.0.0.1 is what the job
 # script's MASTER_ADDR uses), like clusters whose node names are not DNS names.
 set -euo pipefail
 
@@ -136,7 +136,7 @@ for n in $NODES; do
     running "$(pidfile "$n")" || slurmd -N "$n"
 done
 
-# 5. Ready when a two-task step runs on one node and on two. A restarted node may come back DOWN
+# 5. Ready when a two-task step runs on one node and a three-task step on all three. A restarted node may come back DOWN
 #    (or drained, e.g. by a test that excluded it): resume it.
 for _ in $(seq "$WAIT_S"); do
     if scontrol ping >/dev/null 2>&1; then
