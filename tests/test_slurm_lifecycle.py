@@ -137,11 +137,17 @@ def loss_rows(out: Path, step: int) -> int:
 def fault_to_training(label: str, out: Path, job_id: str, log: Path, fault_step: int, resume_step: int,
                       times: int = 2, t0: float | None = None) -> float:
     """Seconds from the fault (its step logged, or ``t0``) until the step after ``resume_step`` is
-    trained again (for the ``times``-th time)."""
+    trained again (for the ``times``-th time); also prints how long the job script took from its
+    restart decision to launching the ranks again (the rest is the ranks' start-up)."""
     if t0 is None:
         wait_for(f"step {fault_step}", lambda: loss_rows(out, fault_step) >= 1, job_id, log, poll=0.1)
         t0 = time.time()
     wait_for("training again", lambda: loss_rows(out, resume_step + 1) >= times, job_id, log, poll=0.25)
+    stamps = re.findall(r"^=== (\S+ \S+) job \d+: (crash restart|MASTER_ADDR=)", text(log), re.M)
+    decided = [when for when, what in stamps if what == "crash restart"][times - 2]
+    launched = next(when for when, what in stamps if what == "MASTER_ADDR=" and when >= decided)
+    gap = time.mktime(time.strptime(launched, "%Y-%m-%d %H:%M:%S")) - time.mktime(time.strptime(decided, "%Y-%m-%d %H:%M:%S"))
+    print(f"\n[lifecycle] {label}: restart decision to ranks launched again: {gap:.0f} s", flush=True)
     return timed(f"{label}: fault to training again", t0)
 
 
@@ -229,7 +235,7 @@ def test_hung_rank_dumps_stacks_and_is_restarted_inside_the_allocation(reference
     in the same job, as soon as the watchdog reports (not srun's --wait=120 later)."""
     t = crash_restart(reference, profile, tmp_path / "tiny", "hang:25:1", "health.hang_timeout_s=10",
                       resume_step=20, requeued=False)
-    assert re.search(r"hang watchdog \(exit 86\): rank 1 \(node n\d\) finished no step for 10 s", t), t[-4000:]
+    assert re.search(r"hang watchdog \(exit 86\): .*rank 1 \(node n\d\) finished no step for 10 s", t), t[-4000:]
     assert "crash restart 1 of 3 inside this allocation: srun exit 86 (hang watchdog: rank" in t, t[-4000:]
     assert "no training step finished for 10 s" in t and "Thread" in t, t[-4000:]  # the stacks
 
@@ -244,16 +250,19 @@ def test_two_nodes_rendezvous_by_address_and_restart(reference, profile, tmp_pat
 
 
 def test_second_job_on_a_live_run_dir_is_refused(profile, tmp_path):
-    """run.lock held by a live job: exit 2 naming it, and exit 2 is never retried."""
+    """run.lock held by a live job: submit refuses at once; a job already queued exits 2 naming the
+    holder, and exit 2 is never retried."""
     holder = subprocess.run(["sbatch", "--parsable", "-p", "debug", "-n1", "-o", "/dev/null", "--wrap", "sleep 120"],
                             capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
     try:
         wait_for("the holder", lambda: job_info(holder).get("JobState") == "RUNNING", holder, Path("/dev/null"), 60)
         out = tmp_path / "tiny"
-        out.mkdir()
+        job_id, log = submit(out, profile)  # the lock is taken after submission, before the job starts training
         (out / "run.lock").write_text(json.dumps({"job_id": holder, "host": os.uname().nodename, "pid": os.getpid(),
                                                   "since": "now"}))
-        job_id, log = submit(out, profile)
+        again = subprocess.run([sys.executable, str(SUBMIT), str(TINY), "--cluster", str(profile), *TRAIN,
+                                f"train.output_dir={out}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert again.returncode == 2 and f"is in use by job {holder}" in again.stderr, again.stderr  # refused at once
         info = wait_end(job_id, log)
         t = text(log)
         assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0" and info["Restarts"] == "0", t[-4000:]
