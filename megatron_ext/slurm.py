@@ -7,8 +7,9 @@ first ``sbatch``: a typo must not leave half a chain queued.
 Each job runs one srun task per GPU (the ranks read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID),
 gets ``--signal=USR1@N`` before its time limit, and requeues itself with ``scontrol requeue`` when
 the ranks exit with REQUEUE_EXIT_CODE after saving, unless a user's plain scancel asked it to stop
-or SLURM requeued it already; after a crash it requeues up to ``max_crash_restarts`` times (see
-slurm/train.sbatch.tmpl for every case). A job trains a
+or SLURM requeued it already; after a crash or a hang it restarts up to ``max_crash_restarts``
+times, inside the allocation on healthy nodes when it has enough (``spare_nodes`` held beyond the
+training nodes), else by requeueing off the failed nodes (see slurm/train.sbatch.tmpl for every case). A job trains a
 frozen copy of its recipe, written next to its logs at submission, so a requeue days later
 trains what was submitted even if the recipe file has changed since.
 """
@@ -616,6 +617,8 @@ def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
         if job.recipe is not None:
             recipe_file(job, stamp).write_text(dump_recipe(job.recipe))
         sbatch_script(sbatch, job.log_dir / f"{job.name}.{stamp}.sbatch", script, ids)
+        spare = profile.spare_nodes if job.requeue and job.recipe is not None else 0
         echo(f"submitted {job.name}: job {ids[-1]} ({job.nodes} node(s) x {job.tasks_per_node} tasks"
+             f"{f' + {spare} spare node(s)' if spare else ''}"
              f"{', after ' + dep if dep else ''}); log {job.log_dir}/{job.name}-{ids[-1]}.out")
     return ids

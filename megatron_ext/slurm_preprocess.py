@@ -151,8 +151,11 @@ def cancel_stale_merges(name: str, log_dir: Path) -> list[str]:
     """Cancel the pending merge jobs of source ``name`` queued from ``log_dir`` whose array can no
     longer succeed (a cancelled or failed task: Reason=DependencyNeverSatisfied; SLURM would keep
     them PENDING forever). A resubmitted spec calls this first, so its new merge replaces them."""
+    import shutil
     import subprocess
 
+    if shutil.which("squeue") is None:
+        return []
     proc = subprocess.run(["squeue", "-h", "-n", f"merge-{name}", "-t", "PD", "-o", "%i|%r|%o"],
                           capture_output=True, text=True)
     stale = [job for job, reason, script in (line.split("|", 2) for line in proc.stdout.splitlines() if line.count("|") >= 2)
