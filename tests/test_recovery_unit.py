@@ -131,9 +131,9 @@ def test_submit_refuses_a_run_dir_whose_lock_holder_is_alive(fake_sbatch, tmp_pa
 
 def test_time_limit_that_leaves_no_training_is_refused_and_a_short_one_warned(tmp_path):
     base = [TINY, "--cluster", "local", f"train.output_dir={tmp_path}/r", "--dry-run"]
-    proc = run_tool("submit.py", *base, "--time", "3")  # 180 s - 60 s signal - 120 s start-up
+    proc = run_tool("submit.py", *base, "--time", "2")  # 120 s - 60 s signal - 60 s start-up (local profile)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "leaves no time to train" in proc.stderr, proc.stderr
-    proc = run_tool("submit.py", *base, "--time", "3:30")
+    proc = run_tool("submit.py", *base, "--time", "2:30")
     assert proc.returncode == 0 and proc.stderr.count("leaves ~30 s of training per allocation") == 1, proc.stderr
     assert "leaves" not in run_tool("submit.py", *base, "--time", "10").stderr
 
