@@ -358,11 +358,25 @@ class HealthConfig(_Strict):
     """What to do with a non-finite loss or gradient norm: skip the batch, and stop after too many
     in a row. ``hang_timeout_s``: a rank with no training step finished for that long dumps its
     stacks and exits 86 (the job restarts from its last checkpoint); null: ten planned step
-    times, at least 300 s; 0: off (see watchdog.py)."""
+    times, at least 300 s; 0: off (see watchdog.py). ``straggler_ratio``: the step line names the
+    slowest rank once its step time has been over this multiple of the median for
+    ``straggler_intervals`` log intervals in a row (0: no straggler report; see straggler.py)."""
 
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_consecutive_skips: int = 5
     hang_timeout_s: Optional[float] = None
+    straggler_ratio: float = 1.2
+    straggler_intervals: int = 3
+
+    @model_validator(mode="after")
+    def _check_straggler(self) -> "HealthConfig":
+        if self.straggler_ratio != 0 and not self.straggler_ratio > 1:
+            raise RecipeError(f"health.straggler_ratio={self.straggler_ratio} must be > 1 (a multiple of the median "
+                              "step time, e.g. 1.2) or 0 (no straggler report)")
+        if self.straggler_intervals < 1:
+            raise RecipeError(f"health.straggler_intervals={self.straggler_intervals} must be >= 1: log intervals "
+                              "in a row above straggler_ratio before the step line names the rank")
+        return self
 
 
 class InjectionConfig(_Strict):

@@ -25,6 +25,10 @@ EXIT_HANG = 86  # hang watchdog: every rank dumped its stacks; the job script re
 # Dense bf16 peak TFLOP/s per GPU: MFU's denominator and the planner's default.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 DEFAULT_GPU_TFLOPS = PEAK_TFLOPS["H100"]
+# Failures to plan with (the planner's MTBF, cluster profiles' default): Llama 3 405B saw 419
+# unexpected interruptions in 54 days on 16,384 H100s (Llama 3 paper, sec. 3.3.4): 1.97e-5 per
+# GPU-hour, i.e. one failure per ~8 days at 256 GPUs.
+FAILURES_PER_GPU_HOUR = 419 / (54 * 24 * 16384)
 
 
 class GaperonError(Exception):

@@ -1,6 +1,6 @@
 """Fault injection for the fault-tolerance tests: real kills and real NaNs at a chosen step.
 
-``GAPERON_FAULT=<point>:<step>[:<rank>]`` arms one point; unset (always, in production) it costs
+``GAPERON_FAULT=<point>:<step>[:<rank>]`` arms one point (several: comma-separated); unset (always, in production) it costs
 one dict lookup. Points (``<step>`` is the step being saved or trained):
 
 * save and rotation, in the order they happen: ``kill_during_save`` (SIGKILL after the gathers,
@@ -15,6 +15,8 @@ one dict lookup. Points (``<step>`` is the step being saved or trained):
   start-up, only when armed, so the training step itself has no fault parameters;
 * ``sigterm`` and ``kill`` (SIGTERM / SIGKILL to this process once the step has been logged),
   ``hang`` (this process stops making progress once the step has been logged);
+* ``slow_rank`` (``<step>``: the first slowed step; this rank sleeps GAPERON_SLOW_S, default 0.2 s,
+  after every step from then on: a straggler for the straggler report);
 * ``sigterm_at_start`` (``<step>`` 0: SIGTERM right after the stop handlers are installed, before
   anything is imported) and ``sigterm_at_exit`` (``<step>`` 0: SIGTERM every millisecond from the
   moment the exit code is decided until the process is gone);
@@ -31,14 +33,17 @@ import time
 from typing import Callable
 
 
-def armed(point: str, step: int) -> bool:
+def _specs() -> list[list[str]]:
+    """The armed points (comma-separated in GAPERON_FAULT); none in a relaunch of the training step
+    inside the allocation (GAPERON_STEP_ATTEMPT > 0), which trains on like a requeued job."""
     spec = os.environ.get("GAPERON_FAULT")
-    if not spec:
-        return False
-    parts = spec.split(":")
-    if parts[0] != point or int(parts[1]) != step:
-        return False
-    return len(parts) < 3 or int(parts[2]) == _rank()
+    if not spec or os.environ.get("GAPERON_STEP_ATTEMPT", "0") != "0":
+        return []
+    return [part.split(":") for part in spec.split(",")]
+
+
+def armed(point: str, step: int) -> bool:
+    return any(p[0] == point and int(p[1]) == step and (len(p) < 3 or int(p[2]) == _rank()) for p in _specs())
 
 
 def _rank() -> int:
@@ -51,8 +56,8 @@ def install(chunks, step_in_progress: Callable[[], int]) -> None:
     """Hook the ``nan_loss`` / ``nan_grad`` points into the model, if one of them is armed."""
     import torch  # not at the top: tools/train.py imports this module before anything heavy
 
-    point = os.environ.get("GAPERON_FAULT", "").split(":")[0]
-    if point == "nan_loss":
+    points = [p[0] for p in _specs()]
+    if "nan_loss" in points:
         def poison_hidden(module, args, output):
             if torch.is_grad_enabled() and armed("nan_loss", step_in_progress()):
                 hidden = output[0] if isinstance(output, tuple) else output
@@ -63,7 +68,7 @@ def install(chunks, step_in_progress: Callable[[], int]) -> None:
         for chunk in chunks:  # the final norm's output: the logits follow it on either loss path
             if getattr(chunk, "post_process", False):
                 chunk.decoder.final_layernorm.register_forward_hook(poison_hidden)
-    elif point == "nan_grad":
+    if "nan_grad" in points:
         # A tensor hook runs before DeepSpeed's accumulation and reduction hooks see the gradient.
         def poison_grad(grad):
             if not armed("nan_grad", step_in_progress()):
@@ -98,7 +103,13 @@ def maybe_kill(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def slowed(step: int) -> bool:
+    return any(p[0] == "slow_rank" and step >= int(p[1]) and (len(p) < 3 or int(p[2]) == _rank()) for p in _specs())
+
+
 def after_step(step: int) -> None:
+    if slowed(step):
+        time.sleep(float(os.environ.get("GAPERON_SLOW_S", "0.2")))
     if armed("sigterm", step):
         os.kill(os.getpid(), signal.SIGTERM)
     maybe_kill("kill", step)

@@ -116,8 +116,9 @@ class StepMetrics:
     tokens with loss only (no padding or prompts)."""
 
     def __init__(self, recipe: Recipe, log: Logger, world_size: int, on_gpu: bool, planned_mem_gib: float,
-                 first_step: int):
+                 first_step: int, straggler=None):
         self.recipe, self.log, self.world_size, self.on_gpu = recipe, log, world_size, on_gpu
+        self.straggler = straggler  # straggler.StragglerReport: its report() is collective, once per line
         self.planned_mem_gib = planned_mem_gib
         self.fpt, self.peak = flops_per_token(recipe), peak_tflops()
         self.progress = Progress(recipe)
@@ -142,6 +143,8 @@ class StepMetrics:
                        "planned_mem_gib": self.planned_mem_gib}
             if self.peak:
                 metrics["mfu"] = tokens_per_s / self.world_size * self.fpt / (self.peak * 1e12)
+            if self.straggler is not None:
+                metrics.update(self.straggler.report())  # O(world) floats once per log interval
             self.log.log(step, {**metrics, **self.progress.update(step, state.consumed_samples, elapsed)})
             self.trained_tokens = 0
         if result.lm_head:

@@ -74,10 +74,11 @@ Pipeline point-to-point traffic (s*b*h per micro batch per stage boundary) is ig
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 from .config import ModelConfig, Recipe, RecipeError, recipe_from_tree
-from .errors import DEFAULT_GPU_TFLOPS, parse_size
+from .errors import DEFAULT_GPU_TFLOPS, FAILURES_PER_GPU_HOUR, parse_size
 
 GiB = 1024**3
 
@@ -239,6 +240,58 @@ def checkpoint_save_seconds(recipe: Recipe, bandwidth_gbs: float) -> float:
     """Seconds one checkpoint save takes on the busiest rank (see :class:`CheckpointIO`). A lower
     bound: no metadata, no file system contention."""
     return checkpoint_io(recipe, bandwidth_gbs).save_s
+
+
+HOST_COPY_GBS = 10.0  # an async save blocks training only for the device-to-host copy (assumed)
+ALLOCATION_S = 20 * 3600.0  # a typical allocation; with checkpoint.interval 0 only its end saves
+
+
+@dataclass
+class IntervalAdvice:
+    """Young-Daly: the checkpoint interval that minimises (time saving + work lost to failures) is
+    sqrt(2 x blocking save time x MTBF). A failure loses on average half an interval of all GPUs."""
+
+    gpus: int
+    step_s: float
+    blocking_s: float   # training paused per save (host copy when async, else the whole write)
+    is_async: bool
+    mtbf_s: float       # of the whole job: 1 / (gpus x failures per GPU-hour)
+    optimal_s: float
+    steps: int          # the advice in steps
+    interval: int       # the recipe's checkpoint.interval (0: only on signals and at the end)
+    allocation_s: float
+
+    def lost_gpu_hours(self, interval: int | None = None) -> float:
+        """Expected GPU-hours of training lost per failure at ``interval`` steps (default: the
+        recipe's); interval 0 loses on average half an allocation (its end is the only save)."""
+        interval = self.interval if interval is None else interval
+        span = interval * self.step_s if interval else self.allocation_s
+        return self.gpus * span / 2 / 3600
+
+
+def interval_advice(recipe: Recipe, step_s: float, gpus: int | None = None,
+                    failures_per_gpu_hour: float = FAILURES_PER_GPU_HOUR,
+                    bandwidth_gbs: float = FS_BANDWIDTH_GBS, allocation_s: float = ALLOCATION_S,
+                    on_gpu: bool = True) -> IntervalAdvice:
+    """The Young-Daly interval of ``recipe`` at ``step_s`` seconds per step on ``gpus`` GPUs."""
+    gpus = gpus or recipe.layout.world_size
+    io = checkpoint_io(recipe, bandwidth_gbs)
+    is_async = recipe.checkpoint.async_save if recipe.checkpoint.async_save is not None else on_gpu
+    blocking = io.write / (HOST_COPY_GBS * 1e9) if is_async else io.save_s
+    mtbf = 3600 / (gpus * failures_per_gpu_hour)
+    optimal = math.sqrt(2 * blocking * mtbf)
+    return IntervalAdvice(gpus=gpus, step_s=step_s, blocking_s=blocking, is_async=is_async, mtbf_s=mtbf,
+                          optimal_s=optimal, steps=max(1, round(optimal / step_s)),
+                          interval=recipe.checkpoint.interval, allocation_s=allocation_s)
+
+
+def format_interval(a: IntervalAdvice) -> str:
+    now = (f"checkpoint.interval={a.interval} ({a.interval * a.step_s / 60:.0f} min)" if a.interval
+           else f"checkpoint.interval=0 (saves only at the end of a {a.allocation_s / 3600:g} h allocation)")
+    return (f"interval    Young-Daly sqrt(2 x {a.blocking_s:.2f} s blocking save ({'async' if a.is_async else 'sync'})"
+            f" x MTBF {a.mtbf_s / 3600:.0f} h at {a.gpus} GPUs) = {a.optimal_s / 60:.1f} min = {a.steps} steps;"
+            f" a failure loses ~{a.lost_gpu_hours(a.steps):,.1f} GPU-h at that interval, "
+            f"~{a.lost_gpu_hours():,.1f} GPU-h at {now}")
 
 
 # ----------------------------------------------------------------------------- memory
@@ -671,4 +724,4 @@ def format_epochs(recipe: Recipe) -> str:
 
 __all__ = ["BYTES_PER_PARAM", "STATE_KEYS", "ZERO_PARTITIONS_FROM", "DoesNotFit", "Hardware", "Plan", "PlanError",
            "blend_epochs", "check_fits", "count_params", "format_epochs", "estimate_memory", "flops_per_token", "format_plan", "format_search",
-           "make_plan", "parse_bytes", "search", "stage_params", "step_time", "with_layout"]
+           "make_plan", "parse_bytes", "interval_advice", "format_interval", "IntervalAdvice", "search", "stage_params", "step_time", "with_layout"]

@@ -7,13 +7,15 @@ first ``sbatch``: a typo must not leave half a chain queued.
 Each job runs one srun task per GPU (the ranks read SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID),
 gets ``--signal=USR1@N`` before its time limit, and requeues itself with ``scontrol requeue`` when
 the ranks exit with REQUEUE_EXIT_CODE after saving, unless a user's plain scancel asked it to stop
-or SLURM requeued it already; after a crash it requeues up to ``max_crash_restarts`` times (see
-slurm/train.sbatch.tmpl for every case). A job trains a
+or SLURM requeued it already; after a crash or a hang it restarts up to ``max_crash_restarts``
+times, inside the allocation on healthy nodes when it has enough (``spare_nodes`` held beyond the
+training nodes), else by requeueing off the failed nodes (see slurm/train.sbatch.tmpl for every case). A job trains a
 frozen copy of its recipe, written next to its logs at submission, so a requeue days later
 trains what was submitted even if the recipe file has changed since.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -27,7 +29,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from .errors import EXIT_BAD_INPUT, EXIT_HANG, EXIT_REQUEUE, GaperonError
+from .errors import EXIT_BAD_INPUT, EXIT_HANG, EXIT_REQUEUE, FAILURES_PER_GPU_HOUR, GaperonError
 from .config import (Recipe, RecipeError, _deep_merge, apply_overrides, base_chain, derive_sft_steps,
                      dump_recipe, parse_yaml, read_yaml_tree, recipe_from_tree, validation_message)
 
@@ -95,6 +97,16 @@ class ClusterProfile(BaseModel):
     #                                    names one and the partition has nodes enough without it
     fs_bandwidth_gbs: float = 2.0  # checkpoint write speed per rank (GB/s): submit warns when the
     #                                save would not fit in signal_seconds or the cluster's KillWait
+    failures_per_gpu_hour: float = FAILURES_PER_GPU_HOUR  # the MTBF behind the checkpoint-interval
+    #                                advice (tools/plan.py --cluster, submit's warning); default: Llama 3's
+    spare_nodes: int = 0  # nodes held beyond those the ranks need: a crash or hang restarts the step
+    #                       on healthy nodes inside the allocation instead of requeueing (--spare-nodes)
+    startup_seconds: int = 120  # from the job's start to the first step (imports, rendezvous, build,
+    #                             load): submit warns when --time leaves little training after it and
+    #                             signal_seconds, and refuses when it leaves none
+    health_probe: str = "true"  # run as one task on each node before a crash restart inside the
+    #                             allocation; a node where it fails (or takes > 30 s) is left out,
+    #                             e.g. "nvidia-smi -L >/dev/null"
     setup: str = ""  # shell lines before srun: modules, venv activation
     python: Optional[str] = None  # default: the interpreter running tools/submit.py
     env: dict[str, str] = {}
@@ -122,6 +134,11 @@ class ClusterProfile(BaseModel):
             raise SubmitError(f"max_requeues={self.max_requeues} must be >= 0 (0: never requeue)")
         if self.max_crash_restarts < 0:
             raise SubmitError(f"max_crash_restarts={self.max_crash_restarts} must be >= 0 (0: a crash ends the job)")
+        if not self.failures_per_gpu_hour > 0:
+            raise SubmitError(f"failures_per_gpu_hour={self.failures_per_gpu_hour} must be > 0: failures per GPU "
+                              f"per hour (Llama 3 saw {FAILURES_PER_GPU_HOUR:.3g})")
+        if self.spare_nodes < 0:
+            raise SubmitError(f"spare_nodes={self.spare_nodes} must be >= 0: nodes held for in-allocation restarts")
         if not self.fs_bandwidth_gbs > 0:
             raise SubmitError(f"fs_bandwidth_gbs={self.fs_bandwidth_gbs} must be > 0: checkpoint write speed "
                               "per rank in GB/s")
@@ -439,6 +456,7 @@ def render(job: Job, profile: ClusterProfile, stamp: str = "STAMP", time_limit: 
            dependency: Optional[str] = None, max_requeues: Optional[int] = None) -> str:
     """The sbatch script of ``job``. ``stamp`` names the frozen recipe file next to the logs."""
     p = profile
+    spare = p.spare_nodes if job.requeue and job.recipe is not None else 0
     opts = [f"--partition={p.partition}" if p.partition else None,
             f"--account={p.account}" if p.account else None,
             f"--qos={p.qos}" if p.qos else None,
@@ -451,6 +469,7 @@ def render(job: Job, profile: ClusterProfile, stamp: str = "STAMP", time_limit: 
             # No B: prefix: USR1 goes to every rank at once (see slurm/train.sbatch.tmpl).
             f"--signal=USR1@{p.signal_seconds}" if job.requeue else None,
             "--requeue" if job.requeue else "--no-requeue",
+            "--no-kill" if spare else None,  # a node failure ends its step, not the allocation
             f"--dependency={dependency}" if dependency else None,
             *p.sbatch_args]
     env = {**p.env, "PYTHONUNBUFFERED": "1"}
@@ -468,7 +487,10 @@ def render(job: Job, profile: ClusterProfile, stamp: str = "STAMP", time_limit: 
     return _fill(TEMPLATE.read_text(), {
         "profile": p.name,
         "job_name": job.name,
-        "nodes": str(job.nodes),
+        "nodes": str(job.nodes + spare),
+        "train_nodes": str(job.nodes),
+        "spare_nodes": str(spare),
+        "health_probe": shlex.quote(p.health_probe),
         "tasks_per_node": str(job.tasks_per_node),
         "sbatch_options": "\n".join(f"#SBATCH {o}" for o in opts if o),
         "log_dir": str(job.log_dir),
@@ -545,6 +567,71 @@ def save_budget_warnings(jobs: list[Job], profile: ClusterProfile, kill_wait: Op
     return out
 
 
+def interval_advice(job: Job, profile: ClusterProfile, time_limit: Optional[str] = None):
+    """The planner's Young-Daly checkpoint interval for ``job`` on this profile's cluster (its
+    failure rate, file system bandwidth and allocation length), or None for a job that trains nothing."""
+    from .plan import ALLOCATION_S, Hardware, interval_advice as advice, step_time
+
+    if job.recipe is None:
+        return None
+    world = job.recipe.layout.world_size
+    allocation = parse_slurm_time(time_limit or profile.time)
+    return advice(job.recipe, step_time(job.recipe, Hardware(gpus=world)).step, world,
+                  profile.failures_per_gpu_hour, profile.fs_bandwidth_gbs,
+                  allocation if math.isfinite(allocation) else ALLOCATION_S, on_gpu=profile.device == "cuda")
+
+
+def time_budget(jobs: list[Job], profile: ClusterProfile, time_limit: Optional[str] = None) -> list[str]:
+    """Warnings (one line each) for training jobs whose allocation leaves under a quarter of --time
+    to train once start-up and the time-limit warning are taken off; SubmitError when nothing is left
+    (every allocation would be told to stop before its first step, and requeue without progress)."""
+    limit = parse_slurm_time(time_limit or profile.time)
+    train = [j for j in jobs if j.recipe is not None and not j.command and j.requeue]
+    left = limit - profile.signal_seconds - profile.startup_seconds
+    if not train or not math.isfinite(limit) or left >= limit / 4:
+        return []
+    what = (f"--time {time_limit or profile.time} ({limit:.0f} s) minus signal_seconds={profile.signal_seconds} "
+            f"and ~{profile.startup_seconds} s of start-up (profile startup_seconds)")
+    if left <= 0:
+        raise SubmitError(f"{what} leaves no time to train: each allocation would get the time-limit warning before "
+                          "its first step and requeue without progress; raise --time or lower signal_seconds")
+    return [f"{what} leaves ~{left:.0f} s of training per allocation (under a quarter): most of each allocation "
+            "is start-up; raise --time"]
+
+
+def interval_warnings(jobs: list[Job], profile: ClusterProfile, time_limit: Optional[str] = None) -> list[str]:
+    """One line per training job whose checkpoint.interval is over twice the Young-Daly advice, or 0
+    on a multi-node run (a crash then loses everything since the last time-limit save)."""
+    out = []
+    for job in jobs:
+        a = interval_advice(job, profile, time_limit) if job.requeue else None
+        if a is None or not (a.interval > 2 * a.steps or (a.interval == 0 and job.nodes > 1)):
+            continue
+        out.append(f"job {job.name}: checkpoint.interval={a.interval} but the Young-Daly advice is ~{a.steps} steps "
+                   f"({a.optimal_s / 60:.0f} min: {a.blocking_s:.2f} s blocking save, MTBF {a.mtbf_s / 3600:.0f} h at "
+                   f"{a.gpus} GPUs); a failure loses ~{a.lost_gpu_hours():,.0f} GPU-h instead of "
+                   f"~{a.lost_gpu_hours(a.steps):,.0f}: set checkpoint.interval={a.steps} (tools/plan.py --cluster)")
+    return out
+
+
+def check_run_dirs(jobs: list[Job]) -> None:
+    """Refuse, at submission, a training job whose run directory is held by a live job or process
+    (its run.lock): the job would only find out once started, after its queue wait."""
+    from .run_lock import LOCK_NAME, describe, holder_alive
+
+    for job in jobs:
+        if job.recipe is None:
+            continue
+        lock = Path(job.recipe.train.output_dir) / LOCK_NAME
+        try:
+            owner = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(owner, dict) and owner and holder_alive(owner):
+            raise SubmitError(f"{job.recipe.train.output_dir} is in use by {describe(owner)} ({lock}): wait for it to "
+                              "end or cancel it (two jobs must not train one run directory); nothing was submitted")
+
+
 def sbatch_script(sbatch: str, path: Path, script: str, ids: list[str]) -> str:
     """Write ``script`` to ``path`` and queue it; its job id is appended to ``ids``. A failed
     sbatch cancels the jobs already in ``ids`` (those this submission queued) and raises."""
@@ -570,7 +657,11 @@ def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
     """
     check_limits(profile, time_limit, max_requeues)
     sbatch = None if dry_run else sbatch_path()
+    if not dry_run:
+        check_run_dirs(jobs)
     for line in save_budget_warnings(jobs, profile, None if dry_run else cluster_kill_wait()):
+        warn(line)
+    for line in interval_warnings(jobs, profile, time_limit) + time_budget(jobs, profile, time_limit):
         warn(line)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     ids: list[str] = []
@@ -587,6 +678,8 @@ def submit_jobs(jobs: list[Job], profile: ClusterProfile, dry_run: bool = False,
         if job.recipe is not None:
             recipe_file(job, stamp).write_text(dump_recipe(job.recipe))
         sbatch_script(sbatch, job.log_dir / f"{job.name}.{stamp}.sbatch", script, ids)
+        spare = profile.spare_nodes if job.requeue and job.recipe is not None else 0
         echo(f"submitted {job.name}: job {ids[-1]} ({job.nodes} node(s) x {job.tasks_per_node} tasks"
+             f"{f' + {spare} spare node(s)' if spare else ''}"
              f"{', after ' + dep if dep else ''}); log {job.log_dir}/{job.name}-{ids[-1]}.out")
     return ids

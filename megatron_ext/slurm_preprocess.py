@@ -152,6 +152,24 @@ def render_preprocess(spec: PreprocessSpec, profile: ClusterProfile, log_dir: Pa
     return out
 
 
+def cancel_stale_merges(name: str, log_dir: Path) -> list[str]:
+    """Cancel the pending merge jobs of source ``name`` queued from ``log_dir`` whose array can no
+    longer succeed (a cancelled or failed task: Reason=DependencyNeverSatisfied; SLURM would keep
+    them PENDING forever). A resubmitted spec calls this first, so its new merge replaces them."""
+    import shutil
+    import subprocess
+
+    if shutil.which("squeue") is None:
+        return []
+    proc = subprocess.run(["squeue", "-h", "-n", f"merge-{name}", "-t", "PD", "-o", "%i|%r|%o"],
+                          capture_output=True, text=True)
+    stale = [job for job, reason, script in (line.split("|", 2) for line in proc.stdout.splitlines() if line.count("|") >= 2)
+             if reason == "DependencyNeverSatisfied" and script.startswith(f"{log_dir}/")]
+    if stale:
+        subprocess.run(["scancel", *stale], capture_output=True)
+    return stale
+
+
 def default_log_dir(spec: PreprocessSpec) -> Path:
     if spec.log_dir:
         return Path(spec.log_dir).resolve()
@@ -185,6 +203,10 @@ def submit_preprocess(spec_path: str | Path, profile: ClusterProfile, dry_run: b
         return sbatch_script(sbatch, log_dir / f"{name}.{stamp}.sbatch", script, ids)
 
     for s in scripts:
+        if not dry_run:
+            for job in cancel_stale_merges(s["name"], log_dir):
+                echo(f"cancelled merge job {job} of source {s['name']}: its array had a cancelled or failed task "
+                     "(DependencyNeverSatisfied); the new merge replaces it")
         array = queue(f"pre-{s['name']}", s["array"])
         merge = queue(f"merge-{s['name']}", s["merge"].replace("{{dependency}}", array))
         merges.append(merge)

@@ -38,7 +38,7 @@ STEP_TIME_WINDOW = 20  # the ETA uses the median step time of this many recent l
 DECISION = re.compile(r"^=== (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) job (\S+): (.*)$")
 START = re.compile(r"start on (\S+) \(restart (\d+): (\d+) of at most \d+ requeues, (\d+) of at most \d+ crash restarts\)")
 ROUTINE = ("start on ", "MASTER_ADDR=", "srun exit ", "end, exit ", "batch shell got SIGTERM")
-STEP_LINE = re.compile(r"^step\s+(\d+) \|")  # rank 0's step lines (metrics.Logger)
+STEP_LINE = re.compile(r"^step\s+(\d+)(?:/\d+)? \|")  # rank 0's step lines (metrics.Logger)
 
 
 class StatusError(GaperonError):
@@ -259,7 +259,17 @@ def collect(run_dir: str | Path) -> dict:
         "slurm_jobs": jobs,
         "evals": evals,
         "unreadable": unreadable,
+        "straggler": _straggler(rows),
     }
+
+
+def _straggler(rows: list[dict]) -> dict | None:
+    """The latest straggler report (straggler.py): slowest rank, its node, its ratio to the median."""
+    r = _last(rows, "straggler/ratio")
+    if r is None:
+        return None
+    return {"step": r["step"], "ratio": r["straggler/ratio"], "rank": r.get("straggler/rank"),
+            "node": r.get("straggler/node"), "flagged": r.get("straggler")}
 
 
 # ---- the screen --------------------------------------------------------------------------------
@@ -380,7 +390,7 @@ def _restart_lines(st: dict, width: int) -> list[str]:
     if not jobs:
         return ["none seen: no SLURM logs in slurm/ (a run launched by hand logs no restarts)"]
     restarts = sum(j["restarts"] for j in jobs)
-    crashes = sum(j["crash_restarts"] for j in jobs)
+    crashes = sum(j["crash_restarts"] + sum("inside this allocation" in e["what"] for e in j["events"]) for j in jobs)
     requeues = sum(j["requeues"] for j in jobs)
     head = (f"{restarts} in {len(jobs)} job{'s' if len(jobs) > 1 else ''} ({requeues} requeue"
             f"{'s' if requeues != 1 else ''} after a save or by SLURM, {crashes} crash restart{'s' if crashes != 1 else ''})")
@@ -406,6 +416,10 @@ def render(st: dict, width: int | None = None) -> str:
             ("progress", _progress_line(st)),
             ("skipped", f"{len(skipped)} (non-finite loss or gradient norm): steps "
                         f"{', '.join(map(str, skipped[-10:]))}" if skipped else "none")]
+    strag = st.get("straggler")
+    if strag:
+        rows.append(("straggler", f"slowest rank {strag['rank']} on {strag['node']}: {strag['ratio']:.2f}x the median "
+                                  f"step time (step {strag['step']})" + (f"; {strag['flagged']}" if strag["flagged"] else "")))
     for i, line in enumerate(_restart_lines(st, width)):
         rows.append(("restarts" if i == 0 else "", line))
     if st["evals"]:

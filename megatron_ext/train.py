@@ -28,6 +28,7 @@ from .model import attention_backend, build_model, describe_attention
 from .plan import Hardware, estimate_memory, step_time
 from .run_lock import RunDirError, RunLock
 from .schedule import lr_at
+from .straggler import StragglerReport
 from .watchdog import Watchdog
 
 
@@ -277,19 +278,21 @@ def _train(recipe: Recipe, info, lock: RunLock | None) -> int:
         (out / "recipe.yaml").write_text(dump_recipe(recipe))
         if state.step >= recipe.train.steps:
             print(f"step {state.step} = train.steps: this run is complete; nothing to train", flush=True)
-    metrics = StepMetrics(recipe, log, info.world_size, info.on_gpu, planned_mem_gib, first_step=state.step)
+    straggler = StragglerReport(recipe, info)  # per-rank step time, gathered once per log interval
+    metrics = StepMetrics(recipe, log, info.world_size, info.on_gpu, planned_mem_gib, first_step=state.step,
+                          straggler=straggler)
     run = Run(recipe, info, engine, state, out, log, Watchdog(hang_timeout(recipe), info.rank))
     return _loop(run, Prefetcher(train_data, recipe, ps.get_data_parallel_rank(), pin=info.on_gpu), metrics,
-                 Evals(run, valid_data, downstream))
+                 Evals(run, valid_data, downstream), straggler)
 
 
-def _loop(run: Run, batches: Prefetcher, metrics: StepMetrics, evals: Evals) -> int:
+def _loop(run: Run, batches: Prefetcher, metrics: StepMetrics, evals: Evals, straggler: StragglerReport) -> int:
     """One optimizer step per turn, from state.step to train.steps; 0, or REQUEUE on a signal."""
     recipe, state, t = run.recipe, run.state, run.recipe.train
     checkpointer = Checkpointer(run)
     health = HealthGuard(run, checkpointer)
     while state.step < t.steps:
-        if checkpointer.stop_requested():
+        if straggler.timed(checkpointer.stop_requested):  # the time between boundaries is this rank's step
             batches.close()
             run.log.close()
             return checkpointer.stop()

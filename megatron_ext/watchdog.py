@@ -49,4 +49,18 @@ class Watchdog:
                       f"{HANG_EXIT_CODE} so the job restarts from its latest checkpoint", file=sys.stderr, flush=True)
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
+                self._report()
                 os._exit(HANG_EXIT_CODE)
+
+    def _report(self) -> None:
+        """Tell the job script at once (it polls GAPERON_HANG_DIR and kills the step's other ranks,
+        instead of srun waiting --wait seconds after this exit)."""
+        folder = os.environ.get("GAPERON_HANG_DIR")
+        if not folder:
+            return
+        node = os.environ.get("SLURMD_NODENAME", os.uname().nodename)
+        try:
+            with open(os.path.join(folder, f"rank-{self.rank}"), "w") as f:
+                f.write(f"rank {self.rank} (node {node}) finished no step for {self.timeout_s:g} s")
+        except OSError:
+            pass

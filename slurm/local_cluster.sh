@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# A real two-node SLURM on this machine, for tests and for trying tools/submit.py before a cluster.
+# A real three-node SLURM on this machine, for tests and for trying tools/submit.py before a cluster.
 #
-#   slurm/local_cluster.sh          install (apt) if needed, configure, start; wait until both
-#                                   `srun -n2 hostname` and `srun -N2 -n2 hostname` work
+#   slurm/local_cluster.sh          install (apt) if needed, configure, start; wait until
+#                                   `srun -n2 hostname` and `srun -N3 -n3 hostname` work
 #   slurm/local_cluster.sh --stop   stop the daemons this script started
 #
 # Idempotent: when the cluster already answers it returns at once; a changed slurm.conf restarts
 # the daemons. The daemons are started directly (no systemd: CI containers have none) and found
 # again through their pid files.
 #
-# Two nodes, n1 and n2, both on this host: Debian's slurm-wlm is built with MULTIPLE_SLURMD, so
-# one slurmd per node runs here (`slurmd -N n1`, `slurmd -N n2`), each on its own port with its
-# own spool dir, pid and log (%n in the paths). Each node has CPUs=$(nproc), so a one-node job
+# Three nodes, n1, n2 and n3, all on this host (three, so that a two-node job can hold a spare):
+# Debian's slurm-wlm is built with MULTIPLE_SLURMD, so one slurmd per node runs here (`slurmd -N n1`
+# ... `slurmd -N n3`), each on its own port with its own spool dir, pid and log (%n in the paths). Each node has CPUs=$(nproc), so a one-node job
 # of two tasks still fits one node, and a two-node job (`--nodes 2 --gpus-per-node 1`) tests the
-# multi-node paths: n1/n2 are not resolvable host names (NodeAddr=127.0.0.1 is what the job
+# multi-node paths: n1-n3 are not resolvable host names (NodeAddr=127.0.0.1 is what the job
 # script's MASTER_ADDR uses), like clusters whose node names are not DNS names.
 set -euo pipefail
 
@@ -26,7 +26,7 @@ CONF_DIR=/etc/slurm
 CONF=$CONF_DIR/slurm.conf
 LOG_DIR=/var/log/slurm
 CTLD_PID=/run/slurmctld.pid
-NODES="n1 n2"
+NODES="n1 n2 n3"
 SLURMD_PID=/run/slurmd-%n.pid  # %n: the node name (slurmd -N NAME)
 OLD_SLURMD_PID=/run/slurmd.pid  # the single slurmd of an earlier one-node version of this script
 MUNGE_PID=/run/munge/munged.pid
@@ -46,7 +46,7 @@ stop() {  # stop one daemon by its pid file, never by name
 pidfile() { echo "${SLURMD_PID//%n/$1}"; }
 slurmds_running() { local n; for n in $NODES; do running "$(pidfile "$n")" || return 1; done; }
 stop_slurmds() { local n; for n in $NODES; do stop "$(pidfile "$n")"; done; stop "$OLD_SLURMD_PID"; }
-works() { timeout 20 srun -n2 hostname >/dev/null 2>&1 && timeout 20 srun -N2 -n2 hostname >/dev/null 2>&1; }
+works() { timeout 20 srun -n2 hostname >/dev/null 2>&1 && timeout 20 srun -N3 -n3 hostname >/dev/null 2>&1; }
 
 if [ "${1:-}" = "--stop" ]; then
     stop_slurmds; stop "$CTLD_PID"; stop "$MUNGE_PID"
@@ -54,10 +54,10 @@ if [ "${1:-}" = "--stop" ]; then
     exit 0
 fi
 
-# The configuration this script wants: this host is the controller and runs both nodes.
+# The configuration this script wants: this host is the controller and runs every node.
 # (An unquoted heredoc: no backticks or command substitutions in its comments.)
 new_conf=$(cat <<EOF
-# Written by gaperon-recipes slurm/local_cluster.sh: a two-node test cluster on one host.
+# Written by gaperon-recipes slurm/local_cluster.sh: a three-node test cluster on one host.
 ClusterName=gaperon-local
 SlurmctldHost=$HOST
 SlurmUser=root
@@ -88,14 +88,14 @@ AccountingStorageType=accounting_storage/none
 MinJobAge=3600
 KillWait=30
 InactiveLimit=0
-# Both nodes are this host (NodeHostname), reached at 127.0.0.1 (NodeAddr), one slurmd port each.
-NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=6921-6922 CPUs=$(nproc) State=UNKNOWN
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=7-00:00:00 State=UP
+# Every node is this host (NodeHostname), reached at 127.0.0.1 (NodeAddr), one slurmd port each.
+NodeName=n[1-3] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=6921-6923 CPUs=$(nproc) State=UNKNOWN
+PartitionName=debug Nodes=n[1-3] Default=YES MaxTime=7-00:00:00 State=UP
 EOF
 )
 
 if [ -f "$CONF" ] && [ "$(cat "$CONF")" = "$new_conf" ] && running "$CTLD_PID" && slurmds_running && works; then
-    say "already up (n1, n2 on $HOST): srun -n2 and srun -N2 -n2 work"
+    say "already up (n1-n3 on $HOST): srun -n2 and srun -N3 -n3 work"
     exit 0
 fi
 
@@ -136,7 +136,7 @@ for n in $NODES; do
     running "$(pidfile "$n")" || slurmd -N "$n"
 done
 
-# 5. Ready when a two-task step runs on one node and on two. A restarted node may come back DOWN
+# 5. Ready when a two-task step runs on one node and a three-task step on all three. A restarted node may come back DOWN
 #    (or drained, e.g. by a test that excluded it): resume it.
 for _ in $(seq "$WAIT_S"); do
     if scontrol ping >/dev/null 2>&1; then
@@ -150,12 +150,12 @@ for _ in $(seq "$WAIT_S"); do
             esac
         done
         if [ "$ready" = 1 ] && works; then
-            say "up in $(( $(date +%s) - t0 )) s: srun -n2 and srun -N2 -n2 hostname work (n1, n2 on $HOST)"
+            say "up in $(( $(date +%s) - t0 )) s: srun -n2 and srun -N3 -n3 hostname work (n1-n3 on $HOST)"
             exit 0
         fi
     fi
     sleep 1
 done
-say "not ready after ${WAIT_S} s; see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd-n1.log, slurmd-n2.log"
+say "not ready after ${WAIT_S} s; see $LOG_DIR/slurmctld.log and $LOG_DIR/slurmd-n1.log ... slurmd-n3.log"
 sinfo -N -l 2>&1 || true
 exit 1

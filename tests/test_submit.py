@@ -62,7 +62,7 @@ def test_dry_run_4_nodes_of_8_gpus(fake_sbatch, tmp_path):
                  "#SBATCH --signal=USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append",
                  "#SBATCH --partition=gpu", "#SBATCH --exclusive", "MAX_REQUEUES=5", "REQUEUE_EXIT_CODE=85",
                  "MAX_CRASH_RESTARTS=3", "EXCLUDE_FAILED_NODES=1",
-                 'MASTER_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                 'ALL_NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST")', "TRAIN_NODES=4", "SPARE_NODES=0",
                  "export MASTER_PORT=$(( 10000 + SLURM_JOB_ID % 20000 ))",
                  'scontrol requeue "$SLURM_JOB_ID"', "RESTARTS=${SLURM_RESTART_COUNT:-0}",
                  "export CUDA_DEVICE_MAX_CONNECTIONS=1"]:
@@ -103,7 +103,8 @@ def run_rendered(tmp_path, srun_rc: int, restarts: int | None, max_requeues: int
                  srun_err: str = "", **fake):
     """Run a rendered script under bash with fake srun/scontrol/sinfo; returns (rc, output, calls).
 
-    ``term``: srun sends SIGTERM to the batch shell (as a plain scancel or a requeue by SLURM does);
+    ``term``: srun sends SIGTERM to the batch shell (as a plain scancel or a requeue by SLURM does;
+    srun runs in a subshell of it, so the shell is srun's grandparent);
     ``srun_err``: what srun prints on stderr (its "srun: error: NODE: task N: ..." lines);
     ``fake``: FAKE_STATE / FAKE_REASON / FAKE_RESTARTS / NODE_ADDR / FAKE_REQUEUE_FAILS for scontrol."""
     profile = slurm.ClusterProfile(name="fake", gpus_per_node=8, max_requeues=max_requeues)
@@ -117,7 +118,7 @@ def run_rendered(tmp_path, srun_rc: int, restarts: int | None, max_requeues: int
     log.write_text("")
     err = "".join(f"echo {shlex.quote(x)} >&2\n" for x in srun_err.splitlines())
     (bin_dir / "srun").write_text(f'#!/bin/bash\necho "srun $* MASTER=$MASTER_ADDR:$MASTER_PORT" >> {log}\n'
-                                  + ("kill -TERM $PPID\n" if term else "") + err + f"exit {srun_rc}\n")
+                                  + ("kill -TERM $(ps -o ppid= -p $PPID)\n" if term else "") + err + f"exit {srun_rc}\n")
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
     (bin_dir / "sinfo").write_text('#!/bin/bash\nprintf "node-a\\nnode-b\\nnode-c\\nnode-d\\nnode-e\\n"\n')
     for f in bin_dir.iterdir():
@@ -180,7 +181,7 @@ def test_script_crash_restarts_are_counted_and_exclude_the_failed_node(tmp_path)
     err = "srun: error: node-b: task 9: Killed\nsrun: error: node-a: task 0: Exited with exit code 1"
     rc, out, calls = run_rendered(tmp_path, srun_rc=137, restarts=0, srun_err=err)
     assert rc == 0 and calls[1] == "scontrol requeue 4321", out
-    assert "crash restart 1 of 3: srun exit 137 (a rank was killed by signal 9), first failure on node node-b" in out
+    assert "crash restart 1 of 3: srun exit 137 (crash: a rank was killed by signal 9), first failure on node node-b; 1 healthy node(s) left of 4 needed: requeueing" in out
     assert calls[2] == "scontrol update jobid=4321 ExcNodeList=node-b", calls
     assert (tmp_path / "logs" / "tiny-4321.crash-restarts").read_text().strip() == "1"
     # a hang (every rank exits 86): restarted, no node blamed

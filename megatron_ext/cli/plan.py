@@ -18,7 +18,7 @@ import math
 import sys
 
 from ..config import RecipeError, load_recipe
-from ..errors import DEFAULT_GPU_TFLOPS, ArgParser, report
+from ..errors import DEFAULT_GPU_TFLOPS, ArgParser, GaperonError, report
 from ..plan import (
     DoesNotFit,
     Hardware,
@@ -26,8 +26,10 @@ from ..plan import (
     blend_epochs,
     check_fits,
     format_epochs,
+    format_interval,
     format_plan,
     format_search,
+    interval_advice,
     make_plan,
     parse_bytes,
     search,
@@ -55,6 +57,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise PlanError(f"--gpu-memory: {err}") from None
 
 
+def _advisor(cluster: str | None):
+    """Formats the Young-Daly checkpoint-interval line of a plan, with the profile's figures."""
+    kwargs = {}
+    if cluster:
+        from ..slurm import load_profile, parse_slurm_time
+
+        profile = load_profile(cluster)
+        allocation = parse_slurm_time(profile.time)
+        kwargs = {"failures_per_gpu_hour": profile.failures_per_gpu_hour, "bandwidth_gbs": profile.fs_bandwidth_gbs,
+                  **({"allocation_s": allocation} if math.isfinite(allocation) else {})}
+    return lambda plan: format_interval(interval_advice(plan.recipe, plan.time.step, plan.hardware.gpus, **kwargs))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = ArgParser(prog="plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe")
@@ -70,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="NCCL bus bandwidth inside a node, GB/s (default 250)")
     ap.add_argument("--dp-bandwidth", type=float, default=40.0,
                     help="per-GPU bandwidth across nodes, GB/s (default 40, ~400 Gb/s IB)")
+    ap.add_argument("--cluster", help="a profile in slurm/clusters/ (or a .yaml): its failures_per_gpu_hour, "
+                    "fs_bandwidth_gbs and time set the checkpoint-interval advice (default: Llama 3's failure "
+                    "rate, 2 GB/s, 20 h)")
     ap.add_argument("--search", action="store_true", help="list the fastest layouts that fit")
     ap.add_argument("--top", type=int, default=10)
     ap.add_argument("--epochs", action="store_true",
@@ -83,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                       gpu_memory=parse_bytes(args.gpu_memory), gpu_tflops=args.gpu_tflops,
                       mfu=args.mfu, tp_bandwidth=args.tp_bandwidth * 1e9,
                       dp_bandwidth=args.dp_bandwidth * 1e9)
+        advise = _advisor(args.cluster)
         if args.search:
             stats: dict = {}
             plans = search(recipe, hw, top=args.top, stats=stats)
@@ -104,9 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             print(format_search(plans))
             print()
             print(format_plan(plans[0], title=f"{args.recipe} [best]"))
+            print(advise(plans[0]))
             return 0
         plan = make_plan(recipe, hw)
         print(format_plan(plan, title=args.recipe))
+        print(advise(plan))
         if args.epochs:
             print(format_epochs(recipe), flush=True)
             missing = [r["prefix"] for r in blend_epochs(recipe) if r["tokens"] is None]
@@ -122,4 +143,6 @@ def main(argv: list[str] | None = None) -> int:
         return report(err)
     except RecipeError as err:  # the recipe does not load: name it unless the message does
         return report(err if args.recipe in str(err) else f"{args.recipe}: {err}")
+    except GaperonError as err:  # a --cluster profile that does not load
+        return report(err)
     return 0

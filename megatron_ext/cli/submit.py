@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--account")
     ap.add_argument("--time", help="time limit per allocation, e.g. 20:00:00 or 2-00:00:00 (default: the profile's)")
     ap.add_argument("--max-requeues", type=int, help="default: the profile's")
+    ap.add_argument("--spare-nodes", type=int, help="nodes held beyond the training nodes, so that a crash or "
+                    "hang restarts inside the allocation on healthy nodes (default: the profile's spare_nodes)")
     ap.add_argument("--dependency", help="sbatch --dependency for the first job(s), e.g. afterok:1234")
     ap.add_argument("--chain", help="comma-separated recipes of the phases that follow RECIPE")
     ap.add_argument("--hf-out", help="after the last phase, convert it to Hugging Face format here")
@@ -101,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("partition", "account"):
             if getattr(args, key):
                 setattr(profile, key, getattr(args, key))
+        if args.spare_nodes is not None:
+            if args.spare_nodes < 0:
+                raise SubmitError(f"--spare-nodes {args.spare_nodes} must be >= 0: nodes held for crash "
+                                        "restarts inside the allocation")
+            profile.spare_nodes = args.spare_nodes
         jobs = plan_jobs(args.recipe, args.overrides, profile, args.gpus_per_node, args.nodes,
                          chain=_list(args.chain), sizes=_list(args.sizes), hf_out=args.hf_out,
                          command=shlex.split(args.command) if args.command else None, evaluate=args.evaluate,
