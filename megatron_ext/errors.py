@@ -37,6 +37,10 @@ class GaperonError(Exception):
     exit_code = EXIT_BAD_INPUT
 
 
+class RecipeError(GaperonError, ValueError):
+    """A recipe that cannot run. The message says what is wrong and how to fix it."""
+
+
 class DataError(GaperonError, ValueError):
     """Training data that cannot be used as configured (a missing, truncated or corrupt file, a
     tokenizer that does not fit the model, a split that leaves a dataset without documents).
