@@ -302,7 +302,7 @@ def test_fast_encoder_falls_back_when_not_the_same_pipeline(bpe, inputs, tmp_pat
 
 def test_plan_reads_token_counts_for_epochs_per_blend_component(unsharded, tmp_path, capsys):
     from megatron_ext.config import load_recipe
-    from megatron_ext.plan import blend_epochs
+    from megatron_ext.plan_report import blend_epochs
     from megatron_ext.cli.plan import main as plan_main
 
     one, ref = unsharded

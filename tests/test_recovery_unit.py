@@ -112,7 +112,7 @@ def test_plain_scancel_after_training_finished_releases_the_afterok_chain(tmp_pa
     assert "resubmit" not in out, out
 
 
-def test_submit_refuses_a_run_dir_whose_lock_holder_is_alive(fake_sbatch, tmp_path):
+def test_submit_refuses_a_run_dir_whose_lock_holder_is_alive(fake_sbatch, tmp_path):  # noqa: F811  (the fixture imported above)
     env, calls = fake_sbatch
     run = tmp_path / "run"
     run.mkdir()

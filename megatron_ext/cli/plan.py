@@ -19,21 +19,8 @@ import sys
 
 from ..config import RecipeError, load_recipe
 from ..errors import DEFAULT_GPU_TFLOPS, ArgParser, GaperonError, report
-from ..plan import (
-    DoesNotFit,
-    Hardware,
-    PlanError,
-    blend_epochs,
-    check_fits,
-    format_epochs,
-    format_interval,
-    format_plan,
-    format_search,
-    interval_advice,
-    make_plan,
-    parse_bytes,
-    search,
-)
+from ..plan import DoesNotFit, Hardware, PlanError, check_fits, format_interval, interval_advice, make_plan, parse_bytes, search
+from ..plan_report import blend_epochs, format_epochs, format_plan, format_search
 
 
 def check_args(args: argparse.Namespace) -> None:
