@@ -1,23 +1,16 @@
 """The CPU layer: lets Megatron-Core run on CPU with the gloo backend.
 
 Megatron-Core has no CPU path: it asks for ``torch.cuda.current_device()``, allocates tensors on
-"cuda" (causal masks, pipeline p2p shape buffers, token counters) and keeps its tensor-parallel
+"cuda" (causal masks, pipeline p2p shape buffers, rotary frequencies) and keeps its tensor-parallel
 RNG streams in CUDA generators. On a machine without a GPU we (1) rewrite every "cuda" device
-argument to "cpu" in the torch functions that take a device (the factories, ``Tensor.to``,
-``Tensor.new_*``; ``Tensor.cuda`` returns the tensor) and (2) point the handful of ``torch.cuda``
-RNG/device functions Megatron calls at their CPU twins.
-
-Only the calls that take a device pay anything: a process-wide TorchFunctionMode would see every
-torch call (about 1,600 per step of the tiny model, 18% of its CPU time) and switch off torch's
-C++ fast paths. :class:`CudaToCpu` (the mode) stays available for code that wants the
-whole-call rewrite in a scope.
+argument of a torch call to "cpu" with a TorchFunctionMode and (2) point the handful of
+``torch.cuda`` RNG/device functions Megatron calls at their CPU twins.
 
 Everything here is installed by :func:`activate_cpu_layer`, which is only called when training on
-CPU, so the GPU path never pays for any of it.
+CPU, so the GPU path never pays for the mode's per-call dispatch.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -35,55 +28,8 @@ def _is_cuda(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
-def _cpu(device):
-    return "cpu" if _is_cuda(device) else device
-
-
-# torch functions with a ``device`` keyword (aten schemas with a Device argument), and the Tensor
-# methods that take one.
-FACTORIES = ("arange", "as_tensor", "asarray", "empty", "empty_like", "empty_permuted", "empty_strided", "eye",
-             "full", "full_like", "linspace", "logspace", "normal", "ones", "ones_like", "rand", "rand_like",
-             "randint", "randint_like", "randn", "randn_like", "randperm", "range", "scalar_tensor", "tensor",
-             "tril_indices", "triu_indices", "zeros", "zeros_like", "sparse_coo_tensor")
-TENSOR_METHODS = ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_tensor", "new_zeros")
-
-
-def _device_kwarg_to_cpu(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        device = kwargs.get("device")
-        if device is not None and _is_cuda(device):
-            kwargs["device"] = "cpu"
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def _tensor_to(to):
-    @functools.wraps(to)
-    def wrapper(self, *args, **kwargs):
-        if args and not isinstance(args[0], torch.Tensor) and _is_cuda(args[0]):
-            args = ("cpu", *args[1:])
-        device = kwargs.get("device")
-        if device is not None and _is_cuda(device):
-            kwargs["device"] = "cpu"
-        return to(self, *args, **kwargs)
-
-    return wrapper
-
-
-def _patch_device_functions() -> None:
-    for name in FACTORIES:
-        if hasattr(torch, name):
-            setattr(torch, name, _device_kwarg_to_cpu(getattr(torch, name)))
-    for name in TENSOR_METHODS:
-        setattr(torch.Tensor, name, _device_kwarg_to_cpu(getattr(torch.Tensor, name)))
-    torch.Tensor.to = _tensor_to(torch.Tensor.to)
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-
-
-class CudaToCpu(TorchFunctionMode):
-    """Rewrites cuda device arguments of every torch call to cpu, in a ``with`` scope."""
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites cuda device arguments of torch calls to cpu."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -124,7 +70,8 @@ def activate_cpu_layer() -> None:
 
     mpu_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     mpu_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    _patch_device_functions()
+    mode = _CudaToCpu()
+    mode.__enter__()  # stays pushed for the life of the process
 
 
 def setup_device(local_rank: int) -> torch.device:

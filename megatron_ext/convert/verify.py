@@ -86,7 +86,7 @@ def verify(ckpt: str | Path, hf_dir: str | Path, layers: int | None = None, voca
     rows) so the check stays cheap at 24B. The Megatron weights are rounded through the HF files'
     dtype first, so only the mapping and the arithmetic order can differ.
 
-    Runs Megatron in this process with the CPU device layer (device.py: cuda device arguments rewritten to cpu):
+    Runs Megatron in this process with the CPU device layer (a process-wide TorchFunctionMode):
     call it from a CLI process, not from a long-lived one that will use a GPU afterwards."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
