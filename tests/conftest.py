@@ -22,6 +22,21 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
+def _restored_environment():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+# A test (or a module's fixture) that starts torch.distributed or a tool's main() in this process
+# sets RANK, WORLD_SIZE, MASTER_PORT...: later tests' subprocesses (and SLURM jobs: sbatch exports
+# the environment) must not inherit them, or a 2-task srun step reads RANK and sees a world of 1,
+# and a single-process run binds the port this process's store still holds.
+_environment_per_test = pytest.fixture(autouse=True)(_restored_environment)
+_environment_per_module = pytest.fixture(autouse=True, scope="module")(_restored_environment)
+
+
 def cpu_env(**extra) -> dict:
     env = {**os.environ, "GAPERON_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": str(ROOT)}
